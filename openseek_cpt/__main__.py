@@ -1,0 +1,3 @@
+from openseek_cpt.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,165 @@
+"""`openseek-cpt STAGE --recipe PATH [--set KEY=VALUE ...]`: the only module that knows every stage.
+
+Exit codes: 0 success, 2 bad input (usage, recipe, data: one line, no traceback), 1 anything else.
+Stages are imported lazily so `--help` and recipe errors are instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from openseek_cpt.errors import UserError
+from openseek_cpt.recipe import Recipe, load_recipe
+
+# Exit status of `train` when it stopped on SIGTERM/SIGUSR1 after saving a checkpoint; the job
+# should be requeued and will resume from it (documented in README, used by slurm/train.sbatch).
+EXIT_PREEMPTED = 3
+
+
+def _recipe(args: argparse.Namespace) -> Recipe:
+    return load_recipe(args.recipe, args.overrides)
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    recipe = _recipe(args)
+    from openseek_cpt import assets
+
+    assets.run(recipe)
+    return 0
+
+
+def cmd_tiny_assets(args: argparse.Namespace) -> int:
+    from openseek_cpt import tiny_assets
+
+    hub = tiny_assets.build_tiny_hub(Path(args.out) / "hub" / "tiny-openseek", seed=args.seed)
+    sources = tiny_assets.build_tiny_sources(Path(args.out) / "sources", hub)
+    print(f"[tiny-assets] model + tokenizer: {hub}\n[tiny-assets] sources: {sources}")
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    recipe = _recipe(args)
+    from openseek_cpt import data
+
+    data.run(recipe)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    recipe = _recipe(args)
+    from openseek_cpt import train
+
+    return train.run(recipe)
+
+
+def cmd_launch(args: argparse.Namespace) -> int:
+    from openseek_cpt import launcher
+
+    return launcher.launch_train(args.recipe, args.overrides, nproc=args.nproc)
+
+
+def cmd_soup(args: argparse.Namespace) -> int:
+    recipe = _recipe(args)
+    from openseek_cpt import soup
+
+    soup.run(recipe)
+    return 0
+
+
+def cmd_tiny(args: argparse.Namespace) -> int:
+    from openseek_cpt import tiny
+
+    tiny.run(args.recipe, args.overrides, workdir=args.workdir)
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from openseek_cpt import provenance
+
+    intact = True
+    for directory in args.dirs:
+        ok, lines = provenance.verify(directory)
+        print(f"{directory}: {'intact' if ok else 'DAMAGED'}")
+        for line in lines:
+            print(f"  {line}")
+        intact &= ok
+    return 0 if intact else 1
+
+
+def cmd_export_megatron(args: argparse.Namespace) -> int:
+    from openseek_cpt import interop
+
+    interop.export_megatron(args.dataset_dir, args.prefix, split=args.split)
+    return 0
+
+
+def cmd_export_mindrecord(args: argparse.Namespace) -> int:
+    from openseek_cpt import interop
+
+    interop.export_mindrecord(args.dataset_dir, args.path, split=args.split)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="openseek-cpt", description="Continued pretraining: download -> data -> train -> soup."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="STAGE")
+
+    def stage(name: str, func: Callable[[argparse.Namespace], int], help: str, recipe_required=True):
+        p = sub.add_parser(name, help=help, description=help)
+        p.add_argument("--recipe", required=recipe_required, help="recipe YAML (e.g. recipes/tiny/config.yaml)")
+        p.add_argument(
+            "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+            help="override a recipe key, e.g. --set data.max_length=2048 (repeatable)",
+        )
+        p.set_defaults(func=func)
+        return p
+
+    stage("download", cmd_download, "save base model + tokenizer to assets.model_dir")
+    stage("data", cmd_data, "mix, tokenize, pack and sample the sources into data.output_dir")
+    stage("train", cmd_train, "train in this process (one rank); use `launch` or `make train` for many")
+    p = stage("launch", cmd_launch, "start `train` under accelerate launch with the world size Slurm gives")
+    p.add_argument("--nproc", type=int, default=None, help="processes on this node (default: GPUs, or 1)")
+    stage("soup", cmd_soup, "average the base model and the checkpoints into soup.output_dir")
+    p = stage("tiny", cmd_tiny, "run the whole pipeline on the tiny recipe on a CPU", recipe_required=False)
+    p.add_argument("--workdir", default=".", help="directory for models/, datasets/, runs/ (default: .)")
+
+    p = sub.add_parser("tiny-assets", help="build the tiny tokenizer, model and sources (no download)")
+    p.add_argument("--out", default="models/tiny", help="output directory (default: models/tiny)")
+    p.add_argument("--seed", type=int, default=233)
+    p.set_defaults(func=cmd_tiny_assets)
+
+    p = sub.add_parser("verify", help="recompute fingerprints of artifact directories")
+    p.add_argument("dirs", nargs="+", help="artifact directories (with provenance.json)")
+    p.set_defaults(func=cmd_verify)
+
+    for name, func, target in (
+        ("export-megatron", cmd_export_megatron, "prefix"),
+        ("export-mindrecord", cmd_export_mindrecord, "path"),
+    ):
+        p = sub.add_parser(name, help=f"write a prepared dataset as {name.split('-')[1]} files")
+        p.add_argument("dataset_dir", help="prepared dataset (output of `data`)")
+        p.add_argument(target, help="output " + ("PREFIX (writes PREFIX.bin/.idx)" if target == "prefix" else "file"))
+        p.add_argument("--split", default="train", help="split to export (default: train)")
+        p.set_defaults(func=func)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except UserError as exc:
+        print(f"openseek-cpt {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"openseek-cpt {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

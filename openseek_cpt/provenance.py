@@ -1,0 +1,185 @@
+"""Artifacts: atomic directories with a provenance.json that says what produced them.
+
+Every stage writes its output into a temporary sibling directory and renames it into place
+at the end, so a directory with the final name is always complete. `provenance.json` records
+the recipe hash, package versions, git revision, input fingerprints and the sha256 of every
+file, so `openseek-cpt verify DIR` can tell whether a directory is intact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from openseek_cpt import __version__
+from openseek_cpt.errors import UserError
+
+PROVENANCE_FILE = "provenance.json"
+TRACKED_PACKAGES = (
+    "torch",
+    "transformers",
+    "datasets",
+    "accelerate",
+    "trl",
+    "safetensors",
+    "tokenizers",
+    "numpy",
+    "pyarrow",
+)
+
+
+@contextlib.contextmanager
+def atomic_output_dir(final: str | Path) -> Iterator[Path]:
+    """Yield a temp dir next to `final`; on success it replaces `final`, on error it is removed."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = final.parent / f".{final.name}.old-{os.getpid()}"
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    if old.exists():
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_hashes(directory: str | Path) -> dict[str, str]:
+    """sha256 of every file under `directory` (relative POSIX paths), except provenance.json itself."""
+    directory = Path(directory)
+    out = {}
+    for p in sorted(directory.rglob("*")):
+        if p.is_file() and p.name != PROVENANCE_FILE:
+            out[p.relative_to(directory).as_posix()] = sha256_file(p)
+    return out
+
+
+def fingerprint_of_hashes(hashes: dict[str, str]) -> str:
+    blob = json.dumps(hashes, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+def directory_fingerprint(directory: str | Path) -> str:
+    """The fingerprint recorded in a directory's provenance, or one computed from its files."""
+    prov = read_provenance(directory)
+    if prov and prov.get("fingerprint"):
+        return prov["fingerprint"]
+    return fingerprint_of_hashes(file_hashes(directory))
+
+
+def git_revision() -> str | None:
+    """The git commit of the package checkout (None when not in a git tree, e.g. in a wheel)."""
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
+        )
+    except (OSError, subprocess.SubprocessError):
+        return os.environ.get("OPENSEEK_CPT_GIT_REVISION")
+    if out.returncode != 0:
+        return os.environ.get("OPENSEEK_CPT_GIT_REVISION")
+    rev = out.stdout.strip()
+    dirty = subprocess.run(
+        ["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    return rev + ("-dirty" if dirty else "")
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"openseek-cpt": __version__}
+    for name in TRACKED_PACKAGES:
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            versions[name] = metadata.version(name)
+    return versions
+
+
+def write_provenance(
+    directory: str | Path,
+    *,
+    stage: str,
+    recipe: Any | None = None,
+    inputs: dict[str, str] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Hash every file in `directory` and write provenance.json there; returns what was written.
+
+    Call it last, inside the atomic directory, once all other files are written.
+    """
+    hashes = file_hashes(directory)
+    prov = {
+        "stage": stage,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "recipe_hash": recipe.hash() if recipe is not None else None,
+        "recipe": recipe.to_dict() if recipe is not None else None,
+        "versions": package_versions(),
+        "git_revision": git_revision(),
+        "inputs": inputs or {},
+        "fingerprint": fingerprint_of_hashes(hashes),
+        "files": hashes,
+    }
+    if extra:
+        prov.update(extra)
+    Path(directory, PROVENANCE_FILE).write_text(json.dumps(prov, indent=2, sort_keys=True) + "\n")
+    return prov
+
+
+def read_provenance(directory: str | Path) -> dict[str, Any] | None:
+    p = Path(directory, PROVENANCE_FILE)
+    if not p.is_file():
+        return None
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError:
+        return None
+
+
+def verify(directory: str | Path) -> tuple[bool, list[str]]:
+    """Recompute every file hash; returns (intact, lines describing the directory and any damage)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise UserError(f"verify: {str(directory)!r} is not a directory; pass an artifact directory")
+    prov = read_provenance(directory)
+    if prov is None:
+        raise UserError(f"verify: {directory} has no readable {PROVENANCE_FILE}; it was not made by openseek-cpt")
+    recorded: dict[str, str] = prov.get("files", {})
+    actual = file_hashes(directory)
+    problems = []
+    for name, digest in recorded.items():
+        if name not in actual:
+            problems.append(f"missing: {name}")
+        elif actual[name] != digest:
+            problems.append(f"modified: {name}")
+    problems += [f"unexpected: {name}" for name in actual if name not in recorded]
+    about = [
+        f"stage: {prov.get('stage')}  created: {prov.get('created')}",
+        f"recipe_hash: {prov.get('recipe_hash')}  git: {prov.get('git_revision')}",
+        f"versions: {', '.join(f'{k}={v}' for k, v in sorted(prov.get('versions', {}).items()))}",
+        f"inputs: {json.dumps(prov.get('inputs', {}), sort_keys=True)}",
+        f"files: {len(recorded)}  fingerprint: {prov.get('fingerprint')}",
+    ]
+    return (not problems), about + problems

@@ -1,0 +1,46 @@
+"""Shared fixtures: the tiny assets are built once per session (no network) and copied per test."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_RECIPE = REPO / "recipes" / "tiny" / "config.yaml"
+
+
+def run_cli(*args: str, cwd: str | Path, env: dict | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
+    """Run `python -m openseek_cpt ARGS` in `cwd` as a real subprocess; returns the completed process."""
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "openseek_cpt", *args],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_assets_dir(tmp_path_factory) -> Path:
+    """A workdir with `models/tiny` (hub stand-in + sources) and `models/tiny-openseek` (downloaded)."""
+    root = tmp_path_factory.mktemp("tiny-assets")
+    r = run_cli("tiny-assets", "--out", "models/tiny", cwd=root)
+    assert r.returncode == 0, r.stderr
+    r = run_cli("download", "--recipe", str(TINY_RECIPE), cwd=root)
+    assert r.returncode == 0, r.stderr
+    return root
+
+
+@pytest.fixture()
+def tiny_workdir(tiny_assets_dir, tmp_path) -> Path:
+    """A fresh copy of the tiny assets workdir for one test (tests may write datasets/ and runs/)."""
+    work = tmp_path / "work"
+    shutil.copytree(tiny_assets_dir, work, symlinks=True)
+    return work
