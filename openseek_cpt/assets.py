@@ -27,8 +27,11 @@ def run(recipe: Recipe) -> Path:
     is_local = Path(source).is_dir()
     revision = None if is_local else a.revision
     where = f"{source}@{revision}" if revision else source
-    print(f"[download] {where} -> {a.model_dir} (endpoint {os.environ.get('HF_ENDPOINT', 'default')}, "
-          f"offline={os.environ.get('HF_HUB_OFFLINE', '0')})", flush=True)
+    print(
+        f"[download] {where} -> {a.model_dir} (endpoint {os.environ.get('HF_ENDPOINT', 'default')}, "
+        f"offline={os.environ.get('HF_HUB_OFFLINE', '0')})",
+        flush=True,
+    )
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             source, revision=revision, trust_remote_code=a.tokenizer_trust_remote_code

@@ -111,9 +111,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     def stage(name: str, func: Callable[[argparse.Namespace], int], help: str, recipe_required=True):
         p = sub.add_parser(name, help=help, description=help)
-        p.add_argument("--recipe", required=recipe_required, help="recipe YAML (e.g. recipes/tiny/config.yaml)")
         p.add_argument(
-            "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+            "--recipe", required=recipe_required, help="recipe YAML (e.g. recipes/tiny/config.yaml)"
+        )
+        p.add_argument(
+            "--set",
+            dest="overrides",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
             help="override a recipe key, e.g. --set data.max_length=2048 (repeatable)",
         )
         p.set_defaults(func=func)
@@ -143,7 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         p = sub.add_parser(name, help=f"write a prepared dataset as {name.split('-')[1]} files")
         p.add_argument("dataset_dir", help="prepared dataset (output of `data`)")
-        p.add_argument(target, help="output " + ("PREFIX (writes PREFIX.bin/.idx)" if target == "prefix" else "file"))
+        p.add_argument(
+            target, help="output " + ("PREFIX (writes PREFIX.bin/.idx)" if target == "prefix" else "file")
+        )
         p.add_argument("--split", default="train", help="split to export (default: train)")
         p.set_defaults(func=func)
     return parser

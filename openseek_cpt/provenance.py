@@ -165,7 +165,9 @@ def verify(directory: str | Path) -> tuple[bool, list[str]]:
         raise UserError(f"verify: {str(directory)!r} is not a directory; pass an artifact directory")
     prov = read_provenance(directory)
     if prov is None:
-        raise UserError(f"verify: {directory} has no readable {PROVENANCE_FILE}; it was not made by openseek-cpt")
+        raise UserError(
+            f"verify: {directory} has no readable {PROVENANCE_FILE}; it was not made by openseek-cpt"
+        )
     recorded: dict[str, str] = prov.get("files", {})
     actual = file_hashes(directory)
     problems = []

@@ -238,9 +238,7 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
 
 def _index(part: str, node: list, parts: list[str]) -> int:
     if not part.isdigit() or int(part) >= len(node):
-        raise UserError(
-            f"--set: {'.'.join(parts)} needs a list index in 0..{len(node) - 1}, got {part!r}"
-        )
+        raise UserError(f"--set: {'.'.join(parts)} needs a list index in 0..{len(node) - 1}, got {part!r}")
     return int(part)
 
 
@@ -258,9 +256,7 @@ def _build(cls: type, raw: Any, where: str) -> Any:
         if key not in known:
             close = difflib.get_close_matches(str(key), list(known), n=1)
             hint = f"; did you mean {(where + '.' if where else '') + close[0]!r}?" if close else ""
-            raise UserError(
-                f"recipe: unknown key {dotted!r}{hint} (valid: {', '.join(sorted(known))})"
-            )
+            raise UserError(f"recipe: unknown key {dotted!r}{hint} (valid: {', '.join(sorted(known))})")
         kwargs[key] = _coerce(hints[key], value, dotted)
     return cls(**kwargs)
 

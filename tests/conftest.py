@@ -14,7 +14,9 @@ REPO = Path(__file__).resolve().parents[1]
 TINY_RECIPE = REPO / "recipes" / "tiny" / "config.yaml"
 
 
-def run_cli(*args: str, cwd: str | Path, env: dict | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, cwd: str | Path, env: dict | None = None, timeout: int = 900
+) -> subprocess.CompletedProcess:
     """Run `python -m openseek_cpt ARGS` in `cwd` as a real subprocess; returns the completed process."""
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
     return subprocess.run(

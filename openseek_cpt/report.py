@@ -1,0 +1,137 @@
+"""A run report from the artifacts on disk: loss curves, throughput, the mix, the soup's gain.
+
+Reads only files the stages wrote (TensorBoard event files of the run, the dataset's
+manifest.json, the soup's merge_info.json), so it can be re-made at any time and never needs
+the stages' code. Writes `report.md` and PNGs next to the run.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from openseek_cpt.errors import UserError
+
+
+def write_report(run_dir: str | Path, dataset_dir: str | Path, soup_dir: str | Path | None) -> Path:
+    """Write `run_dir/report.md` (+ loss_curves.png, throughput.png); returns the report path."""
+    run_dir, dataset_dir = Path(run_dir), Path(dataset_dir)
+    scalars = read_scalars(run_dir)
+    manifest = _read_json(dataset_dir / "manifest.json")
+    merge_info = _read_json(Path(soup_dir) / "merge_info.json") if soup_dir else {}
+    loss_png = plot_losses(scalars, run_dir / "loss_curves.png")
+    lines = [f"# Run report: {run_dir.name}", ""]
+    lines += _mix_section(manifest)
+    lines += _training_section(scalars, loss_png)
+    lines += _soup_section(merge_info)
+    out = run_dir / "report.md"
+    out.write_text("\n".join(lines) + "\n")
+    return out
+
+
+def read_scalars(run_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar in the run's TensorBoard event files, as tag -> [(step, value)], read with TensorBoard's reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    files = sorted(Path(run_dir).rglob("events.out.tfevents.*"))
+    if not files:
+        raise UserError(
+            f"report: no TensorBoard event files under {run_dir}; train with report_to: [tensorboard]"
+        )
+    scalars: dict[str, dict[int, float]] = {}
+    for path in files:
+        acc = EventAccumulator(str(path), size_guidance={"scalars": 0})
+        acc.Reload()
+        for tag in acc.Tags().get("scalars", []):
+            for event in acc.Scalars(tag):
+                scalars.setdefault(tag, {})[event.step] = event.value  # a resumed run re-logs: last wins
+    return {tag: sorted(points.items()) for tag, points in scalars.items()}
+
+
+def plot_losses(scalars: dict[str, list[tuple[int, float]]], out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    for tag in sorted(t for t in scalars if t.endswith("loss")):
+        steps, values = zip(*scalars[tag], strict=True)
+        ax.plot(steps, values, marker="o" if tag.startswith("eval") else None, markersize=3, label=tag)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def _mix_section(manifest: dict[str, Any]) -> list[str]:
+    sources = manifest.get("sources", [])
+    lines = ["## Data mix (requested vs realized, in sequences)", ""]
+    lines += [
+        "| source | requested | realized | documents | tokens | dropped | repeats |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for s in sources:
+        lines.append(
+            f"| {s.get('label')} | {_num(s.get('requested_ratio'))} | {_num(s.get('realized_ratio'))} | "
+            f"{s.get('documents')} | {s.get('tokens_used')} | {s.get('tokens_dropped')} | {_num(s.get('times_repeated'))} |"
+        )
+    if "padding_fraction" in manifest:
+        lines += ["", f"Padding fraction: {_num(manifest['padding_fraction'])}"]
+    return lines + [""]
+
+
+def _training_section(scalars: dict[str, list[tuple[int, float]]], loss_png: Path) -> list[str]:
+    lines = ["## Training", "", f"![loss curves]({loss_png.name})", ""]
+    for tag in sorted(scalars):
+        points = scalars[tag]
+        if any(word in tag for word in ("loss", "tokens_per_s", "mfu", "perplexity", "grad_norm")):
+            lines.append(
+                f"- `{tag}`: first {_num(points[0][1])} (step {points[0][0]}), last {_num(points[-1][1])} "
+                f"(step {points[-1][0]}), {len(points)} points"
+            )
+    return lines + [""]
+
+
+def _soup_section(merge_info: dict[str, Any]) -> list[str]:
+    evals = merge_info.get("evaluation")
+    if not evals:
+        return ["## Soup", "", "No evaluation recorded (set soup.evaluate: true)."]
+    lines = [
+        "## Soup: eval loss of base, checkpoints and soup",
+        "",
+        "| model | eval loss | perplexity |",
+        "|---|---|---|",
+    ]
+    for row in eval_rows(evals):
+        lines.append(f"| {row[0]} | {_num(row[1])} | {_num(row[2])} |")
+    return lines + [""]
+
+
+def eval_rows(evals: Any) -> list[tuple[str, float | None, float | None]]:
+    """Accept the soup's evaluation record as a list of {name, loss, perplexity} or a name -> result mapping."""
+    items = (
+        evals.items() if isinstance(evals, dict) else ((e.get("name") or e.get("model"), e) for e in evals)
+    )
+    rows = []
+    for name, result in items:
+        if isinstance(result, dict):
+            rows.append((str(name), result.get("loss"), result.get("perplexity")))
+        else:
+            rows.append((str(name), result, None))
+    return rows
+
+
+def _num(x: Any) -> str:
+    if isinstance(x, float):
+        return f"{x:.4g}"
+    return "" if x is None else str(x)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}

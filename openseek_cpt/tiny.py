@@ -1,0 +1,101 @@
+"""`openseek-cpt tiny`: the whole pipeline on a CPU in minutes, with nothing downloaded.
+
+Runs each stage as its own `openseek-cpt STAGE` process in `workdir`, exactly as a user (or the
+Slurm scripts) would, so the stages meet only through the artifacts on disk:
+tiny-assets -> download -> data -> train -> soup (with evaluation) -> report.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from openseek_cpt.errors import UserError
+from openseek_cpt.recipe import load_recipe
+
+
+def default_recipe() -> Path:
+    """The tiny recipe: from the checkout (or $OPENSEEK_CPT_HOME, set in the image)."""
+    roots = [os.environ.get("OPENSEEK_CPT_HOME"), Path(__file__).resolve().parents[1], Path.cwd()]
+    for root in roots:
+        if root and (p := Path(root) / "recipes" / "tiny" / "config.yaml").is_file():
+            return p
+    raise UserError(
+        "tiny: recipes/tiny/config.yaml not found; pass --recipe or set OPENSEEK_CPT_HOME to the repo"
+    )
+
+
+def run(recipe_path: str | None, overrides: list[str], workdir: str | Path = ".") -> Path:
+    """Run every stage of the tiny recipe in `workdir`; returns the report path."""
+    recipe_file = Path(recipe_path).resolve() if recipe_path else default_recipe()
+    workdir = Path(workdir).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    cwd = Path.cwd()
+    os.chdir(workdir)  # recipe paths are relative to the working directory
+    try:
+        recipe = load_recipe(recipe_file, overrides)
+    finally:
+        os.chdir(cwd)
+    log_dir = workdir / "logs" / "tiny"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    common = ["--recipe", str(recipe_file), *[a for o in overrides for a in ("--set", o)]]
+    assets_root = Path(recipe.assets.base_model).parent.parent  # models/tiny/hub/tiny-openseek -> models/tiny
+    started = time.perf_counter()
+    print(f"[tiny] recipe {recipe_file}\n[tiny] workdir {workdir} (stage logs in {log_dir})", flush=True)
+    _stage("tiny-assets", ["--out", str(assets_root)], workdir, log_dir)
+    for stage in ("download", "data", "train", "soup"):
+        _stage(stage, common, workdir, log_dir)
+
+    from openseek_cpt.report import write_report
+
+    report = write_report(
+        workdir / recipe.train.output_dir, workdir / recipe.data.output_dir, workdir / recipe.soup.output_dir
+    )
+    _print_summary(workdir, recipe, report, time.perf_counter() - started)
+    return report
+
+
+def _stage(name: str, args: list[str], workdir: Path, log_dir: Path) -> None:
+    """Run one stage as a subprocess, its output in a log file; on failure show the log's tail."""
+    log_path = log_dir / f"{name}.log"
+    t0 = time.perf_counter()
+    print(f"[tiny] {name:<11} ...", end="", flush=True)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    with open(log_path, "w") as log:
+        proc = subprocess.run(
+            [sys.executable, "-m", "openseek_cpt", name, *args],
+            cwd=workdir,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    print(f" {'done' if proc.returncode == 0 else 'FAILED'} in {time.perf_counter() - t0:.1f} s", flush=True)
+    if proc.returncode != 0:
+        tail = log_path.read_text(errors="replace").splitlines()[-25:]
+        print("\n".join(f"    {line}" for line in tail), file=sys.stderr)
+        raise SystemExit(proc.returncode)
+
+
+def _print_summary(workdir: Path, recipe, report: Path, seconds: float) -> None:
+    merge_info_path = workdir / recipe.soup.output_dir / "merge_info.json"
+    merge_info = json.loads(merge_info_path.read_text()) if merge_info_path.is_file() else {}
+    from openseek_cpt.report import eval_rows
+
+    print(f"\n[tiny] finished in {seconds:.0f} s")
+    rows = eval_rows(merge_info.get("evaluation") or [])
+    if rows:
+        print("[tiny] eval loss on the held-out split:")
+        for name, loss, _ in rows:
+            print(f"         {name:<28} {loss:.4f}" if loss is not None else f"         {name}")
+    for label, rel in (
+        ("base model", recipe.assets.model_dir),
+        ("dataset", recipe.data.output_dir),
+        ("checkpoints", recipe.train.output_dir),
+        ("soup", recipe.soup.output_dir),
+    ):
+        print(f"[tiny] {label:<12} {workdir / rel}")
+    print(f"[tiny] report       {report}")
