@@ -1,0 +1,345 @@
+"""Megatron-LM's indexed dataset (`PREFIX.bin` + `PREFIX.idx`), read and written without Megatron.
+
+Megatron-LM and MindSpore Transformers read pretraining data in this format, and existing corpora
+(the OpenSeek pretraining shards are `*_text_document` prefixes) ship in it. Written from the public
+description in Megatron-LM's `megatron/core/datasets/indexed_dataset.py` (`_IndexWriter`,
+`_IndexReader`, `IndexedDatasetBuilder`); all integers are little-endian.
+
+`PREFIX.bin`: the tokens of every sequence back to back, in the index dtype, no header.
+
+`PREFIX.idx`:
+
+    offset   size    field
+    0        9       magic b"MMIDIDX\\x00\\x00"
+    9        8       version, uint64, always 1
+    17       1       dtype code of the tokens in .bin, uint8 (table below)
+    18       8       sequence count N, uint64
+    26       8       document count D, uint64 (entries of the document index array = documents + 1)
+    34       4 * N   sequence lengths in tokens, int32
+    34+4N    8 * N   sequence pointers: byte offset of each sequence in .bin, int64
+    34+12N   8 * D   document indices: the sequence index where each document starts, int64,
+                     from 0 up to N (document k is sequences [d[k], d[k+1]))
+    then, in multimodal datasets only, N int8 sequence modes (ignored here)
+
+    dtype codes: 1 uint8, 2 int8, 3 int16, 4 int32, 5 int64, 6 float64, 7 float32, 8 uint16
+
+Megatron picks the token dtype from the vocabulary size: uint16 when `vocab_size < 65500`, else
+int32 (`DType.optimal_dtype`); we do the same. GPT pretraining data has one sequence per document
+(each ending with eos), and that is how we write it: one sequence per document segment of a packed
+row (`seq_lengths`), so document boundaries survive the export.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from openseek_cpt.errors import UserError
+
+MAGIC = b"MMIDIDX\x00\x00"
+VERSION = 1
+HEADER_SIZE = 34  # magic 9 + version 8 + dtype code 1 + sequence count 8 + document count 8
+DTYPE_CODES: dict[int, type[np.number]] = {
+    1: np.uint8,
+    2: np.int8,
+    3: np.int16,
+    4: np.int32,
+    5: np.int64,
+    6: np.float64,
+    7: np.float32,
+    8: np.uint16,
+}
+TOKEN_DTYPE_CODES = (1, 2, 3, 4, 5, 8)  # float codes are legal in the format, never token ids
+_READ_CHUNK_TOKENS = 1 << 24  # tokens per Arrow chunk when converting .bin: bounds memory
+_EXPORT_BATCH_ROWS = 1024
+_FIX = "re-create it with Megatron's tools/preprocess_data.py or `openseek-cpt export-megatron`"
+
+
+def read_documents(prefix: str | Path, cache_dir: str | Path | None = None) -> datasets.Dataset:
+    """A `datasets.Dataset` with one row per Megatron sequence (column `input_ids`, int32 lists).
+
+    The files are validated first (a damaged file is a one-line `UserError`), then converted in
+    bounded chunks from a memory map of `.bin` into an Arrow file in the datasets cache (as
+    `datasets` does for any local json/parquet source) and memory-mapped from there; unchanged
+    files reuse it. The fingerprint hashes the `.idx` and every token, so the same files give the
+    same fingerprint wherever they lie.
+    """
+    index = read_index(prefix)
+    root = Path(cache_dir) if cache_dir else Path(datasets.config.HF_DATASETS_CACHE) / "megatron"
+    key = _cache_key(prefix)
+    entry = root / key
+    if not (entry / "fingerprint.json").is_file():
+        tmp = root / f".{key}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        fingerprint = _convert_to_arrow(index, _bin_path(prefix), tmp / "data.arrow")
+        (tmp / "fingerprint.json").write_text(json.dumps({"fingerprint": fingerprint}))
+        try:
+            tmp.rename(entry)
+        except OSError:  # another process converted the same files first; theirs is identical
+            shutil.rmtree(tmp, ignore_errors=True)
+    fingerprint = json.loads((entry / "fingerprint.json").read_text())["fingerprint"]
+    table = datasets.table.MemoryMappedTable.from_file(str(entry / "data.arrow"))
+    return datasets.Dataset(table, fingerprint=fingerprint)
+
+
+def export_dataset(dataset: datasets.Dataset, prefix: str | Path, vocab_size: int) -> None:
+    """Stream a prepared split (`input_ids`, `seq_lengths`) into PREFIX.bin/.idx.
+
+    One Megatron sequence (and document) per document segment; a dataset without `seq_lengths`
+    gives one per row. Memory holds one Arrow batch plus the per-sequence lengths, as in
+    Megatron's own builder; the files appear only when complete.
+    """
+    if "input_ids" not in dataset.column_names:
+        raise UserError(f"export: the dataset has no `input_ids` column (columns: {dataset.column_names})")
+    has_segments = "seq_lengths" in dataset.column_names
+    rows = dataset.select_columns(["input_ids", "seq_lengths"] if has_segments else ["input_ids"])
+    rows = rows.with_format("arrow")
+    with _Writer(prefix, vocab_size) as writer:
+        for start in range(0, len(rows), _EXPORT_BATCH_ROWS):
+            batch = rows[start : start + _EXPORT_BATCH_ROWS]
+            ids = _one_chunk(batch.column("input_ids"))
+            row_lengths = pc.list_value_length(ids).fill_null(0).to_numpy(zero_copy_only=False)
+            if has_segments:
+                lengths = _segment_lengths(_one_chunk(batch.column("seq_lengths")), row_lengths, start)
+            else:
+                lengths = row_lengths
+            writer.add(ids.flatten().to_numpy(zero_copy_only=False), lengths)
+
+
+def write_documents(prefix: str | Path, documents: Iterable[np.ndarray], vocab_size: int) -> None:
+    """Write each array of token ids as one Megatron sequence and document into PREFIX.bin/.idx."""
+    with _Writer(prefix, vocab_size) as writer:
+        for doc in documents:
+            doc = np.asarray(doc).reshape(-1)
+            writer.add(doc, np.array([doc.size], dtype=np.int64))
+
+
+def token_dtype(vocab_size: int) -> type[np.number]:
+    """Megatron's choice (`DType.optimal_dtype`): uint16 below 65,500 token ids, else int32."""
+    return np.uint16 if vocab_size < 65500 else np.int32
+
+
+@dataclass
+class MegatronIndex:
+    """A parsed `.idx` file (the arrays are views of a memory map)."""
+
+    path: Path
+    dtype: type[np.number]
+    sequence_lengths: np.ndarray  # int32, N
+    sequence_pointers: np.ndarray  # int64, N: byte offsets in .bin
+    document_indices: np.ndarray  # int64, documents + 1
+
+
+def read_index(prefix: str | Path) -> MegatronIndex:
+    """Parse PREFIX.idx and check it against PREFIX.bin; any inconsistency is a one-line UserError."""
+    idx_path, bin_path = _idx_path(prefix), _bin_path(prefix)
+    where = f"megatron source {prefix}"
+    for p in (idx_path, bin_path):
+        if not p.is_file():
+            raise UserError(
+                f"{where}: {p} does not exist; a Megatron dataset needs both PREFIX.bin and PREFIX.idx"
+            )
+    idx_size = idx_path.stat().st_size
+    if idx_size < HEADER_SIZE:
+        raise UserError(
+            f"{where}: {idx_path} has {idx_size} bytes, less than the {HEADER_SIZE}-byte header (truncated .idx); {_FIX}"
+        )
+    with open(idx_path, "rb") as f:
+        header = f.read(HEADER_SIZE)
+    (version,) = struct.unpack("<Q", header[9:17])
+    code = header[17]
+    n_seq, n_doc = struct.unpack("<QQ", header[18:34])
+    if header[:9] != MAGIC:
+        raise UserError(
+            f"{where}: {idx_path} starts with {header[:9]!r}, not the Megatron magic {MAGIC!r}; {_FIX}"
+        )
+    if version != VERSION:
+        raise UserError(
+            f"{where}: {idx_path} has format version {version}, only version {VERSION} exists; {_FIX}"
+        )
+    if code not in TOKEN_DTYPE_CODES:
+        known = ", ".join(f"{c}={DTYPE_CODES[c].__name__}" for c in TOKEN_DTYPE_CODES)
+        raise UserError(
+            f"{where}: {idx_path} has dtype code {code}, not an integer token dtype ({known}); {_FIX}"
+        )
+    needed = HEADER_SIZE + 12 * n_seq + 8 * n_doc
+    if idx_size < needed:
+        raise UserError(
+            f"{where}: {idx_path} has {idx_size} bytes but its header announces {n_seq} sequences and {n_doc} document indices ({needed} bytes; truncated .idx); {_FIX}"
+        )
+    mm = np.memmap(idx_path, dtype=np.uint8, mode="r")
+    lengths = np.frombuffer(mm, dtype=np.int32, count=n_seq, offset=HEADER_SIZE)
+    pointers = np.frombuffer(mm, dtype=np.int64, count=n_seq, offset=HEADER_SIZE + 4 * n_seq)
+    documents = np.frombuffer(mm, dtype=np.int64, count=n_doc, offset=HEADER_SIZE + 12 * n_seq)
+    dtype = DTYPE_CODES[code]
+    bin_size = bin_path.stat().st_size
+    if n_seq:
+        if int(lengths.min()) < 0 or int(pointers.min()) < 0:
+            raise UserError(f"{where}: {idx_path} has negative sequence lengths or pointers; {_FIX}")
+        ends = pointers + lengths.astype(np.int64) * np.dtype(dtype).itemsize
+        last = int(np.argmax(ends))
+        if int(ends[last]) > bin_size:
+            raise UserError(
+                f"{where}: sequence {last} ends at byte {int(ends[last])} but {bin_path} has {bin_size} bytes (truncated .bin, or pointers past its end); {_FIX}"
+            )
+    if n_doc == 0 or documents[0] != 0 or documents[-1] != n_seq or bool(np.any(np.diff(documents) < 0)):
+        raise UserError(
+            f"{where}: {idx_path} has document indices that do not rise from 0 to the sequence count {n_seq}; {_FIX}"
+        )
+    return MegatronIndex(idx_path, dtype, lengths, pointers, documents)
+
+
+# --- writing ---------------------------------------------------------------------------------------
+
+
+class _Writer:
+    """Append tokens to a temp .bin, keep only the lengths, write .idx at the end, rename both."""
+
+    def __init__(self, prefix: str | Path, vocab_size: int):
+        if not isinstance(vocab_size, (int, np.integer)) or vocab_size <= 0:
+            raise UserError(
+                f"export: vocab_size {vocab_size!r} must be a positive integer (the tokenizer's vocabulary size)"
+            )
+        self.prefix = str(prefix)
+        self.vocab_size = int(vocab_size)
+        self.dtype = token_dtype(self.vocab_size)
+        self.lengths: list[np.ndarray] = []
+        self.tmp_bin = f"{self.prefix}.bin.tmp-{os.getpid()}"
+        self.tmp_idx = f"{self.prefix}.idx.tmp-{os.getpid()}"
+
+    def __enter__(self) -> _Writer:
+        Path(self.prefix).parent.mkdir(parents=True, exist_ok=True)
+        self.bin_file = open(self.tmp_bin, "wb")  # noqa: SIM115 (closed in __exit__)
+        return self
+
+    def add(self, values: np.ndarray, lengths: np.ndarray) -> None:
+        """Append the tokens `values`, which form consecutive sequences of `lengths` tokens."""
+        if values.size:
+            lo, hi = int(values.min()), int(values.max())
+            if lo < 0 or hi >= self.vocab_size:
+                raise UserError(
+                    f"export: token id {lo if lo < 0 else hi} lies outside the vocabulary [0, {self.vocab_size}); pass the tokenizer's vocab size or rebuild the dataset"
+                )
+        self.bin_file.write(np.ascontiguousarray(values, dtype=self.dtype).data)
+        self.lengths.append(np.asarray(lengths, dtype=np.int64))
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.bin_file.close()
+        if exc_type is not None:
+            for p in (self.tmp_bin, self.tmp_idx):
+                Path(p).unlink(missing_ok=True)
+            return
+        lengths = np.concatenate(self.lengths) if self.lengths else np.zeros(0, dtype=np.int64)
+        if lengths.size and int(lengths.max()) > np.iinfo(np.int32).max:
+            Path(self.tmp_bin).unlink(missing_ok=True)
+            raise UserError(
+                f"export: a document of {int(lengths.max())} tokens does not fit Megatron's int32 lengths"
+            )
+        pointers = np.zeros(lengths.size, dtype=np.int64)
+        np.cumsum(lengths[:-1] * np.dtype(self.dtype).itemsize, out=pointers[1:])
+        documents = np.arange(lengths.size + 1, dtype=np.int64)  # one document per sequence
+        code = next(c for c, t in DTYPE_CODES.items() if t is self.dtype)
+        with open(self.tmp_idx, "wb") as f:
+            f.write(MAGIC)
+            f.write(struct.pack("<QBQQ", VERSION, code, lengths.size, documents.size))
+            f.write(lengths.astype(np.int32).tobytes())
+            f.write(pointers.tobytes())
+            f.write(documents.tobytes())
+        # Old .idx out first, new .idx in last: a reader never pairs a new .bin with an old .idx.
+        Path(self.prefix + ".idx").unlink(missing_ok=True)
+        os.replace(self.tmp_bin, self.prefix + ".bin")
+        os.replace(self.tmp_idx, self.prefix + ".idx")
+
+
+def _one_chunk(column: pa.ChunkedArray) -> pa.Array:
+    return column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
+
+
+def _segment_lengths(seq_lengths: pa.Array, row_lengths: np.ndarray, row_start: int) -> np.ndarray:
+    """Flatten the rows' `seq_lengths`, checking that each row's segments add up to its length."""
+    lengths = seq_lengths.flatten().to_numpy(zero_copy_only=False).astype(np.int64)
+    counts = pc.list_value_length(seq_lengths).fill_null(0).to_numpy(zero_copy_only=False)
+    # Segments add up to their rows iff the running total at each row's last segment equals the
+    # running row total (and rows without segments are empty).
+    seg_ends = np.cumsum(lengths)
+    row_ends = np.cumsum(row_lengths)
+    got = seg_ends[np.maximum(np.cumsum(counts) - 1, 0)] if lengths.size else np.zeros_like(row_ends)
+    bad = np.flatnonzero(np.where(counts > 0, got != row_ends, row_lengths != 0))
+    if bad.size or (lengths.size and int(lengths.min()) < 0):
+        i = (
+            int(bad[0])
+            if bad.size
+            else int(np.repeat(np.arange(len(counts)), counts)[np.argmax(lengths < 0)])
+        )
+        raise UserError(
+            f"export: row {row_start + i}: seq_lengths {seq_lengths[i].as_py()} do not split its {int(row_lengths[i])} tokens; rebuild the dataset with `openseek-cpt data`"
+        )
+    return lengths
+
+
+# --- reading ---------------------------------------------------------------------------------------
+
+
+def _idx_path(prefix: str | Path) -> Path:
+    return Path(str(prefix) + ".idx")
+
+
+def _bin_path(prefix: str | Path) -> Path:
+    return Path(str(prefix) + ".bin")
+
+
+def _cache_key(prefix: str | Path) -> str:
+    """Which cached conversion belongs to these files: their paths, sizes and modification times."""
+    h = hashlib.sha256()
+    for p in (_idx_path(prefix), _bin_path(prefix)):
+        st = p.stat()
+        h.update(f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:32]
+
+
+def _convert_to_arrow(index: MegatronIndex, bin_path: Path, out: Path) -> str:
+    """Write the sequences as an Arrow stream of list<int32> in bounded chunks; return a content hash."""
+    digest = hashlib.sha256(index.path.read_bytes())
+    schema = pa.schema([pa.field("input_ids", pa.list_(pa.int32()))])
+    lengths, pointers = index.sequence_lengths.astype(np.int64), index.sequence_pointers
+    itemsize = np.dtype(index.dtype).itemsize
+    n = lengths.size
+    tokens_before = np.concatenate([[0], np.cumsum(lengths)])
+    data = np.memmap(bin_path, dtype=np.uint8, mode="r") if bin_path.stat().st_size else np.zeros(0, np.uint8)
+    with pa.OSFile(str(out), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+        if n == 0:
+            writer.write_table(schema.empty_table())
+        start = 0
+        while start < n:
+            # As many sequences as fit in the token budget, at least one.
+            stop = (
+                int(np.searchsorted(tokens_before, tokens_before[start] + _READ_CHUNK_TOKENS, side="right"))
+                - 1
+            )
+            stop = min(max(stop, start + 1), n)
+            seg_len, seg_ptr = lengths[start:stop], pointers[start:stop]
+            if bool(np.all(seg_ptr[1:] == seg_ptr[:-1] + seg_len[:-1] * itemsize)):  # the usual layout
+                raw = data[seg_ptr[0] : seg_ptr[0] + int(seg_len.sum()) * itemsize]
+            else:
+                raw = np.concatenate(
+                    [data[p : p + m * itemsize] for p, m in zip(seg_ptr, seg_len, strict=True)]
+                )
+            values = np.frombuffer(raw, dtype=index.dtype).astype(np.int32)
+            digest.update(values.data)
+            offsets = np.concatenate([[0], np.cumsum(seg_len)]).astype(np.int32)
+            column = pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
+            writer.write_table(pa.table({"input_ids": column}, schema=schema))
+            start = stop
+    return digest.hexdigest()
