@@ -1,9 +1,127 @@
-# Thin wrapper: every target calls the `openseek-cpt` CLI (or sbatch). `make help` lists them.
-PY ?= python3
+# Thin wrapper: every target calls the `openseek-cpt` CLI, sbatch, or the container engine.
+# `make help` lists targets and variables. Typical cluster session (README "Cluster workflow"):
+#   login node:  make image && make sif;  make download
+#   then:        make data;  make train SLURM_NODES=4;  make soup
+SHELL := /bin/bash
 
-.PHONY: help test
-help:
-	@echo "targets: test"
+# ---- what to run -----------------------------------------------------------------------------
+RECIPE ?= recipes/openseek/config.yaml# recipe YAML of data/train/soup/download (tiny: recipes/tiny/config.yaml)
+SET ?=# recipe overrides, space-separated KEY=VALUE (each becomes --set KEY=VALUE)
+LOCAL ?=# 1: run data/train/soup here instead of submitting with sbatch
+WAIT ?=# 1: sbatch --wait (block until the job ends; its exit status is make's)
+# ---- Slurm -----------------------------------------------------------------------------------
+SLURM_NODES ?= 1# nodes of the train job (one task per node; world size comes from Slurm)
+GPUS_PER_NODE ?= 8# GPUs per train node (0: CPU job, e.g. the tiny recipe)
+CPUS_PER_TASK ?=# CPUs per task (empty: the partition default)
+PARTITION ?=# sbatch --partition (empty: the cluster default)
+ACCOUNT ?=# sbatch --account
+TIME ?=# sbatch --time of the submitted job, e.g. 2-00:00:00 (empty: partition default)
+SIGNAL_BEFORE ?= 300# seconds before the time limit at which train gets USR1: save, requeue, resume
+SBATCH_ARGS ?=# anything else for sbatch, e.g. --qos=high --exclusive
+LOGDIR ?= logs# per-job logs: $(LOGDIR)/<job-name>-<job-id>.out
+# ---- container -------------------------------------------------------------------------------
+RUNTIME ?= $(if $(shell command -v apptainer 2>/dev/null),apptainer,none)# apptainer|pyxis|podman|docker|none
+FLAVOR ?= gpu# image flavour: gpu (CUDA 12.8 torch 2.10.0) or cpu (torch 2.13.0+cpu)
+IMAGE ?= openseek-cpt:$(FLAVOR)# image tag (pyxis: a squashfs path or registry reference)
+SIF ?= openseek-cpt.sif# Apptainer image file built by `make sif`
+ENGINE ?= $(shell docker info >/dev/null 2>&1 && echo docker || echo podman)# image builder: docker or podman
+BASE_IMAGE ?=# override the flavour's base image (e.g. a local or mirrored one)
+CA_BUNDLE ?=# CA bundle file of a TLS-intercepting proxy, passed to the build as a secret
+WHEELS ?=# folder of wheels (e.g. the torch CPU wheel) for the build's pip --find-links (podman)
+BUILD_ARGS ?=# extra arguments for `$(ENGINE) build`
+MOUNTS ?=# extra bind mounts for every runtime, comma-separated SRC[:DST]
+# ---- local Python ----------------------------------------------------------------------------
+VENV ?= $(or $(VIRTUAL_ENV),.venv)# venv used by tiny/test/LOCAL=1 (created by `make tiny` if missing)
+TORCH_SPEC ?= torch# what `make tiny` installs first, e.g. "torch --index-url https://download.pytorch.org/whl/cpu"
 
-test:
+PY := $(if $(wildcard $(VENV)/bin/python),$(VENV)/bin/python,python3)
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+GIT_REV := $(shell git rev-parse HEAD 2>/dev/null || echo unknown)
+LOCK_gpu := container/requirements.lock
+LOCK_cpu := container/requirements-cpu.lock
+BASE_gpu := nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
+BASE_cpu := debian:bookworm-slim
+TORCH_gpu := torch==2.10.0
+TORCH_cpu := torch==2.13.0+cpu
+PYVER_gpu := 3.12
+PYVER_cpu := 3.11
+OVERRIDES := $(foreach kv,$(SET),--set $(kv))
+
+# Everything the sbatch scripts and runtimes read comes from the environment (sbatch --export=ALL).
+export RUNTIME IMAGE SIF MOUNTS
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+export OPENSEEK_SLURM_DIR := $(CURDIR)/slurm
+
+SBATCH := sbatch --parsable $(if $(PARTITION),--partition=$(PARTITION)) $(if $(ACCOUNT),--account=$(ACCOUNT)) \
+	$(if $(TIME),--time=$(TIME)) $(if $(CPUS_PER_TASK),--cpus-per-task=$(CPUS_PER_TASK)) \
+	$(if $(WAIT),--wait) --output=$(LOGDIR)/%x-%j.out $(SBATCH_ARGS)
+HAVE_SLURM := $(shell command -v sbatch 2>/dev/null)
+
+.PHONY: help image sif lock download data train soup tiny test
+help: ## this list of targets and variables
+	@echo "usage: make TARGET [VAR=value ...]"
+	@echo "targets:"
+	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z]+):.*## (.*)/  \1\t\2/' | expand -t 12
+	@echo "variables (NAME=default: meaning):"
+	@grep -E '^[A-Z_]+ \?=' $(MAKEFILE_LIST) | sed -E 's/^([A-Z_]+) \?= ?([^#]*)# ?(.*)/  \1=\2\n\t\3/' | expand -t 6
+
+image: ## build the image with ENGINE (FLAVOR=gpu|cpu, BASE_IMAGE, CA_BUNDLE, WHEELS, BUILD_ARGS)
+	$(ENGINE) build -f container/Dockerfile -t $(IMAGE) \
+	  --build-arg BASE_IMAGE=$(or $(BASE_IMAGE),$(BASE_$(FLAVOR))) --build-arg LOCK=$(LOCK_$(FLAVOR)) \
+	  --build-arg VERSION=$(VERSION) --build-arg GIT_REV=$(GIT_REV) \
+	  --build-arg BUILD_DATE=$$(date -u +%Y-%m-%dT%H:%M:%SZ) \
+	  $(if $(CA_BUNDLE),--secret id=ca_bundle$(,)src=$(abspath $(CA_BUNDLE))) \
+	  $(if $(WHEELS),-v $(abspath $(WHEELS)):/wheels:ro --build-arg PIP_FIND_LINKS=/wheels) \
+	  $(BUILD_ARGS) .
+
+sif: ## convert IMAGE to the Apptainer file SIF (container/openseek-cpt.def, via a docker-archive)
+	mkdir -p build
+	rm -f build/openseek-cpt.tar
+	$(ENGINE) save $(if $(filter podman,$(ENGINE)),--format docker-archive) -o build/openseek-cpt.tar $(IMAGE)
+	apptainer build --force $(SIF) container/openseek-cpt.def
+
+lock: ## regenerate container/requirements.lock (GPU) and requirements-cpu.lock with uv, hashed
+	test -x build/lock-venv/bin/uv || { python3 -m venv build/lock-venv && build/lock-venv/bin/pip install -q uv; }
+	$(foreach f,gpu cpu,printf 'setuptools>=68\n$(TORCH_$(f))\n' | build/lock-venv/bin/uv pip compile pyproject.toml - \
+	  --generate-hashes --python-platform x86_64-manylinux_2_28 --python-version $(PYVER_$(f)) \
+	  $(if $(WHEELS),--find-links $(abspath $(WHEELS))) --custom-compile-command 'make lock' \
+	  --no-header -o $(LOCK_$(f)) --quiet &&) true
+
+download: ## fetch base model + tokenizer into assets.model_dir (run where the network is)
+	openseek-cpt download --recipe $(RECIPE) $(OVERRIDES)
+
+data: ## prepare the dataset (CPU job; LOCAL=1 runs it here)
+ifneq ($(filter 1,$(LOCAL))$(if $(HAVE_SLURM),,nolocal),)
+	openseek-cpt data --recipe $(RECIPE) $(OVERRIDES)
+else
+	@mkdir -p $(LOGDIR)
+	$(SBATCH) --job-name=openseek-data slurm/data.sbatch $(RECIPE) $(OVERRIDES)
+endif
+
+train: ## train on SLURM_NODES nodes x GPUS_PER_NODE (LOCAL=1: this machine, accelerate launch)
+ifneq ($(filter 1,$(LOCAL))$(if $(HAVE_SLURM),,nolocal),)
+	openseek-cpt launch --recipe $(RECIPE) $(OVERRIDES)
+else
+	@mkdir -p $(LOGDIR)
+	$(SBATCH) --job-name=openseek-train --nodes=$(SLURM_NODES) --ntasks-per-node=1 \
+	  $(if $(filter-out 0,$(GPUS_PER_NODE)),--gpus-per-node=$(GPUS_PER_NODE)) \
+	  --signal=B:USR1@$(SIGNAL_BEFORE) slurm/train.sbatch $(RECIPE) $(OVERRIDES)
+endif
+
+soup: ## average base + checkpoints into soup.output_dir (CPU job; LOCAL=1 runs it here)
+ifneq ($(filter 1,$(LOCAL))$(if $(HAVE_SLURM),,nolocal),)
+	openseek-cpt soup --recipe $(RECIPE) $(OVERRIDES)
+else
+	@mkdir -p $(LOGDIR)
+	$(SBATCH) --job-name=openseek-soup slurm/soup.sbatch $(RECIPE) $(OVERRIDES)
+endif
+
+tiny: ## the whole pipeline on the tiny recipe on this CPU (creates VENV if needed)
+	test -x $(VENV)/bin/openseek-cpt || { python3 -m venv $(VENV) && $(VENV)/bin/pip install $(TORCH_SPEC) \
+	  && $(VENV)/bin/pip install -e .; }
+	$(VENV)/bin/openseek-cpt tiny $(OVERRIDES)
+
+test: ## the test suite (README's test command)
 	$(PY) -m pytest -q tests
+
+, := ,
