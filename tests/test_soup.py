@@ -1,0 +1,277 @@
+"""The soup: exact mean, layout independence, loud refusal of bad inputs, evaluation option."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, DeepseekV3ForCausalLM
+
+from openseek_cpt import soup
+from openseek_cpt.recipe import load_recipe
+from tests.conftest import TINY_RECIPE, run_cli
+
+STEPS = (6, 12, 18)
+BASE = "models/tiny-openseek"
+
+
+@pytest.fixture(scope="module")
+def soup_work(tiny_assets_dir, tmp_path_factory) -> Path:
+    """A workdir with three perturbed checkpoints of the tiny base, single-file and sharded copies.
+
+    runs/tiny/checkpoint-N: single model.safetensors; runs/sharded/checkpoint-N and
+    models/tiny-openseek-sharded: the same weights saved with a small max_shard_size; and a tiny
+    prepared dataset (datasets/tiny-mix, train/eval) for the evaluate option.
+    """
+    work = tmp_path_factory.mktemp("soup") / "work"
+    shutil.copytree(tiny_assets_dir, work, symlinks=True)
+    base = AutoModelForCausalLM.from_pretrained(work / BASE)
+    base.save_pretrained(work / "models/tiny-openseek-sharded", max_shard_size="100KB")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(work / BASE / name, work / "models/tiny-openseek-sharded" / name)
+    for step in STEPS:
+        model = AutoModelForCausalLM.from_pretrained(work / BASE)
+        gen = torch.Generator().manual_seed(step)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=gen) * 0.01)
+        model.save_pretrained(work / f"runs/tiny/checkpoint-{step}")
+        model.save_pretrained(work / f"runs/sharded/checkpoint-{step}", max_shard_size="100KB")
+    _tiny_eval_dataset(work / "datasets/tiny-mix")
+    return work
+
+
+def _tiny_eval_dataset(path: Path) -> None:
+    from datasets import Dataset, DatasetDict
+
+    gen = torch.Generator().manual_seed(0)
+    rows = {"input_ids": [], "seq_lengths": []}
+    for _ in range(6):
+        rows["input_ids"].append(torch.randint(1, 1024, (48,), generator=gen).tolist())
+        rows["seq_lengths"].append([20, 28])
+    DatasetDict({"train": Dataset.from_dict(rows), "eval": Dataset.from_dict(rows)}).save_to_disk(str(path))
+
+
+def _run_soup(work: Path, monkeypatch, *overrides: str) -> Path:
+    monkeypatch.chdir(work)
+    return work / soup.run(load_recipe(TINY_RECIPE, ["soup.evaluate=false", *overrides]))
+
+
+def _tensors(model_dir: Path) -> dict[str, torch.Tensor]:
+    index = model_dir / "model.safetensors.index.json"
+    files = (
+        sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        if index.is_file()
+        else ["model.safetensors"]
+    )
+    out = {}
+    for name in files:
+        out.update(load_file(model_dir / name))
+    return out
+
+
+def _reference_mean(dirs: list[Path]) -> dict[str, torch.Tensor]:
+    """fp32 sum over the inputs as stored, in input order, divided by n, rounded once to bf16.
+
+    Keys the model class keeps in fp32 (the router's e_score_correction_bias) stay fp32.
+    """
+    per_input = [_tensors(d) for d in dirs]
+    ref = {}
+    for key in per_input[0]:
+        acc = torch.zeros(per_input[0][key].shape, dtype=torch.float32)
+        for tensors in per_input:
+            acc += tensors[key].float()
+        keep_fp32 = any(p in key.split(".") for p in DeepseekV3ForCausalLM._keep_in_fp32_modules_strict)
+        ref[key] = acc / len(dirs) if keep_fp32 else (acc / len(dirs)).to(torch.bfloat16)
+    return ref
+
+
+def test_soup_equals_the_fp32_mean_rounded_to_bf16_and_loads_strictly(soup_work, monkeypatch, tmp_path):
+    out = _run_soup(soup_work, monkeypatch)
+    inputs = [soup_work / BASE, *(soup_work / f"runs/tiny/checkpoint-{s}" for s in STEPS)]
+    ref = _reference_mean(inputs)
+    got = _tensors(out)
+    assert sorted(got) == sorted(ref) and "lm_head.weight" not in got  # tied: not stored
+    for key in ref:
+        assert got[key].dtype == (torch.float32 if "e_score_correction_bias" in key else torch.bfloat16)
+        assert torch.equal(got[key], ref[key]), key
+    # Not a trivial mean: the soup differs from the base and from each checkpoint.
+    base = _tensors(inputs[0])["model.norm.weight"].to(torch.bfloat16)
+    assert not torch.equal(got["model.norm.weight"], base)
+
+    # It loads strictly, and the live (converted: fused MoE experts) weights equal those of the
+    # reference mean saved and loaded through the same path.
+    soup_model, info = AutoModelForCausalLM.from_pretrained(out, dtype="auto", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    ref_dir = tmp_path / "ref"
+    ref_dir.mkdir()
+    shutil.copy(out / "config.json", ref_dir / "config.json")
+    save_file(ref, ref_dir / "model.safetensors", metadata={"format": "pt"})
+    ref_model = AutoModelForCausalLM.from_pretrained(ref_dir, dtype="auto")
+    live, want = soup_model.state_dict(), ref_model.state_dict()
+    assert any("gate_up_proj" in k for k in live)  # the live layout differs from the files
+    assert sorted(live) == sorted(want)
+    for key in want:
+        assert live[key].dtype == want[key].dtype and torch.equal(live[key], want[key]), key
+    assert soup_model.lm_head.weight.data_ptr() == soup_model.model.embed_tokens.weight.data_ptr()
+
+    info = json.loads((out / "merge_info.json").read_text())
+    assert [i["step"] for i in info["inputs"]] == [None, *STEPS]
+    assert info["inputs"][1]["files"]["model.safetensors"] == _sha256(inputs[1] / "model.safetensors")
+    assert set(info["key_counts"].values()) == {4}
+    assert info["dtype"] == "bfloat16" and info["skipped_keys"] == [] and info["non_float_keys"] == []
+    assert info["fp32_keys"] == [k for k in sorted(ref) if "e_score_correction_bias" in k]
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    assert (out / "tokenizer.json").is_file() and (out / "provenance.json").is_file()
+
+
+def _sha256(path: Path) -> str:
+    from openseek_cpt.provenance import sha256_file
+
+    return sha256_file(path)
+
+
+def test_sharded_and_single_file_inputs_give_the_same_soup(soup_work, monkeypatch):
+    single = _run_soup(soup_work, monkeypatch, "soup.output_dir=models/soup-single")
+    sharded = _run_soup(
+        soup_work,
+        monkeypatch,
+        "soup.output_dir=models/soup-sharded",
+        "soup.base_dir=models/tiny-openseek-sharded",
+        "soup.checkpoints=[runs/sharded/checkpoint-*]",
+    )
+    assert len(list((soup_work / "runs/sharded/checkpoint-6").glob("*.safetensors"))) > 3
+    assert (single / "model.safetensors").read_bytes() == (sharded / "model.safetensors").read_bytes()
+
+    # A sharded output holds the same tensors, with an index.
+    out = _run_soup(
+        soup_work, monkeypatch, "soup.output_dir=models/soup-out-sharded", "soup.max_shard_size='50KB'"
+    )
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 3
+    a, b = _tensors(single), _tensors(out)
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    with safe_open(out / sorted(set(index["weight_map"].values()))[0], "pt") as f:
+        assert f.metadata() == {"format": "pt"}
+
+
+def test_weights_give_the_weighted_mean(soup_work, monkeypatch):
+    out = _run_soup(
+        soup_work,
+        monkeypatch,
+        "soup.output_dir=models/soup-weighted",
+        "soup.weights=[0, 0, 1, 3]",
+        "soup.dtype=float32",
+    )
+    c12 = _tensors(soup_work / "runs/tiny/checkpoint-12")
+    c18 = _tensors(soup_work / "runs/tiny/checkpoint-18")
+    got = _tensors(out)
+    for key in got:
+        assert got[key].dtype == torch.float32
+        torch.testing.assert_close(got[key], (c12[key] + 3 * c18[key]) / 4, rtol=1e-6, atol=1e-7)
+
+
+def _broken_copy(work: Path, name: str, edit) -> str:
+    """A copy of checkpoint-12 whose model.safetensors went through `edit(dict) -> dict`."""
+    src = work / "runs/tiny/checkpoint-12"
+    dst = work / "runs/broken" / name
+    shutil.rmtree(dst, ignore_errors=True)
+    shutil.copytree(src, dst)
+    save_file(
+        edit(load_file(src / "model.safetensors")), dst / "model.safetensors", metadata={"format": "pt"}
+    )
+    return str(dst.relative_to(work))
+
+
+def test_allow_partial_averages_each_key_over_the_inputs_that_have_it(soup_work, monkeypatch):
+    key = "model.layers.0.mlp.up_proj.weight"
+    partial = _broken_copy(soup_work, "missing-up", lambda t: {k: v for k, v in t.items() if k != key})
+    ckpts = f"soup.checkpoints=[runs/tiny/checkpoint-6, {partial}]"
+    out = _run_soup(
+        soup_work, monkeypatch, "soup.output_dir=models/soup-partial", ckpts, "soup.allow_partial=true"
+    )
+    info = json.loads((out / "merge_info.json").read_text())
+    assert info["skipped_keys"] == [{"key": key, "input": partial, "reason": "missing"}]
+    assert info["key_counts"][key] == 2 and info["key_counts"]["model.norm.weight"] == 3
+    base, c6 = _tensors(soup_work / BASE), _tensors(soup_work / "runs/tiny/checkpoint-6")
+    want = ((base[key].float() + c6[key].float()) / 2).to(torch.bfloat16)
+    assert torch.equal(_tensors(out)[key], want)
+
+
+BAD_INPUTS = {
+    # name: (overrides, builder of extra files or None, words the one-line error must contain)
+    "shape_mismatch": "shape [1024, 32] != base [1024, 64]",
+    "missing_key": "model.norm.weight missing",
+    "listed_twice": "listed twice",
+    "empty_glob": "matches no directory",
+    "weights_count": "has 2 values but there are 4 inputs",
+    "negative_weight": "negative",
+    "not_safetensors": "save_pretrained",
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(soup_work, case):
+    ckpts = "soup.checkpoints=[runs/tiny/checkpoint-*]"
+    extra: list[str] = []
+    if case == "shape_mismatch":
+        bad = _broken_copy(
+            soup_work, "checkpoint-30", lambda t: {**t, "model.embed_tokens.weight": torch.zeros(1024, 32)}
+        )
+        ckpts = f"soup.checkpoints=[runs/tiny/checkpoint-6, {bad}]"
+    elif case == "missing_key":
+        bad = _broken_copy(
+            soup_work, "checkpoint-31", lambda t: {k: v for k, v in t.items() if k != "model.norm.weight"}
+        )
+        ckpts = f"soup.checkpoints=[runs/tiny/checkpoint-6, {bad}]"
+    elif case == "listed_twice":
+        ckpts = "soup.checkpoints=[runs/tiny/checkpoint-*, runs/tiny/../tiny/checkpoint-12]"
+    elif case == "empty_glob":
+        ckpts = "soup.checkpoints=[runs/nothing-here/checkpoint-*]"
+    elif case == "weights_count":
+        extra = ["--set", "soup.weights=[1, 1]"]
+    elif case == "negative_weight":
+        extra = ["--set", "soup.weights=[1, -1, 1, 1]"]
+    elif case == "not_safetensors":
+        bin_dir = soup_work / "runs/bin/checkpoint-40"
+        bin_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copy(soup_work / "runs/tiny/checkpoint-6/config.json", bin_dir)
+        torch.save(
+            load_file(soup_work / "runs/tiny/checkpoint-6/model.safetensors"), bin_dir / "pytorch_model.bin"
+        )
+        ckpts = "soup.checkpoints=[runs/tiny/checkpoint-6, runs/bin/checkpoint-40]"
+    out_name = f"soup-bad-{case}"
+    r = run_cli(
+        "soup",
+        "--recipe",
+        str(TINY_RECIPE),
+        "--set",
+        ckpts,
+        "--set",
+        f"soup.output_dir=models/{out_name}",
+        *extra,
+        cwd=soup_work,
+    )
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert BAD_INPUTS[case] in lines[0], lines[0]
+    assert not [p for p in (soup_work / "models").iterdir() if out_name in p.name]
+
+
+def test_evaluate_records_and_prints_loss_of_base_checkpoints_and_soup(soup_work, monkeypatch, capsys):
+    monkeypatch.chdir(soup_work)
+    recipe = load_recipe(TINY_RECIPE, ["soup.output_dir=models/soup-eval", "soup.eval_max_sequences=4"])
+    out = soup.run(recipe)
+    info = json.loads((soup_work / out / "merge_info.json").read_text())
+    names = [row["name"] for row in info["evaluation"]]
+    assert names == ["base", "checkpoint-6", "checkpoint-12", "checkpoint-18", "soup"]
+    for row in info["evaluation"]:
+        assert 0 < row["loss"] < 20 and row["sequences"] == 4 and row["tokens"] == 4 * 46
+    printed = capsys.readouterr().out
+    assert "perplexity" in printed and "checkpoint-18" in printed
