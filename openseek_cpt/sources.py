@@ -1,0 +1,231 @@
+"""Open the data sources of a recipe: hub datasets, local dirs/files, Megatron prefixes.
+
+Used by the data stage only. Everything file-dependent that can be wrong with a source is checked
+here, before any expensive work, and reported as a one-line UserError: a missing local path, an
+empty source, a text field that does not exist, a formatting function that does not import.
+A relative path that exists locally (`data/foo`, even `org/name`) is always local, never a hub id:
+the original scripts sent such paths to the hub.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from openseek_cpt.errors import UserError
+from openseek_cpt.provenance import directory_fingerprint, read_provenance, sha256_file
+from openseek_cpt.recipe import SourceConfig
+
+FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text"}
+# Files above this size are fingerprinted by size + mtime: hashing them would read the whole source.
+HASH_LIMIT = 1 << 30
+
+
+@dataclass
+class OpenSource:
+    """A source, opened: its rows (a memory-mapped Dataset) and how to turn a row into a document."""
+
+    index: int
+    config: SourceConfig
+    label: str
+    kind: str  # hub, disk, json, parquet, text, megatron (how it was read)
+    dataset: Any  # datasets.Dataset
+    content: str  # "tokens" (input_ids column), "text" (text_field) or "formatting"
+    formatting: Callable[[dict], str] | None
+    fingerprint: str | None
+
+    @property
+    def where(self) -> str:
+        return f"data.sources.{self.index}"
+
+
+def open_sources(sources: list[SourceConfig]) -> list[OpenSource]:
+    """Open every source and check its columns; raises UserError on the first bad one."""
+    opened, labels = [], set()
+    for i, src in enumerate(sources):
+        label = src.label or _default_label(src.path)
+        if label in labels:
+            label = f"{label}-{i}"
+        labels.add(label)
+        opened.append(open_source(i, src, label))
+    return opened
+
+
+def open_source(index: int, src: SourceConfig, label: str) -> OpenSource:
+    where = f"data.sources.{index}"
+    kind = detect_kind(src, where)
+    dataset, fingerprint = _load(kind, src, where)
+    if len(dataset) == 0:
+        raise UserError(f"{where}.path={src.path!r} is an empty source (0 rows); remove it or fill it")
+    columns = list(dataset.column_names)
+    formatting = None
+    if src.formatting:
+        content = "formatting"
+        formatting = import_formatting(src.formatting, where)
+        try:
+            text = formatting(dataset[0])
+        except Exception as exc:  # the user's function: any failure is a user error
+            raise UserError(
+                f"{where}.formatting={src.formatting!r} fails on the first row of {src.path} "
+                f"({type(exc).__name__}: {exc}); its columns are: {', '.join(columns)}"
+            ) from None
+        if not isinstance(text, str):
+            raise UserError(
+                f"{where}.formatting={src.formatting!r} returned {type(text).__name__}, not str; "
+                "it must map one example (dict) to its text"
+            )
+    elif "input_ids" in columns:
+        content = "tokens"
+    elif src.text_field in columns:
+        content = "text"
+    else:
+        raise UserError(
+            f"{where}.text_field={src.text_field!r} is not a column of {src.path} "
+            f"(columns: {', '.join(columns)}); set text_field to one of them or give a formatting function"
+        )
+    return OpenSource(index, src, label, kind, dataset, content, formatting, fingerprint)
+
+
+def detect_kind(src: SourceConfig, where: str) -> str:
+    """How to read `src.path`: the recipe's `type`, or for `auto` what exists on disk (local first)."""
+    path = Path(src.path).expanduser()
+    megatron = Path(f"{path}.bin").is_file() and Path(f"{path}.idx").is_file()
+    if src.type != "auto":
+        local = src.type != "hub"
+        if local and src.type == "megatron" and not megatron:
+            raise UserError(
+                f"{where}.path={src.path!r}: {path}.bin/.idx do not exist; give a Megatron PREFIX"
+            )
+        if local and src.type != "megatron" and not path.exists():
+            raise UserError(f"{where}.path={src.path!r} does not exist (type {src.type}); fix the path")
+        return src.type
+    if megatron:
+        return "megatron"
+    if path.is_dir():
+        return "disk" if _is_saved_dataset(path) else "folder"
+    if path.is_file():
+        builder = FILE_BUILDERS.get(path.suffix.lower())
+        if builder is None:
+            raise UserError(
+                f"{where}.path={src.path!r} has an unknown extension; use {', '.join(FILE_BUILDERS)} "
+                "or set type (json, parquet, text)"
+            )
+        return builder
+    if _looks_local(src.path):
+        raise UserError(
+            f"{where}.path={src.path!r} does not exist; fix the path (relative to the current directory)"
+        )
+    return "hub"
+
+
+def import_formatting(ref: str, where: str) -> Callable[[dict], str]:
+    """Import "module:function" (the module must be importable, e.g. on PYTHONPATH)."""
+    module_name, _, func_name = ref.partition(":")
+    if not module_name or not func_name:
+        raise UserError(f"{where}.formatting={ref!r} must be 'module:function', e.g. mypkg.fmt:to_text")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # ImportError, or the module's own import-time error
+        raise UserError(
+            f"{where}.formatting={ref!r}: module {module_name!r} does not import ({type(exc).__name__}: {exc}); "
+            "check the name and PYTHONPATH"
+        ) from None
+    func = getattr(module, func_name, None)
+    if not callable(func):
+        raise UserError(f"{where}.formatting={ref!r}: {module_name} has no function {func_name!r}")
+    return func
+
+
+def _load(kind: str, src: SourceConfig, where: str) -> tuple[Any, str | None]:
+    """(Dataset, fingerprint of the local input or None for hub sources)."""
+    import datasets
+
+    path = str(Path(src.path).expanduser())
+    if kind == "megatron":
+        from openseek_cpt import megatron_format  # a leaf module; imported only when needed
+
+        ds = megatron_format.read_documents(path)
+        return ds, f"megatron:{ds._fingerprint}"  # it hashes the .idx and every token
+    if kind == "disk":
+        loaded = datasets.load_from_disk(path)
+        if isinstance(loaded, datasets.DatasetDict):
+            if src.split not in loaded:
+                raise UserError(
+                    f"{where}.split={src.split!r} is not a split of {src.path} (splits: {', '.join(loaded)})"
+                )
+            loaded = loaded[src.split]
+        return loaded, _fingerprint_dir(Path(path))
+    if kind in ("json", "parquet", "text"):
+        p = Path(path)
+        files = sorted(f for f in p.glob("*") if f.is_file()) if p.is_dir() else [p]
+        if all(f.stat().st_size == 0 for f in files):
+            raise UserError(f"{where}.path={src.path!r} is an empty source (no data); remove it or fill it")
+        try:
+            ds = datasets.load_dataset(kind, data_files=[str(f) for f in files], split="train")
+        except Exception as exc:  # malformed file: the builder's error, on one line
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+            raise UserError(
+                f"{where}.path={src.path!r} could not be read as {kind} ({type(exc).__name__}: {first}); "
+                "check the file or set type"
+            ) from None
+        return ds, _fingerprint_files(files)
+    try:
+        ds = datasets.load_dataset(
+            path, name=src.name, split=src.split, data_files=src.data_files, revision=src.revision
+        )
+    except Exception as exc:  # hub/network/builder errors all mean: this source cannot be read
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        hint = "no such local path either; " if kind == "hub" else ""
+        raise UserError(
+            f"{where}.path={src.path!r} could not be loaded as a {'hub dataset' if kind == 'hub' else 'folder'} "
+            f"({type(exc).__name__}: {first}); {hint}check path/name/split, HF_ENDPOINT or HF_HUB_OFFLINE"
+        ) from None
+    if isinstance(ds, datasets.DatasetDict | datasets.IterableDataset):
+        raise UserError(f"{where}: {src.path!r} did not give one split; set split (e.g. train)")
+    return ds, (_fingerprint_dir(Path(path)) if kind == "folder" else None)
+
+
+def _is_saved_dataset(path: Path) -> bool:
+    return (path / "state.json").is_file() or (path / "dataset_dict.json").is_file()
+
+
+def _looks_local(path: str) -> bool:
+    """A missing path that cannot be a hub id (hub ids are `name` or `org/name`)."""
+    return (
+        path.startswith((".", "/", "~"))
+        or path.count("/") >= 2
+        or Path(path).suffix.lower() in (*FILE_BUILDERS, ".gz", ".arrow", ".bin", ".idx")
+    )
+
+
+def _default_label(path: str) -> str:
+    p = Path(path.rstrip("/"))
+    return p.stem if p.suffix.lower() in FILE_BUILDERS else p.name
+
+
+def _fingerprint_files(files: list[Path]) -> str:
+    h = hashlib.sha256()
+    for f in files:
+        st = f.stat()
+        digest = sha256_file(f) if st.st_size <= HASH_LIMIT else f"stat:{st.st_size}:{int(st.st_mtime)}"
+        h.update(f"{f.name}:{digest}\n".encode())
+    return h.hexdigest()
+
+
+def _fingerprint_dir(path: Path) -> str:
+    """The directory's provenance fingerprint, else its files (large ones by size + mtime)."""
+    if read_provenance(path):
+        return directory_fingerprint(path)
+    state = path / "state.json"
+    if state.is_file():  # a save_to_disk dir: datasets' own fingerprint + the files' sizes
+        fp = json.loads(state.read_text()).get("_fingerprint", "")
+        sizes = sorted(
+            (p.relative_to(path).as_posix(), p.stat().st_size) for p in path.rglob("*") if p.is_file()
+        )
+        return hashlib.sha256(json.dumps([fp, sizes]).encode()).hexdigest()
+    return _fingerprint_files(sorted(p for p in path.rglob("*") if p.is_file()))
