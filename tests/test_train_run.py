@@ -1,0 +1,255 @@
+"""Acceptance tests of the train stage as real processes on the tiny recipe (CPU).
+
+One uninterrupted single-process run is the reference; every other run (2-process DDP, kill -9
+and restart, SIGTERM and restart) is compared with it. 12 optimizer steps of 8 sequences x 128
+tokens; checkpoints every 3 steps, 2 kept.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, TINY_RECIPE, run_cli
+from safetensors.torch import load_file
+
+DDP_CONFIG = str(REPO / "recipes" / "accelerate_configs" / "ddp.yaml")
+STEPS = 12
+BASE = [
+    "--set", f"train.args.max_steps={STEPS}",
+    "--set", "train.args.save_steps=3",
+    "--set", "train.args.save_total_limit=2",
+    "--set", "train.args.eval_steps=6",
+    "--set", f"train.accelerate_config={DDP_CONFIG}",
+]  # fmt: skip
+# 1 process x grad accumulation 2 vs 2 gloo processes x 1: same sequences per step, but bf16
+# autocast matmuls and the gradient sum run in another order; losses agree to this relative error.
+DDP_LOSS_RTOL = 2e-3
+
+
+@pytest.fixture(scope="module")
+def prepared(tiny_assets_dir, tmp_path_factory) -> Path:
+    """A workdir with the tiny assets and the prepared tiny dataset (built by the data stage)."""
+    work = tmp_path_factory.mktemp("train-run") / "work"
+    shutil.copytree(tiny_assets_dir, work, symlinks=True)
+    r = run_cli("data", "--recipe", str(TINY_RECIPE), cwd=work)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return work
+
+
+@pytest.fixture(scope="module")
+def reference(prepared) -> Path:
+    """The uninterrupted single-process run."""
+    r = run_cli("train", "--recipe", str(TINY_RECIPE), *BASE, cwd=prepared)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return prepared / "runs" / "tiny"
+
+
+def fresh(prepared: Path, tmp_path: Path) -> Path:
+    """A copy of the prepared workdir without runs/."""
+    work = tmp_path / "work"
+    shutil.copytree(prepared, work, symlinks=True, ignore=shutil.ignore_patterns("runs"))
+    return work
+
+
+def step_losses(run_dir: Path) -> dict[int, float]:
+    state = json.loads((run_dir / f"checkpoint-{STEPS}" / "trainer_state.json").read_text())
+    return {h["step"]: h["loss"] for h in state["log_history"] if "loss" in h}
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = load_file(a / "final" / "model.safetensors"), load_file(b / "final" / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    different = [k for k in wa if not torch.equal(wa[k], wb[k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+
+
+def checkpoint_steps(run_dir: Path) -> list[int]:
+    return sorted(int(p.name.split("-")[1]) for p in run_dir.glob("checkpoint-*"))
+
+
+def train_cmd(*extra: str) -> list[str]:
+    return [sys.executable, "-m", "openseek_cpt", "train", "--recipe", str(TINY_RECIPE), *BASE, *extra]
+
+
+def test_reference_run_keeps_the_last_checkpoints_and_marks_them_complete(reference):
+    assert checkpoint_steps(reference) == [9, 12]
+    for step in (9, 12):
+        marker = json.loads((reference / f"checkpoint-{step}" / "openseek_checkpoint.json").read_text())
+        assert marker["step"] == step and len(marker["dataset_fingerprint"]) == 64
+        assert (reference / f"checkpoint-{step}" / "model.safetensors").is_file()
+    assert (reference / "final" / "provenance.json").is_file()
+
+
+def test_two_gloo_processes_give_the_single_process_loss_curve(reference, prepared, tmp_path):
+    work = fresh(prepared, tmp_path)
+    r = run_cli("launch", "--recipe", str(TINY_RECIPE), "--nproc", "2", *BASE, cwd=work)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ddp = work / "runs" / "tiny"
+    marker = json.loads((ddp / f"checkpoint-{STEPS}" / "openseek_checkpoint.json").read_text())
+    assert marker["world_size"] == 2
+    assert checkpoint_steps(ddp) == [9, 12]
+    one, two = step_losses(reference), step_losses(ddp)
+    assert sorted(one) == sorted(two) == list(range(1, STEPS + 1))
+    for step in one:
+        assert math.isclose(one[step], two[step], rel_tol=DDP_LOSS_RTOL), (step, one[step], two[step])
+    assert one[STEPS] < one[1]  # it learns
+
+
+def test_tensorboard_events_hold_every_metric_with_plausible_values(reference):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(reference / "tensorboard"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    values = {tag: [e.value for e in acc.Scalars(tag)] for tag in tags}
+    for tag in ("train/loss", "train/learning_rate", "train/grad_norm", "train/tokens_per_second",
+                "train/tokens_per_second_per_device", "train/mfu", "eval/loss", "eval/perplexity"):  # fmt: skip
+        assert tag in tags, f"{tag} missing from {sorted(tags)}"
+    assert len(values["train/loss"]) == STEPS
+    assert all(0 < v < 20 for v in values["train/loss"])
+    assert all(v == pytest.approx(2e-3) for v in values["train/learning_rate"])
+    assert all(v > 0 for v in values["train/grad_norm"])
+    assert all(v > 0 for v in values["train/tokens_per_second"])
+    assert all(0 < v < 1 for v in values["train/mfu"])
+    assert len(values["eval/loss"]) == 2
+    for loss, ppl in zip(values["eval/loss"], values["eval/perplexity"], strict=True):
+        assert ppl == pytest.approx(math.exp(loss), rel=1e-4)
+
+
+class Watcher:
+    """Run one training process, reading its output in a thread; kill it at a chosen moment."""
+
+    def __init__(self, work: Path, *extra: str):
+        self.proc = subprocess.Popen(
+            train_cmd(*extra), cwd=work, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env={**__import__("os").environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"},
+        )  # fmt: skip
+        self.lines: list[str] = []
+        self.losses = 0
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line)
+            self.losses += line.count("'loss'")
+
+    def wait_for(self, predicate, timeout: float = 120) -> bool:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end and self.proc.poll() is None:
+            if predicate():
+                return True
+            time.sleep(0.0005)
+        return False
+
+    def finish(self, timeout: float = 300) -> int:
+        rc = self.proc.wait(timeout=timeout)
+        self.thread.join(timeout=10)
+        return rc
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+
+def test_kill_9_at_random_moments_then_restart_ends_bitwise_identical(reference, prepared, tmp_path):
+    work = fresh(prepared, tmp_path)
+    run = work / "runs" / "tiny"
+    rng = random.Random(233)
+
+    def incomplete_checkpoint_exists() -> bool:
+        return any(not (p / "openseek_checkpoint.json").exists() for p in run.glob("checkpoint-*"))
+
+    def complete_count() -> int:
+        return len(list(run.glob("checkpoint-*/openseek_checkpoint.json")))
+
+    moments = ["startup", "after_steps", "during_write", "after_write", "during_write", "after_steps"]
+    kills, caught_mid_write, resumed_from = 0, 0, []
+    for moment in moments:
+        w = Watcher(work)
+        if moment == "startup":
+            hit = w.wait_for(lambda: False, timeout=rng.uniform(1.0, 3.0)) or w.proc.poll() is None
+        elif moment == "after_steps":
+            target = rng.randint(1, 3)
+            hit = w.wait_for(lambda t=target, w=w: w.losses >= t)
+        elif moment == "during_write":
+            hit = w.wait_for(incomplete_checkpoint_exists)
+        else:
+            before = complete_count()
+            hit = w.wait_for(lambda b=before, w=w: complete_count() > b or (b >= 2 and w.losses >= 4))
+        if hit and w.proc.poll() is None:
+            w.proc.send_signal(signal.SIGKILL)
+            kills += 1
+            caught_mid_write += moment == "during_write" and incomplete_checkpoint_exists()
+        w.finish()
+        resumed_from += [ln.split("resuming from ")[1].strip() for ln in w.lines if "resuming from " in ln]
+    # A checkpoint cut off mid-write by hand: newest by step, no marker, truncated weights.
+    newest = max(run.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    fake = run / "checkpoint-999"
+    shutil.copytree(newest, fake)
+    (fake / "openseek_checkpoint.json").unlink()
+    (fake / "model.safetensors").write_bytes(b"\0" * 100)
+    w = Watcher(work)
+    assert w.finish() == 0, w.output[-3000:]
+    resumed_from += [ln.split("resuming from ")[1].strip() for ln in w.lines if "resuming from " in ln]
+    assert kills >= 5, f"only {kills} kills landed"
+    assert "removing incomplete checkpoint" in w.output and not fake.exists()
+    assert all("checkpoint-999" not in p for p in resumed_from) and resumed_from
+    print(f"kills: {kills}, caught mid-write: {caught_mid_write}, resumed from: {resumed_from}")
+    assert_same_weights(reference, run)
+
+
+def test_sigterm_saves_at_the_current_step_exits_3_and_the_restart_ends_identical(
+    reference, prepared, tmp_path
+):
+    from openseek_cpt.cli import EXIT_PREEMPTED
+
+    work = fresh(prepared, tmp_path)
+    run = work / "runs" / "tiny"
+    no_periodic = ("--set", "train.args.save_steps=100")
+    w = Watcher(work, *no_periodic)
+    assert w.wait_for(lambda: w.losses >= 5), w.output[-3000:]
+    w.proc.send_signal(signal.SIGTERM)
+    assert w.finish() == EXIT_PREEMPTED, w.output[-3000:]
+    steps = checkpoint_steps(run)
+    assert len(steps) == 1 and 5 <= steps[0] <= 6, steps  # within one step of the signal
+    state = json.loads((run / f"checkpoint-{steps[0]}" / "trainer_state.json").read_text())
+    assert state["global_step"] == steps[0]
+    assert (run / f"checkpoint-{steps[0]}" / "openseek_checkpoint.json").is_file()
+    assert not (run / "final").exists()
+    w = Watcher(work, *no_periodic)
+    assert w.finish() == 0, w.output[-3000:]
+    assert f"resuming from runs/tiny/checkpoint-{steps[0]}" in w.output
+    assert_same_weights(reference, run)
+
+
+def test_launcher_forwards_sigterm_to_both_ranks_and_returns_the_preempted_status(prepared, tmp_path):
+    from openseek_cpt.cli import EXIT_PREEMPTED
+
+    work = fresh(prepared, tmp_path)
+    cmd = [sys.executable, "-m", "openseek_cpt", "launch", "--recipe", str(TINY_RECIPE), "--nproc", "2",
+           *BASE, "--set", "train.args.save_steps=100", "--set", "train.args.max_steps=200"]  # fmt: skip
+    w = Watcher.__new__(Watcher)
+    w.proc = subprocess.Popen(cmd, cwd=work, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    w.lines, w.losses = [], 0
+    w.thread = threading.Thread(target=w._read, daemon=True)
+    w.thread.start()
+    assert w.wait_for(lambda: w.losses >= 3, timeout=180), w.output[-3000:]
+    w.proc.send_signal(signal.SIGTERM)
+    assert w.finish() == EXIT_PREEMPTED, w.output[-3000:]
+    steps = checkpoint_steps(work / "runs" / "tiny")
+    assert len(steps) == 1 and 3 <= steps[0] <= 5, (steps, w.output[-2000:])
+    ckpt = work / "runs" / "tiny" / f"checkpoint-{steps[0]}"
+    assert (ckpt / "openseek_checkpoint.json").is_file()
+    assert (ckpt / "rng_state_0.pth").is_file() and (ckpt / "rng_state_1.pth").is_file()
