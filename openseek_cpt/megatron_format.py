@@ -63,6 +63,7 @@ DTYPE_CODES: dict[int, type[np.number]] = {
 TOKEN_DTYPE_CODES = (1, 2, 3, 4, 5, 8)  # float codes are legal in the format, never token ids
 _READ_CHUNK_TOKENS = 1 << 24  # tokens per Arrow chunk when converting .bin: bounds memory
 _EXPORT_BATCH_ROWS = 1024
+_WRITE_BLOCK_TOKENS = 1 << 16  # 256 KiB of int32: stays in cache between check, cast and write
 _FIX = "re-create it with Megatron's tools/preprocess_data.py or `openseek-cpt export-megatron`"
 
 
@@ -108,14 +109,16 @@ def export_dataset(dataset: datasets.Dataset, prefix: str | Path, vocab_size: in
     rows = rows.with_format("arrow")
     with _Writer(prefix, vocab_size) as writer:
         for start in range(0, len(rows), _EXPORT_BATCH_ROWS):
-            batch = rows[start : start + _EXPORT_BATCH_ROWS]
-            ids = _one_chunk(batch.column("input_ids"))
-            row_lengths = pc.list_value_length(ids).fill_null(0).to_numpy(zero_copy_only=False)
-            if has_segments:
-                lengths = _segment_lengths(_one_chunk(batch.column("seq_lengths")), row_lengths, start)
-            else:
-                lengths = row_lengths
-            writer.add(ids.flatten().to_numpy(zero_copy_only=False), lengths)
+            row = start  # Record batches keep both columns aligned without copying chunks together.
+            for batch in rows[start : start + _EXPORT_BATCH_ROWS].to_batches():
+                ids = batch.column("input_ids")
+                row_lengths = pc.list_value_length(ids).fill_null(0).to_numpy(zero_copy_only=False)
+                if has_segments:
+                    lengths = _segment_lengths(batch.column("seq_lengths"), row_lengths, row)
+                else:
+                    lengths = row_lengths
+                writer.add(ids.flatten().to_numpy(zero_copy_only=False), lengths)
+                row += batch.num_rows
 
 
 def write_documents(prefix: str | Path, documents: Iterable[np.ndarray], vocab_size: int) -> None:
@@ -216,6 +219,7 @@ class _Writer:
         self.vocab_size = int(vocab_size)
         self.dtype = token_dtype(self.vocab_size)
         self.lengths: list[np.ndarray] = []
+        self.buffer = np.empty(_WRITE_BLOCK_TOKENS, dtype=self.dtype)
         self.tmp_bin = f"{self.prefix}.bin.tmp-{os.getpid()}"
         self.tmp_idx = f"{self.prefix}.idx.tmp-{os.getpid()}"
 
@@ -226,13 +230,23 @@ class _Writer:
 
     def add(self, values: np.ndarray, lengths: np.ndarray) -> None:
         """Append the tokens `values`, which form consecutive sequences of `lengths` tokens."""
-        if values.size:
-            lo, hi = int(values.min()), int(values.max())
-            if lo < 0 or hi >= self.vocab_size:
+        if values.size and values.dtype.kind not in "iu":
+            raise UserError(f"export: token ids must be integers, got {values.dtype}; rebuild the dataset")
+        # Cache-sized blocks: check, cast and write each while it is in cache, so the input is
+        # read from memory once (three passes over a whole batch ran at a third of copy speed).
+        unsigned = values.view(f"u{values.dtype.itemsize}") if values.dtype.kind == "i" else values
+        for start in range(0, values.size, _WRITE_BLOCK_TOKENS):
+            block = unsigned[start : start + _WRITE_BLOCK_TOKENS]
+            # Viewed as unsigned, negative ids are huge: one max finds both kinds of bad id.
+            if int(block.max()) >= self.vocab_size:
+                bad = values[start : start + _WRITE_BLOCK_TOKENS]
+                lo, hi = int(bad.min()), int(bad.max())
                 raise UserError(
                     f"export: token id {lo if lo < 0 else hi} lies outside the vocabulary [0, {self.vocab_size}); pass the tokenizer's vocab size or rebuild the dataset"
                 )
-        self.bin_file.write(np.ascontiguousarray(values, dtype=self.dtype).data)
+            out = self.buffer[: block.size]
+            np.copyto(out, block, casting="unsafe")  # ids are in [0, vocab) now, so the cast is exact
+            self.bin_file.write(out.data)
         self.lengths.append(np.asarray(lengths, dtype=np.int64))
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -261,10 +275,6 @@ class _Writer:
         Path(self.prefix + ".idx").unlink(missing_ok=True)
         os.replace(self.tmp_bin, self.prefix + ".bin")
         os.replace(self.tmp_idx, self.prefix + ".idx")
-
-
-def _one_chunk(column: pa.ChunkedArray) -> pa.Array:
-    return column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
 
 
 def _segment_lengths(seq_lengths: pa.Array, row_lengths: np.ndarray, row_start: int) -> np.ndarray:

@@ -142,6 +142,20 @@ def test_export_is_atomic_and_rejects_inconsistent_rows(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.bin", "p.idx"]  # no temp files left
 
 
+def test_export_checks_every_token_across_write_blocks(tmp_path, monkeypatch):
+    monkeypatch.setattr(megatron_format, "_WRITE_BLOCK_TOKENS", 4)
+    rows = [[1, 2, 3, 4, 5, 6, 7], [8, 9, -1]]  # the bad id sits in the third block
+    ds = datasets.Dataset.from_dict({"input_ids": rows, "seq_lengths": [[7], [3]]})
+    with pytest.raises(UserError, match=r"token id -1 lies outside"):
+        megatron_format.export_dataset(ds, tmp_path / "p", vocab_size=10)
+    ok = datasets.Dataset.from_dict({"input_ids": rows[:1] + [[8, 9, 0]], "seq_lengths": [[7], [3]]})
+    megatron_format.export_dataset(ok, tmp_path / "p", vocab_size=10)
+    assert megatron_format.read_documents(tmp_path / "p", cache_dir=tmp_path / "c")["input_ids"][:] == [
+        rows[0],
+        [8, 9, 0],
+    ]
+
+
 # --- damaged files -----------------------------------------------------------------------------
 
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from openseek_cpt import interop
+from tests.conftest import run_cli
 from tests.test_megatron_format import ROWS, make_prepared
 
 pytestmark = pytest.mark.mindspore
@@ -58,3 +59,14 @@ def test_mindrecord_export_overwrites_and_mindspore_dataset_loads_it(tmp_path):
     loaded = md.MindDataset(str(path), columns_list=["input_ids"], shuffle=False)
     got = [row["input_ids"].tolist() for row in loaded.create_dict_iterator(output_numpy=True, num_epochs=1)]
     assert got == [r + [0] * (8 - len(r)) for r in ROWS]
+
+
+def test_cli_export_mindrecord_of_a_prepared_dataset(tmp_path):
+    prepared = make_prepared(tmp_path)
+    r = run_cli("export-mindrecord", str(prepared), "mr/mix.mindrecord", cwd=tmp_path, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert [r["input_ids"].tolist() for r in _read_all(tmp_path / "mr" / "mix.mindrecord")] == [
+        r + [0] * (8 - len(r)) for r in ROWS
+    ]
+    r = run_cli("export-mindrecord", str(prepared), "mr/mix.mindrecord.db", cwd=tmp_path, timeout=300)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
