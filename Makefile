@@ -3,6 +3,9 @@
 #   login node:  make image && make sif;  make download
 #   then:        make data;  make train SLURM_NODES=4;  make soup
 SHELL := /bin/bash
+# The checkout this Makefile lives in; jobs run in the current directory, so
+# `make -f /path/to/openseek-cpt/Makefile data` works from any working directory.
+REPO := $(patsubst %/,%,$(dir $(abspath $(firstword $(MAKEFILE_LIST)))))
 
 # ---- what to run -----------------------------------------------------------------------------
 RECIPE ?= recipes/openseek/config.yaml# recipe YAML of data/train/soup/download (tiny: recipes/tiny/config.yaml)
@@ -35,14 +38,15 @@ VENV ?= $(or $(VIRTUAL_ENV),.venv)# venv used by tiny/test/LOCAL=1 (created by `
 TORCH_SPEC ?= torch# what `make tiny` installs first, e.g. "torch --index-url https://download.pytorch.org/whl/cpu"
 
 PY := $(if $(wildcard $(VENV)/bin/python),$(VENV)/bin/python,python3)
-VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
-GIT_REV := $(shell git rev-parse HEAD 2>/dev/null || echo unknown)
-LOCK_gpu := container/requirements.lock
-LOCK_cpu := container/requirements-cpu.lock
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' $(REPO)/pyproject.toml)
+GIT_REV := $(shell git -C $(REPO) rev-parse HEAD 2>/dev/null || echo unknown)
+LOCK_gpu := $(REPO)/container/requirements.lock
+LOCK_cpu := $(REPO)/container/requirements-cpu.lock
 BASE_gpu := nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
 BASE_cpu := debian:bookworm-slim
 TORCH_gpu := torch==2.10.0
 TORCH_cpu := torch==2.13.0+cpu
+TORCH_CPU_INDEX := --extra-index-url https://download.pytorch.org/whl/cpu --index-strategy unsafe-best-match
 PYVER_gpu := 3.12
 PYVER_cpu := 3.11
 OVERRIDES := $(foreach kv,$(SET),--set $(kv))
@@ -50,7 +54,7 @@ OVERRIDES := $(foreach kv,$(SET),--set $(kv))
 # Everything the sbatch scripts and runtimes read comes from the environment (sbatch --export=ALL).
 export RUNTIME IMAGE SIF MOUNTS
 export PATH := $(abspath $(VENV))/bin:$(PATH)
-export OPENSEEK_SLURM_DIR := $(CURDIR)/slurm
+export OPENSEEK_SLURM_DIR := $(REPO)/slurm
 
 SBATCH := sbatch --parsable $(if $(PARTITION),--partition=$(PARTITION)) $(if $(ACCOUNT),--account=$(ACCOUNT)) \
 	$(if $(TIME),--time=$(TIME)) $(if $(CPUS_PER_TASK),--cpus-per-task=$(CPUS_PER_TASK)) \
@@ -66,26 +70,27 @@ help: ## this list of targets and variables
 	@grep -E '^[A-Z_]+ \?=' $(MAKEFILE_LIST) | sed -E 's/^([A-Z_]+) \?= ?([^#]*)# ?(.*)/  \1=\2\n\t\3/' | expand -t 6
 
 image: ## build the image with ENGINE (FLAVOR=gpu|cpu, BASE_IMAGE, CA_BUNDLE, WHEELS, BUILD_ARGS)
-	$(ENGINE) build -f container/Dockerfile -t $(IMAGE) \
-	  --build-arg BASE_IMAGE=$(or $(BASE_IMAGE),$(BASE_$(FLAVOR))) --build-arg LOCK=$(LOCK_$(FLAVOR)) \
+	$(ENGINE) build -f $(REPO)/container/Dockerfile -t $(IMAGE) \
+	  --build-arg BASE_IMAGE=$(or $(BASE_IMAGE),$(BASE_$(FLAVOR))) --build-arg LOCK=$(patsubst $(REPO)/%,%,$(LOCK_$(FLAVOR))) \
 	  --build-arg VERSION=$(VERSION) --build-arg GIT_REV=$(GIT_REV) \
 	  --build-arg BUILD_DATE=$$(date -u +%Y-%m-%dT%H:%M:%SZ) \
 	  $(if $(CA_BUNDLE),--secret id=ca_bundle$(,)src=$(abspath $(CA_BUNDLE))) \
 	  $(if $(WHEELS),-v $(abspath $(WHEELS)):/wheels:ro --build-arg PIP_FIND_LINKS=/wheels) \
-	  $(BUILD_ARGS) .
+	  $(BUILD_ARGS) $(REPO)
 
 sif: ## convert IMAGE to the Apptainer file SIF (container/openseek-cpt.def, via a docker-archive)
-	mkdir -p build
-	rm -f build/openseek-cpt.tar
-	$(ENGINE) save $(if $(filter podman,$(ENGINE)),--format docker-archive) -o build/openseek-cpt.tar $(IMAGE)
-	apptainer build --force $(SIF) container/openseek-cpt.def
+	mkdir -p $(REPO)/build
+	rm -f $(REPO)/build/openseek-cpt.tar
+	$(ENGINE) save $(if $(filter podman,$(ENGINE)),--format docker-archive) -o $(REPO)/build/openseek-cpt.tar $(IMAGE)
+	cd $(REPO) && apptainer build --force $(abspath $(SIF)) container/openseek-cpt.def
 
 lock: ## regenerate container/requirements.lock (GPU) and requirements-cpu.lock with uv, hashed
-	test -x build/lock-venv/bin/uv || { python3 -m venv build/lock-venv && build/lock-venv/bin/pip install -q uv; }
-	$(foreach f,gpu cpu,printf 'setuptools>=68\n$(TORCH_$(f))\n' | build/lock-venv/bin/uv pip compile pyproject.toml - \
+	test -x $(REPO)/build/lock-venv/bin/uv || { python3 -m venv $(REPO)/build/lock-venv && $(REPO)/build/lock-venv/bin/pip install -q uv; }
+	cd $(REPO) && $(foreach f,gpu cpu,printf 'setuptools>=68\n$(TORCH_$(f))\n' | build/lock-venv/bin/uv pip compile pyproject.toml - \
 	  --generate-hashes --python-platform x86_64-manylinux_2_28 --python-version $(PYVER_$(f)) \
-	  $(if $(WHEELS),--find-links $(abspath $(WHEELS))) --custom-compile-command 'make lock' \
-	  --no-header -o $(LOCK_$(f)) --quiet &&) true
+	  $(if $(filter cpu,$(f)),$(if $(WHEELS),--find-links $(abspath $(WHEELS)),$(TORCH_CPU_INDEX))) \
+	  --custom-compile-command 'make lock' \
+	  -o $(LOCK_$(f)) --quiet &&) true
 
 download: ## fetch base model + tokenizer into assets.model_dir (run where the network is)
 	openseek-cpt download --recipe $(RECIPE) $(OVERRIDES)
@@ -95,7 +100,7 @@ ifneq ($(filter 1,$(LOCAL))$(if $(HAVE_SLURM),,nolocal),)
 	openseek-cpt data --recipe $(RECIPE) $(OVERRIDES)
 else
 	@mkdir -p $(LOGDIR)
-	$(SBATCH) --job-name=openseek-data slurm/data.sbatch $(RECIPE) $(OVERRIDES)
+	$(SBATCH) --job-name=openseek-data $(REPO)/slurm/data.sbatch $(RECIPE) $(OVERRIDES)
 endif
 
 train: ## train on SLURM_NODES nodes x GPUS_PER_NODE (LOCAL=1: this machine, accelerate launch)
@@ -105,7 +110,7 @@ else
 	@mkdir -p $(LOGDIR)
 	$(SBATCH) --job-name=openseek-train --nodes=$(SLURM_NODES) --ntasks-per-node=1 \
 	  $(if $(filter-out 0,$(GPUS_PER_NODE)),--gpus-per-node=$(GPUS_PER_NODE)) \
-	  --signal=B:USR1@$(SIGNAL_BEFORE) slurm/train.sbatch $(RECIPE) $(OVERRIDES)
+	  --signal=B:USR1@$(SIGNAL_BEFORE) $(REPO)/slurm/train.sbatch $(RECIPE) $(OVERRIDES)
 endif
 
 soup: ## average base + checkpoints into soup.output_dir (CPU job; LOCAL=1 runs it here)
@@ -113,15 +118,15 @@ ifneq ($(filter 1,$(LOCAL))$(if $(HAVE_SLURM),,nolocal),)
 	openseek-cpt soup --recipe $(RECIPE) $(OVERRIDES)
 else
 	@mkdir -p $(LOGDIR)
-	$(SBATCH) --job-name=openseek-soup slurm/soup.sbatch $(RECIPE) $(OVERRIDES)
+	$(SBATCH) --job-name=openseek-soup $(REPO)/slurm/soup.sbatch $(RECIPE) $(OVERRIDES)
 endif
 
 tiny: ## the whole pipeline on the tiny recipe on this CPU (creates VENV if needed)
 	test -x $(VENV)/bin/openseek-cpt || { python3 -m venv $(VENV) && $(VENV)/bin/pip install $(TORCH_SPEC) \
-	  && $(VENV)/bin/pip install -e .; }
+	  && $(VENV)/bin/pip install -e $(REPO); }
 	$(VENV)/bin/openseek-cpt tiny $(OVERRIDES)
 
 test: ## the test suite (README's test command)
-	$(PY) -m pytest -q tests
+	cd $(REPO) && $(PY) -m pytest -q tests
 
 , := ,

@@ -1,0 +1,212 @@
+"""Release checks that need no cluster: the locks, the image definitions, the Makefile and sbatch scripts.
+
+The GPU image cannot be built or run here (no GPU, no registry), so what can go wrong with it is
+checked on the files: the lock pins every runtime dependency with hashes and its torch is a CUDA 12
+build; the Dockerfile defaults to the CUDA 12.8 base and that lock; the Apptainer definition starts
+from the archive `make sif` writes. The Makefile is checked through `make -n` (what it would run).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+import tomllib
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+from packaging.version import Version
+
+REPO = Path(__file__).resolve().parents[1]
+GPU_LOCK = REPO / "container" / "requirements.lock"
+CPU_LOCK = REPO / "container" / "requirements-cpu.lock"
+TARGETS = ("help", "image", "sif", "lock", "download", "data", "train", "soup", "tiny", "test")
+VARIABLES = ("RECIPE", "SLURM_NODES", "GPUS_PER_NODE", "PARTITION", "ACCOUNT", "TIME", "RUNTIME", "IMAGE",
+             "SIF", "ENGINE", "LOCAL", "WAIT", "SET", "FLAVOR", "CA_BUNDLE", "WHEELS", "MOUNTS", "LOGDIR")  # fmt: skip
+
+
+def parse_lock(path: Path) -> dict[str, tuple[str, list[str]]]:
+    """{canonical name: (exact version, [sha256 hashes])} of a pip-compile/uv lock file."""
+    text = path.read_text().replace("\\\n", " ")
+    pins: dict[str, tuple[str, list[str]]] = {}
+    for line in text.splitlines():
+        line = line.split(" #", 1)[0].strip()
+        if not line or line.startswith("#"):
+            continue
+        spec, *opts = line.split(" --hash=")
+        req = Requirement(spec.strip())
+        (op_version,) = req.specifier  # exactly one specifier ...
+        assert op_version.operator == "==", f"{path.name}: {spec} is not pinned with =="  # ... and it pins
+        pins[canonicalize_name(req.name)] = (op_version.version, [h.strip() for h in opts])
+    return pins
+
+
+def runtime_dependencies() -> list[Requirement]:
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    return [Requirement(d) for d in project["dependencies"]]
+
+
+@pytest.mark.parametrize("lock", [GPU_LOCK, CPU_LOCK], ids=["gpu", "cpu"])
+def test_lock_pins_every_runtime_dependency_within_pyproject_ranges_with_hashes(lock):
+    pins = parse_lock(lock)
+    for req in runtime_dependencies():
+        name = canonicalize_name(req.name)
+        assert name in pins, f"{lock.name} does not pin {req.name} (run `make lock`)"
+        version = pins[name][0]
+        assert req.specifier.contains(Version(version), prereleases=True), (
+            f"{lock.name}: {req.name}=={version} is outside pyproject's {req.specifier}"
+        )
+    unhashed = [name for name, (_, hashes) in pins.items() if not hashes]
+    assert not unhashed, f"{lock.name}: no --hash for {unhashed} (pip --require-hashes would refuse)"
+    assert all(h.startswith("sha256:") and len(h) == 71 for _, hs in pins.values() for h in hs)
+
+
+def test_gpu_lock_holds_the_cuda_12_torch_with_cudnn_9():
+    pins = parse_lock(GPU_LOCK)
+    assert pins["torch"][0] == "2.10.0"  # PyPI's Linux wheel of 2.10.0 is the CUDA 12.8 build
+    cuda_packages = {n: v for n, (v, _) in pins.items() if n.startswith("nvidia-")}
+    assert "nvidia-cuda-runtime-cu12" in cuda_packages, sorted(cuda_packages)
+    assert Version(cuda_packages["nvidia-cuda-runtime-cu12"]).major == 12
+    assert Version(cuda_packages["nvidia-cudnn-cu12"]).major == 9
+    assert Version(cuda_packages["nvidia-nccl-cu12"]).major == 2
+    other_cuda = [n for n in cuda_packages if re.search(r"-cu(?!12$)\d+$", n)]
+    assert not other_cuda, f"packages of another CUDA major in the GPU lock: {other_cuda}"
+
+
+def test_cpu_lock_holds_the_cpu_torch_and_no_cuda_libraries():
+    pins = parse_lock(CPU_LOCK)
+    assert pins["torch"][0].endswith("+cpu")
+    assert not [n for n in pins if n.startswith("nvidia-") or n == "triton"]
+
+
+def test_dockerfile_defaults_to_the_cuda_12_cudnn_base_and_the_gpu_lock_and_labels_the_revision():
+    text = (REPO / "container" / "Dockerfile").read_text()
+    base = re.search(r"^ARG BASE_IMAGE=(\S+)", text, re.M).group(1)
+    assert re.fullmatch(r"nvidia/cuda:12\.8\.\d+-cudnn-runtime-ubuntu(22|24)\.04", base), base
+    assert re.search(r"^ARG LOCK=container/requirements\.lock$", text, re.M)
+    assert "--require-hashes" in text and 'org.opencontainers.image.revision="${GIT_REV}"' in text
+    assert "id=ca_bundle" in text  # the proxy CA is a build secret, never a layer
+    # Ubuntu 24.04 ships Python 3.12, the version the GPU lock was resolved for.
+    assert "ubuntu24.04" in base and "--python-version 3.12" in make("-n", "lock").stdout
+
+
+def test_apptainer_definition_bootstraps_from_the_archive_that_make_sif_writes():
+    definition = (REPO / "container" / "openseek-cpt.def").read_text()
+    assert re.search(r"^Bootstrap: docker-archive$", definition, re.M)
+    archive = re.search(r"^From: (\S+)$", definition, re.M).group(1)
+    dry = make("-n", "sif", "ENGINE=podman", "IMAGE=openseek-cpt:gpu", "SIF=x.sif").stdout
+    assert f"-o {REPO}/{archive} openseek-cpt:gpu" in dry
+    assert "apptainer build --force" in dry and "container/openseek-cpt.def" in dry
+    # Nothing is installed in the definition: the environment comes only from the image.
+    assert not re.search(r"^%post", definition, re.M) and "pip install" not in definition
+
+
+def make(*args: str, path: str | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": path or os.environ["PATH"]}
+    env.pop("MAKEFLAGS", None)
+    return subprocess.run(
+        ["make", "-s", "-C", str(REPO), *args], capture_output=True, text=True, env=env, check=True
+    )
+
+
+def test_make_help_lists_every_target_and_variable():
+    out = make("help").stdout
+    for target in TARGETS:
+        assert re.search(rf"^  {target}\s+\S", out, re.M), f"target {target} missing from `make help`"
+    for var in VARIABLES:
+        assert re.search(rf"^  {var}=", out, re.M), f"variable {var} missing from `make help`"
+    phony = re.search(r"^\.PHONY: (.*)$", (REPO / "Makefile").read_text(), re.M).group(1).split()
+    assert sorted(phony) == sorted(TARGETS)
+
+
+def test_make_train_submits_one_task_per_node_with_requeue_signal_and_the_variables(tmp_path):
+    fake = tmp_path / "bin"  # `make -n` only prints; sbatch just has to exist for the Slurm branch
+    fake.mkdir()
+    (fake / "sbatch").write_text("#!/bin/sh\nexit 99\n")
+    (fake / "sbatch").chmod(0o755)
+    path = f"{fake}:{os.environ['PATH']}"
+    dry = make("-n", "train", "SLURM_NODES=4", "GPUS_PER_NODE=8", "PARTITION=gpu", "ACCOUNT=lab", "TIME=1-00:00:00",
+               "SIGNAL_BEFORE=600", "SET=train.args.max_steps=10 seed=1", path=path).stdout  # fmt: skip
+    for flag in ("--nodes=4", "--ntasks-per-node=1", "--gpus-per-node=8", "--partition=gpu", "--account=lab",
+                 "--time=1-00:00:00", "--signal=B:USR1@600", "--output=logs/%x-%j.out"):  # fmt: skip
+        assert flag in dry, f"{flag} missing from: {dry}"
+    assert "slurm/train.sbatch recipes/openseek/config.yaml --set train.args.max_steps=10 --set seed=1" in dry
+    local = make("-n", "train", "LOCAL=1", "RECIPE=recipes/tiny/config.yaml", path=path).stdout
+    assert "openseek-cpt launch --recipe recipes/tiny/config.yaml" in local and "sbatch" not in local
+    for stage in ("data", "soup"):
+        dry = make("-n", stage, "TIME=30", path=path).stdout
+        assert f"--job-name=openseek-{stage}" in dry and f"slurm/{stage}.sbatch" in dry and "--time=30" in dry
+        assert f"openseek-cpt {stage} --recipe" in make("-n", stage, "LOCAL=1", path=path).stdout
+
+
+def test_make_image_passes_flavour_base_lock_revision_proxy_ca_and_wheels():
+    dry = make("-n", "image", "ENGINE=podman", "FLAVOR=cpu", "BASE_IMAGE=localbase:bookworm",
+               "CA_BUNDLE=/etc/ssl/certs/ca-certificates.crt", "WHEELS=/opt/wheels").stdout  # fmt: skip
+    assert "podman build -f" in dry and "-t openseek-cpt:cpu" in dry
+    assert "--build-arg BASE_IMAGE=localbase:bookworm" in dry
+    assert "--build-arg LOCK=container/requirements-cpu.lock" in dry
+    assert re.search(r"--build-arg GIT_REV=[0-9a-f]{40}", dry)
+    assert "--secret id=ca_bundle,src=/etc/ssl/certs/ca-certificates.crt" in dry
+    assert "-v /opt/wheels:/wheels:ro --build-arg PIP_FIND_LINKS=/wheels" in dry
+    gpu = make("-n", "image", "ENGINE=docker").stdout
+    assert (
+        "nvidia/cuda:12.8" in gpu
+        and "LOCK=container/requirements.lock" in gpu
+        and "-t openseek-cpt:gpu" in gpu
+    )
+
+
+@pytest.mark.parametrize("script", ["train", "data", "soup"])
+def test_sbatch_scripts_are_valid_bash_and_leave_the_world_size_to_the_launcher(script):
+    path = REPO / "slurm" / f"{script}.sbatch"
+    subprocess.run(["bash", "-n", str(path)], check=True)
+    text = path.read_text()
+    code = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
+    assert "source " in text and "runtime.sh" in text and "osc_step" in text
+    for launcher_logic in ("SLURM_NNODES", "SLURM_NODEID", "accelerate", "MASTER_ADDR", "num_processes"):
+        assert launcher_logic not in code, f"{script}.sbatch computes {launcher_logic}: the launcher's job"
+    if script == "train":
+        assert re.search(r"^#SBATCH --requeue$", text, re.M)
+        assert re.search(r"^#SBATCH --signal=B:USR1@\d+$", text, re.M)
+        assert re.search(r"^#SBATCH --ntasks-per-node=1$", text, re.M)
+        assert "openseek-cpt launch" in text and "scontrol requeue" in text
+    else:
+        assert f"openseek-cpt {script}" in text
+
+
+def test_runtime_wrapper_passes_mounts_and_hf_environment_to_each_container_runtime(tmp_path):
+    """The command each runtime would run, with a stand-in for the runtime binary that prints its argv."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("podman", "docker", "apptainer"):
+        (bin_dir / tool).write_text(
+            '#!/bin/sh\nfor a in "$@"; do echo "$a"; done\nenv | grep ^APPTAINERENV_ || true\n'
+        )
+        (bin_dir / tool).chmod(0o755)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1",
+           "HF_ENDPOINT": "https://mirror.example", "NCCL_SOCKET_IFNAME": "ib0", "SLURM_NODEID": "1",
+           "MOUNTS": "/data,/scratch:/mnt/scratch", "IMAGE": "openseek-cpt:gpu", "SIF": "/x/o.sif"}  # fmt: skip
+    for runtime in ("podman", "docker", "apptainer"):
+        out = subprocess.run(
+            ["bash", str(REPO / "slurm" / "runtime.sh"), "openseek-cpt", "data", "--recipe", "r.yaml"],
+            env={**env, "RUNTIME": runtime}, cwd=tmp_path, capture_output=True, text=True, check=True,
+        ).stdout.splitlines()  # fmt: skip
+        assert out[0] == ("exec" if runtime == "apptainer" else "run")
+        args = "\n".join(out)
+        for mount in (
+            f"{tmp_path}:{tmp_path}",
+            f"{tmp_path}/hf:{tmp_path}/hf",
+            "/data:/data",
+            "/scratch:/mnt/scratch",
+        ):
+            assert mount in out, f"{runtime}: mount {mount} missing: {out}"
+        if runtime == "apptainer":
+            assert "APPTAINERENV_HF_ENDPOINT=https://mirror.example" in args and "/x/o.sif" in out
+            assert "APPTAINERENV_SLURM_NODEID=1" in args and "APPTAINERENV_NCCL_SOCKET_IFNAME=ib0" in args
+        else:
+            for name in ("HF_HOME", "HF_HUB_OFFLINE", "HF_ENDPOINT", "NCCL_SOCKET_IFNAME", "SLURM_NODEID"):
+                assert out[out.index(name) - 1] == "-e", f"{runtime}: {name} not passed"
+            assert "--network" in out and out[out.index("--network") + 1] == "host"
+            assert out[out.index("openseek-cpt:gpu") + 1 :] == ["openseek-cpt", "data", "--recipe", "r.yaml"]
