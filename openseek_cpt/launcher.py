@@ -130,6 +130,10 @@ def processes_per_node(env: Mapping[str, str]) -> int:
 
 def first_node_address(nodelist: str) -> str:
     """NodeAddr of the first node of a Slurm nodelist (names like n[1-4] need not resolve)."""
+    if shutil.which("scontrol") is None and os.environ.get("SLURM_LAUNCH_NODE_IPADDR"):
+        # Inside a container (podman/pyxis/apptainer) there is no scontrol; the step was started by
+        # the batch script, which Slurm runs on the first node, and srun exports that node's address.
+        return os.environ["SLURM_LAUNCH_NODE_IPADDR"]
     names = _scontrol("show", "hostnames", nodelist).split()
     if not names:
         raise UserError(f"launch: SLURM_JOB_NODELIST={nodelist!r} expands to no host")
