@@ -321,7 +321,10 @@ def _cache_key(prefix: str | Path) -> str:
 
 def _convert_to_arrow(index: MegatronIndex, bin_path: Path, out: Path) -> str:
     """Write the sequences as an Arrow stream of list<int32> in bounded chunks; return a content hash."""
-    digest = hashlib.sha256(index.path.read_bytes())
+    digest = hashlib.sha256()
+    with open(index.path, "rb") as f:  # ~20 bytes per sequence: large for big corpora, so streamed
+        while block := f.read(1 << 22):
+            digest.update(block)
     schema = pa.schema([pa.field("input_ids", pa.list_(pa.int32()))])
     lengths, pointers = index.sequence_lengths.astype(np.int64), index.sequence_pointers
     itemsize = np.dtype(index.dtype).itemsize
