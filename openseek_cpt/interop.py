@@ -60,6 +60,8 @@ def export_mindrecord(dataset_dir: str | Path, path: str | Path, split: str = "t
     the pad id, so set `seq_length: max_length - 1` in the MindSpore Transformers config. Document
     boundaries travel as the eos that ends every document: MindSpore Transformers' `eod_reset:
     True` with `eod_token_id: <eos id>` rebuilds the per-document positions and attention mask.
+    Name the file `*.mindrecord`: its `dataset_dir` discovery only picks names matching
+    `mindrecord\\d*$`.
     """
     try:
         from mindspore.mindrecord import FileWriter
