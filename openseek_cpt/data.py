@@ -181,10 +181,14 @@ class Encoder:
         return self.from_texts(texts)
 
     def encode(self, texts: list[str | None]) -> list[list[int]]:
-        """Token ids per text, ending with exactly one eos (a tokenizer-added trailing eos is stripped first)."""
+        """Token ids per text, ending with exactly one eos (trailing eos, e.g. tokenizer-added, stripped first)."""
         ids = self.tokenizer([t or "" for t in texts])["input_ids"]
         eos = self.eos
-        return [(x[:-1] if x and x[-1] == eos else x) + [eos] for x in ids]
+        for x in ids:  # the lists are ours: edit in place
+            while x and x[-1] == eos:  # added by the tokenizer, or the text ended with the eos string
+                x.pop()
+            x.append(eos)
+        return ids
 
     def from_texts(self, texts: list[str | None]) -> Any:
         docs = self.encode(texts)

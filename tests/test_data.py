@@ -189,6 +189,8 @@ def test_every_document_ends_with_exactly_one_eos(tiny_workdir, monkeypatch):
     )
     assert tok2("hello world")["input_ids"][-1] == eos
     assert data.Encoder(tok2).encode(["hello world"]) == [plain[0]]
+    both = data.Encoder(tok2).encode([f"ends with eos{eos_text}"])  # text eos + tokenizer eos
+    assert both == [plain[1]] and both[0].count(eos) == 1
     # pre-tokenized: eos appended only where missing
     table = data.Encoder(tok).from_ids(pa.chunked_array([pa.array([[5, 6, eos], [7, 8], []])]))
     assert table.column("input_ids").to_pylist() == [[5, 6, eos], [7, 8, eos], [eos]]
