@@ -20,10 +20,12 @@ def write_report(run_dir: str | Path, dataset_dir: str | Path, soup_dir: str | P
     scalars = read_scalars(run_dir)
     manifest = _read_json(dataset_dir / "manifest.json")
     merge_info = _read_json(Path(soup_dir) / "merge_info.json") if soup_dir else {}
-    loss_png = plot_losses(scalars, run_dir / "loss_curves.png")
+    evals = dict((name, loss) for name, loss, _ in eval_rows(merge_info.get("evaluation") or []))
+    loss_png = plot_losses(scalars, evals, run_dir / "loss_curves.png")
+    speed_png = plot_throughput(scalars, run_dir / "throughput.png")
     lines = [f"# Run report: {run_dir.name}", ""]
     lines += _mix_section(manifest)
-    lines += _training_section(scalars, loss_png)
+    lines += _training_section(scalars, loss_png, speed_png)
     lines += _soup_section(merge_info)
     out = run_dir / "report.md"
     out.write_text("\n".join(lines) + "\n")
@@ -49,16 +51,23 @@ def read_scalars(run_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
     return {tag: sorted(points.items()) for tag, points in scalars.items()}
 
 
-def plot_losses(scalars: dict[str, list[tuple[int, float]]], out: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot_losses(
+    scalars: dict[str, list[tuple[int, float]]], evals: dict[str, float | None], out: Path
+) -> Path:
+    """Train and eval loss per step; the base model's eval loss at step 0 and the soup's as a line."""
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    for tag in sorted(t for t in scalars if t.endswith("loss")):
-        steps, values = zip(*scalars[tag], strict=True)
-        ax.plot(steps, values, marker="o" if tag.startswith("eval") else None, markersize=3, label=tag)
+    if "train/loss" in scalars:
+        ax.plot(*zip(*scalars["train/loss"], strict=True), label="train loss")
+    eval_points = list(scalars.get("eval/loss", []))
+    if evals.get("base") is not None:
+        eval_points = [(0, evals["base"]), *eval_points]
+    if eval_points:
+        ax.plot(*zip(*eval_points, strict=True), marker="o", markersize=4, label="eval loss")
+    if evals.get("soup") is not None:
+        ax.axhline(
+            evals["soup"], linestyle="--", color="tab:green", label=f"soup eval loss ({evals['soup']:.3f})"
+        )
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss (nats/token)")
     ax.grid(alpha=0.3)
@@ -67,6 +76,32 @@ def plot_losses(scalars: dict[str, list[tuple[int, float]]], out: Path) -> Path:
     fig.savefig(out)
     plt.close(fig)
     return out
+
+
+def plot_throughput(scalars: dict[str, list[tuple[int, float]]], out: Path) -> Path | None:
+    """Global tokens/s per logged step (the first steps include warm-up)."""
+    tag = next((t for t in scalars if t.endswith("tokens_per_second")), None)
+    if tag is None:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 3), dpi=100)
+    ax.plot(*zip(*scalars[tag], strict=True))
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("tokens/s (all processes)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless: clusters and CI have no display
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def _mix_section(manifest: dict[str, Any]) -> list[str]:
@@ -86,8 +121,12 @@ def _mix_section(manifest: dict[str, Any]) -> list[str]:
     return lines + [""]
 
 
-def _training_section(scalars: dict[str, list[tuple[int, float]]], loss_png: Path) -> list[str]:
+def _training_section(
+    scalars: dict[str, list[tuple[int, float]]], loss_png: Path, speed_png: Path | None
+) -> list[str]:
     lines = ["## Training", "", f"![loss curves]({loss_png.name})", ""]
+    if speed_png is not None:
+        lines += [f"![tokens per second]({speed_png.name})", ""]
     for tag in sorted(scalars):
         points = scalars[tag]
         if any(word in tag for word in ("loss", "tokens_per_s", "mfu", "perplexity", "grad_norm")):
