@@ -1,0 +1,249 @@
+"""The stages as users submit them (`make data|train|soup`) on a real two-node Slurm cluster (CPU, gloo).
+
+The cluster is Debian's slurm-wlm started by tests/slurm_cluster.py (two slurmd on this host). Every
+job is submitted by the Makefile exactly as on a GPU cluster, with RUNTIME=none (the venv on PATH)
+and GPUS_PER_NODE=0. Training runs 2 nodes x 1 process at the tiny recipe's global batch (8), and
+is compared with a single-process run, and with itself after a requeue and after a time-limit signal.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import slurm_cluster
+import torch
+from conftest import REPO, TINY_RECIPE
+from safetensors.torch import load_file
+
+pytestmark = [
+    pytest.mark.slurm,
+    pytest.mark.skipif(
+        bool(slurm_cluster.missing_requirements()), reason=str(slurm_cluster.missing_requirements())
+    ),
+]
+
+DDP_CONFIG = REPO / "recipes" / "accelerate_configs" / "ddp.yaml"
+STEPS = 240  # long enough (~40 s of training here) for a requeue or a time-limit signal to land mid-run
+SET = (
+    f"train.accelerate_config={DDP_CONFIG} train.args.max_steps={STEPS} train.args.save_steps=60 "
+    "train.args.eval_steps=120 train.args.logging_steps=1"
+)
+try:  # the training stage's own tolerance for 2 gloo processes vs 1 process at the same global batch
+    from test_train_run import DDP_LOSS_RTOL
+except ImportError:  # pragma: no cover
+    DDP_LOSS_RTOL = 2e-3
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    with slurm_cluster.running_cluster(tmp_path_factory.mktemp("slurm")) as c:
+        yield c
+
+
+def make(
+    target: str, work: Path, cluster=None, *args: str, timeout: float = 900
+) -> subprocess.CompletedProcess:
+    """`make -f REPO/Makefile TARGET` in `work`, as a user would type it (RECIPE = the tiny recipe)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
+    env.pop("MAKEFLAGS", None)
+    if cluster is not None:
+        env.update(cluster.env)
+    else:  # no Slurm on PATH's sbatch lookup needed: LOCAL=1 runs the stage here
+        args = ("LOCAL=1", *args)
+    cmd = ["make", "-s", "-f", str(REPO / "Makefile"), target, f"RECIPE={TINY_RECIPE}", "RUNTIME=none",
+           "GPUS_PER_NODE=0", f"VENV={Path(sys.executable).parent.parent}", *args]  # fmt: skip
+    return subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def copy_work(src: Path, dst: Path, *ignore: str) -> Path:
+    shutil.copytree(src, dst, symlinks=True, ignore=shutil.ignore_patterns(*ignore))
+    return dst
+
+
+@pytest.fixture(scope="module")
+def prepared(tiny_assets_dir, tmp_path_factory) -> Path:
+    """The tiny assets plus the dataset made by `make data LOCAL=1`."""
+    work = copy_work(tiny_assets_dir, tmp_path_factory.mktemp("slurm-work") / "work")
+    r = make("data", work)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    return work
+
+
+@pytest.fixture(scope="module")
+def two_node_run(cluster, prepared, tmp_path_factory) -> tuple[Path, str]:
+    """`make train SLURM_NODES=2 WAIT=1`, uninterrupted: (workdir, job id)."""
+    work = copy_work(prepared, tmp_path_factory.mktemp("two-node") / "work", "runs", "logs")
+    r = make("train", work, cluster, "SLURM_NODES=2", "WAIT=1", f"SET={SET}")
+    job = r.stdout.strip().splitlines()[-1] if r.stdout.strip() else "?"
+    assert r.returncode == 0, f"{r.stdout[-2000:]}{r.stderr[-2000:]}\n{job_log(work, job)[-4000:]}"
+    return work, job
+
+
+def job_log(work: Path, job: str) -> str:
+    logs = list((work / "logs").glob(f"*-{job}.out"))
+    return logs[0].read_text(errors="replace") if logs else f"(no log for job {job})"
+
+
+def step_losses(run_dir: Path) -> dict[int, float]:
+    state = json.loads((run_dir / f"checkpoint-{STEPS}" / "trainer_state.json").read_text())
+    return {h["step"]: h["loss"] for h in state["log_history"] if "loss" in h}
+
+
+def final_weights(work: Path) -> dict[str, torch.Tensor]:
+    return load_file(work / "runs" / "tiny" / "final" / "model.safetensors")
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = final_weights(a), final_weights(b)
+    assert wa.keys() == wb.keys()
+    different = [k for k in wa if not torch.equal(wa[k], wb[k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+
+
+def test_make_train_on_two_nodes_runs_one_process_per_node_and_matches_one_process(
+    two_node_run, prepared, tmp_path
+):
+    work, job = two_node_run
+    log = job_log(work, job)
+    worlds = re.findall(r"\[launch\] World\(num_machines=(\d+), machine_rank=(\d+), num_processes=(\d+)", log)
+    assert sorted(worlds) == [("2", "0", "2"), ("2", "1", "2")], log[-3000:]
+    run = work / "runs" / "tiny"
+    assert sorted(int(p.name.split("-")[1]) for p in run.glob("checkpoint-*")) == [60, 120, 180, 240]
+    marker = json.loads((run / f"checkpoint-{STEPS}" / "openseek_checkpoint.json").read_text())
+    assert marker["world_size"] == 2 and marker["global_batch_size"] == 8
+    assert (run / "final" / "model.safetensors").is_file()
+
+    single = copy_work(prepared, tmp_path / "single", "runs", "logs")
+    r = make("train", single, None, f"SET={SET}")  # LOCAL=1: `openseek-cpt launch`, one process here
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "num_processes=1" in r.stdout
+    one, two = step_losses(single / "runs" / "tiny"), step_losses(run)
+    assert sorted(one) == sorted(two) == list(range(1, STEPS + 1))
+    for step in one:
+        assert math.isclose(one[step], two[step], rel_tol=DDP_LOSS_RTOL), (step, one[step], two[step])
+
+
+def submit(cluster, work: Path, *args: str) -> str:
+    r = make("train", work, cluster, "SLURM_NODES=2", f"SET={SET}", *args)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r.stdout.strip().splitlines()[-1]
+
+
+def wait_for_losses(cluster, work: Path, job: str, count: int, timeout: float = 300) -> None:
+    """Until the running job has logged `count` training steps (so it is mid-run, past startup)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if job_log(work, job).count("'loss'") >= count:
+            return
+        assert cluster.job_state(job) in {"PENDING", "RUNNING", "CONFIGURING"}, job_log(work, job)[-3000:]
+        time.sleep(0.2)
+    raise AssertionError(
+        f"job {job}: fewer than {count} steps after {timeout}s\n{job_log(work, job)[-3000:]}"
+    )
+
+
+def wait_requeued_then_release(cluster, job: str, timeout: float = 120, **updates: str) -> None:
+    """Once Slurm has put the job back in the queue, let it start now (instead of ~20 s later)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cluster.job_state(job) == "PENDING" and cluster.job_field(job, "Restarts") not in (None, "0"):
+            cluster.run(
+                "scontrol",
+                "update",
+                f"JobId={job}",
+                *(f"{k}={v}" for k, v in updates.items()),
+                "StartTime=now",
+            )
+            return
+        time.sleep(0.2)
+    raise AssertionError(
+        f"job {job} was not requeued within {timeout}s: {cluster.job_state(job)}\n{cluster.logs()}"
+    )
+
+
+def assert_resumed_mid_run(log: str) -> int:
+    resumed = [int(s) for s in re.findall(r"resuming from runs/tiny/checkpoint-(\d+)", log)]
+    assert resumed and 0 < resumed[0] < STEPS, log[-4000:]
+    assert "restart 1 on" in log and "step exited with 0" in log.split("restart 1 on")[1], log[-4000:]
+    return resumed[0]
+
+
+def test_scontrol_requeue_mid_run_resumes_from_the_saved_step_with_identical_final_weights(
+    cluster, two_node_run, prepared, tmp_path
+):
+    work = copy_work(prepared, tmp_path / "work", "runs", "logs")
+    job = submit(cluster, work)
+    wait_for_losses(cluster, work, job, 15)
+    cluster.run("scontrol", "requeue", job)
+    wait_requeued_then_release(cluster, job)
+    assert (
+        cluster.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, timeout=600) == "COMPLETED"
+    )
+    log = job_log(work, job)
+    assert "received signal 15: saving at the end of this step" in log
+    step = assert_resumed_mid_run(log)
+    assert step >= 15  # saved on TERM at the step it had reached, not the last periodic checkpoint
+    assert_same_weights(two_node_run[0], work)
+
+
+def test_time_limit_signal_saves_requeues_and_resumes_with_identical_final_weights(
+    cluster, two_node_run, prepared, tmp_path
+):
+    work = copy_work(prepared, tmp_path / "work", "runs", "logs")
+    job = submit(cluster, work, "TIME=10", "SIGNAL_BEFORE=60")
+    wait_for_losses(cluster, work, job, 10)
+    # Shorten the limit to (elapsed + 75 s): `--signal=B:USR1@60` is then due now, and Slurm sends it
+    # at its next time-limit check, while the job still has time to save and requeue itself.
+    elapsed = int(
+        time.time() - time.mktime(time.strptime(cluster.job_field(job, "StartTime"), "%Y-%m-%dT%H:%M:%S"))
+    )
+    limit = elapsed + 75
+    cluster.run("scontrol", "update", f"JobId={job}", f"TimeLimit={limit // 60}:{limit % 60:02d}")
+    wait_requeued_then_release(cluster, job, TimeLimit="10")  # the requeued run gets its 10 minutes back
+    assert (
+        cluster.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, timeout=600) == "COMPLETED"
+    )
+    log = job_log(work, job)
+    assert "USR1 received" in log and "requeueing job" in log, log[-4000:]
+    assert "received signal 10: saving at the end of this step" in log, log[-4000:]
+    assert_resumed_mid_run(log)
+    assert_same_weights(two_node_run[0], work)
+
+
+@pytest.mark.parametrize("stage", ["data", "soup"])
+def test_make_data_and_soup_through_sbatch_match_local_runs(stage, cluster, two_node_run, tmp_path):
+    """The same command, once submitted and once LOCAL=1, writes the same artifact files."""
+    src = two_node_run[0]
+    outputs = {}
+    for mode in ("sbatch", "local"):
+        work = copy_work(
+            src, tmp_path / mode, "logs", *(["datasets"] if stage == "data" else ["tiny-openseek-soup"])
+        )
+        if mode == "sbatch":
+            r = make(stage, work, cluster, "WAIT=1")
+            job = r.stdout.strip().splitlines()[-1] if r.stdout.strip() else "?"
+            assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:] + job_log(work, job)[-3000:]
+            assert f"openseek-cpt {stage} --recipe" in job_log(work, job)
+        else:
+            r = make(stage, work)
+            assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+        out = work / ("datasets/tiny-mix" if stage == "data" else "models/tiny-openseek-soup")
+        outputs[mode] = json.loads((out / "provenance.json").read_text())
+    sbatch_files, local_files = outputs["sbatch"]["files"], outputs["local"]["files"]
+    assert sbatch_files.keys() == local_files.keys()
+    differ = [name for name in sbatch_files if sbatch_files[name] != local_files[name]]
+    assert not [d for d in differ if d not in TIMING_FILES], differ
+    assert any(name.endswith((".arrow", ".safetensors")) for name in sbatch_files)
+
+
+TIMING_FILES = {"merge_info.json"}  # records wall-clock seconds; the tensors and data files must match
