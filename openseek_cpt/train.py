@@ -51,8 +51,7 @@ from openseek_cpt.packing import PackedCollator
 from openseek_cpt.provenance import atomic_output_dir, directory_fingerprint, write_provenance
 from openseek_cpt.recipe import Recipe
 
-# Exit status after a SIGTERM/SIGUSR1 save (the job should be requeued; it resumes by itself).
-# Defined once, in cli.py; imported lazily there so this module can be imported alone.
+# The exit status after a SIGTERM/SIGUSR1 save is cli.EXIT_PREEMPTED (defined once, there).
 CHECKPOINT_MARKER = "openseek_checkpoint.json"
 CHECKPOINT_PREFIX = "checkpoint-"
 TENSORBOARD_SUBDIR = "tensorboard"
@@ -156,7 +155,7 @@ def main(recipe: Recipe, setup: Setup):
             "split; set data.eval_size > 0 or train.args.eval_strategy: 'no'"
         )
     collator = PackedCollator(pad_token_id=_pad_id(setup.manifest, model))
-    return CPTTrainer(
+    trainer = CPTTrainer(
         model=model,
         args=setup.args,
         train_dataset=data["train"],
@@ -166,6 +165,14 @@ def main(recipe: Recipe, setup: Setup):
         openseek=setup,
         recipe=recipe,
     )
+    from transformers.integrations import TensorBoardCallback
+
+    for cb in trainer.callback_handler.callbacks:
+        # Deviation: one event directory across restarts (default: a new dated dir per start),
+        # unless TENSORBOARD_LOGGING_DIR says otherwise.
+        if isinstance(cb, TensorBoardCallback) and cb.logging_dir is None:
+            cb.logging_dir = str(setup.output_dir / TENSORBOARD_SUBDIR)
+    return trainer
 
 
 def fit(recipe: Recipe, setup: Setup, trainer) -> bool:
@@ -249,8 +256,6 @@ def build_training_args(recipe: Recipe, user_args: dict[str, Any], grad_accum: i
     from transformers import TrainingArguments
 
     t = recipe.train
-    # TensorBoard events stay in one directory across restarts (default: a new dated dir per start).
-    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(Path(t.output_dir) / TENSORBOARD_SUBDIR))
     derived = {
         "output_dir": t.output_dir,
         "per_device_train_batch_size": t.per_device_batch_size,

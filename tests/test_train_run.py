@@ -174,8 +174,8 @@ def test_kill_9_at_random_moments_then_restart_ends_bitwise_identical(reference,
     def complete_count() -> int:
         return len(list(run.glob("checkpoint-*/openseek_checkpoint.json")))
 
-    moments = ["startup", "after_steps", "during_write", "after_write", "during_write", "after_steps"]
-    kills, caught_mid_write, resumed_from = 0, 0, []
+    moments = ["startup", "after_steps", "during_write", "after_write", "during_write", "after_write"]
+    kills, caught_mid_write, resumed_from, log = 0, 0, [], []
     for moment in moments:
         w = Watcher(work)
         if moment == "startup":
@@ -194,6 +194,9 @@ def test_kill_9_at_random_moments_then_restart_ends_bitwise_identical(reference,
             caught_mid_write += moment == "during_write" and incomplete_checkpoint_exists()
         w.finish()
         resumed_from += [ln.split("resuming from ")[1].strip() for ln in w.lines if "resuming from " in ln]
+        log.append(
+            f"{moment}: killed={hit} after {w.losses} steps, on disk {sorted(p.name for p in run.glob('c*'))}"
+        )
     # A checkpoint cut off mid-write by hand: newest by step, no marker, truncated weights.
     newest = max(run.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
     fake = run / "checkpoint-999"
@@ -206,7 +209,10 @@ def test_kill_9_at_random_moments_then_restart_ends_bitwise_identical(reference,
     assert kills >= 5, f"only {kills} kills landed"
     assert "removing incomplete checkpoint" in w.output and not fake.exists()
     assert all("checkpoint-999" not in p for p in resumed_from) and resumed_from
-    print(f"kills: {kills}, caught mid-write: {caught_mid_write}, resumed from: {resumed_from}")
+    print(
+        "\n".join(log),
+        f"\nkills: {kills}, caught mid-write: {caught_mid_write}, resumed from: {resumed_from}",
+    )
     assert_same_weights(reference, run)
 
 

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from openseek_cpt import flops, launcher, train
 from openseek_cpt.errors import UserError
+from openseek_cpt.provenance import directory_fingerprint
 from openseek_cpt.recipe import load_recipe
 
 ONE_STEP = ["--set", "train.args.max_steps=1", "--set", "train.args.eval_strategy='no'",
@@ -150,6 +151,13 @@ def test_bad_inputs_stop_with_one_line_and_exit_2(prepared):
         ),
         "force_resume",
     )
+    # overwrite_output_dir means: start over from the base model on the new dataset.
+    r = train_with("train.output_dir=runs/fp", "train.dataset_dir=datasets/reseeded", "train.args.max_steps=1",
+                   "train.args.overwrite_output_dir=true", "train.args.eval_strategy='no'")  # fmt: skip
+    assert r.returncode == 0 and "resuming from" not in r.stderr, r.stderr[-2000:]
+    prov = json.loads((prepared / "runs" / "fp" / "final" / "provenance.json").read_text())
+    assert prov["global_step"] == 1
+    assert prov["inputs"]["dataset"] == directory_fingerprint(prepared / "datasets" / "reseeded")
 
 
 def test_bf16_on_a_device_without_it_is_an_error_naming_the_fp32_fix():
