@@ -2,10 +2,11 @@
 
 The original merge script listed one checkpoint twice, held three whole models in RAM and let
 a layout mismatch fall back to base weights without a word. Here:
-- tensors stream out of the inputs' safetensors files one key at a time (read with `pread`, not
-  mmap, so pages of files already read do not stay in the process): for each key the inputs are
-  accumulated in fp32, cast to the output dtype and written straight into a pre-planned shard.
-  Peak memory is a few tensors, whatever the number or size of the models;
+- tensors stream out of the inputs' safetensors files one chunk of one key at a time, read with
+  pread into reused buffers (not mmap, so pages of files already read do not stay in the process):
+  each chunk of the inputs is accumulated in fp32, cast to the output dtype and written straight
+  into a pre-planned shard. Peak memory is a few fixed 16 MB chunks, whatever the number or size
+  of the models (bench/soup_memory.py measures it);
 - every key of the base must be in every input with the same shape, else the run stops and lists
   the offenders; `allow_partial` averages each key over the inputs that match and records the rest;
 - tied embeddings (no `lm_head.weight` on disk) are handled; non-float tensors are copied from the
@@ -20,6 +21,7 @@ sum divided by n, rounded once to the output dtype.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import math
@@ -47,6 +49,11 @@ ITEMSIZE = {
     "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
     "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1,
 }  # fmt: skip
+# Float dtypes of safetensors that can be averaged, by torch name.
+FLOAT_DTYPES = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
+}  # fmt: skip
 # Keys that a model with tied embeddings does not store: they are read from their source.
 TIED_ALIASES = {"lm_head.weight": "model.embed_tokens.weight"}
 # Files of a model directory that hold weights (never copied from the base into the soup).
@@ -60,7 +67,11 @@ WEIGHT_SUFFIXES = (
     ".ckpt",
 )
 NOT_COPIED = {"provenance.json", MERGE_INFO}
+# Elements per chunk of a key streamed through the fp32 accumulator (16 MB of fp32).
+CHUNK_ELEMS = 1 << 22
 STEP_RE = re.compile(r"checkpoint-(\d+)$")
+# Written last into each checkpoint by the train stage (file -> size): its absence means cut off.
+CHECKPOINT_MARKER = "openseek_checkpoint.json"
 
 
 def run(recipe: Recipe) -> Path:
@@ -90,12 +101,14 @@ def run(recipe: Recipe) -> Path:
         print(f"[soup] warning: {line}", flush=True)
 
     # Hash the input files on other threads while the merge reads them (hashlib drops the GIL).
-    with ThreadPoolExecutor(max_workers=max(1, min(4, (os.cpu_count() or 2) - 1))) as pool:
+    with contextlib.ExitStack() as stack:
+        pool = ThreadPoolExecutor(max_workers=max(1, min(4, (os.cpu_count() or 2) - 1)))
         hashes = {
             (i, name): pool.submit(sha256_file, inp.path / name)
             for i, inp in enumerate(inputs)
             for name in inp.weight_files()
         }
+        stack.callback(pool.shutdown, wait=False, cancel_futures=True)  # an error need not wait
         with atomic_output_dir(s.output_dir) as tmp:
             files = merge(inputs, plan, out_dtype, tmp, max_shard_size)
             _copy_side_files(base.path, tmp, s.dtype)
@@ -133,8 +146,10 @@ class SoupInput:
     key_file: dict[str, str]
     meta: dict[str, tuple[str, tuple[int, ...]]]
     tied: bool
+    # key -> (first byte, end byte) of its data in its file
+    spans: dict[str, tuple[int, int]]
     index_file: str | None = None
-    _handles: dict[str, Any] = field(default_factory=dict, repr=False)
+    _fds: dict[str, int] = field(default_factory=dict, repr=False)
 
     @property
     def label(self) -> str:
@@ -143,17 +158,24 @@ class SoupInput:
     def weight_files(self) -> list[str]:
         return sorted(set(self.key_file.values())) + ([self.index_file] if self.index_file else [])
 
-    def get(self, key: str):
-        """Read one tensor (pread into fresh memory: nothing of the file stays mapped)."""
-        from safetensors import safe_open
-
+    def read(self, key: str, offset: int, nbytes: int, buf: bytearray) -> memoryview:
+        """Bytes [offset, offset + nbytes) of `key` as stored, read into `buf` (no mmap, no new memory)."""
         name = self.key_file[key]
-        if name not in self._handles:
-            self._handles[name] = safe_open(str(self.path / name), framework="pt", backend="pread")
-        return self._handles[name].get_tensor(key)
+        if name not in self._fds:
+            self._fds[name] = os.open(self.path / name, os.O_RDONLY)
+        view = memoryview(buf)[:nbytes]
+        start, got = self.spans[key][0] + offset, 0
+        while got < nbytes:
+            n = os.preadv(self._fds[name], [view[got:]], start + got)
+            if n <= 0:
+                raise UserError(f"soup: {self.path / name} is truncated (reading {key}); re-save the model")
+            got += n
+        return view
 
     def close(self) -> None:
-        self._handles.clear()
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
 
 
 def open_input(path: str | Path, role: str, field_name: str = "soup.checkpoints") -> SoupInput:
@@ -165,6 +187,8 @@ def open_input(path: str | Path, role: str, field_name: str = "soup.checkpoints"
         raise UserError(
             f"{field_name}: {str(path)!r} is not a directory; give a model or checkpoint-N directory"
         )
+    if role == "checkpoint":
+        _check_complete(p)
     index_file = None
     if (p / INDEX_FILE).is_file():
         index_file = INDEX_FILE
@@ -186,6 +210,7 @@ def open_input(path: str | Path, role: str, field_name: str = "soup.checkpoints"
     meta: dict[str, tuple[str, tuple[int, ...]]] = {}
     files = sorted(set(key_file.values())) if key_file is not None else [SINGLE_FILE]
     found_keys: dict[str, str] = {}
+    spans: dict[str, tuple[int, int]] = {}
     for name in files:
         if not (p / name).is_file():
             raise UserError(
@@ -197,6 +222,7 @@ def open_input(path: str | Path, role: str, field_name: str = "soup.checkpoints"
                     sl = f.get_slice(key)
                     meta[key] = (sl.get_dtype(), tuple(sl.get_shape()))
                     found_keys[key] = name
+            spans.update(_data_spans(p / name))
         except SafetensorError as exc:
             raise UserError(f"{field_name}: {p / name} is not a readable safetensors file ({exc})") from None
     if key_file is None:
@@ -205,7 +231,46 @@ def open_input(path: str | Path, role: str, field_name: str = "soup.checkpoints"
         raise UserError(f"{field_name}: {p / INDEX_FILE} does not match its shard files; re-save the model")
     config = _read_json(p / "config.json")
     step = _step_of(p) if role == "checkpoint" else None
-    return SoupInput(p, role, step, key_file, meta, bool(config.get("tie_word_embeddings")), index_file)
+    tied = bool(config.get("tie_word_embeddings"))
+    return SoupInput(p, role, step, key_file, meta, tied, spans, index_file)
+
+
+def _data_spans(path: Path) -> dict[str, tuple[int, int]]:
+    """Absolute byte spans of each tensor: u64 header length, JSON header, then the data."""
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+    start = 8 + length
+    return {
+        k: (start + v["data_offsets"][0], start + v["data_offsets"][1])
+        for k, v in header.items()
+        if k != "__metadata__"
+    }
+
+
+def _check_complete(ckpt: Path) -> None:
+    """Refuse a checkpoint the train stage did not finish writing (its marker is written last).
+
+    Checkpoints from elsewhere have no marker at all; only a run whose other checkpoints have one
+    (or a marker that disagrees with the files) shows that this one was cut off mid-save.
+    """
+    marker = _read_json(ckpt / CHECKPOINT_MARKER)
+    if marker:
+        sizes = marker.get("files") or {}
+        bad = [
+            n for n, size in sizes.items() if not (ckpt / n).is_file() or (ckpt / n).stat().st_size != size
+        ]
+        if not bad:
+            return
+        reason = f"{bad[0]} differs from its {CHECKPOINT_MARKER}"
+    elif any((sib / CHECKPOINT_MARKER).is_file() for sib in ckpt.parent.glob("checkpoint-*")):
+        reason = f"no {CHECKPOINT_MARKER}, unlike the other checkpoints of the run"
+    else:
+        return
+    raise UserError(
+        f"soup.checkpoints: {ckpt} is incomplete ({reason}): training was cut off while saving it; "
+        "leave it out (or let `openseek-cpt train` resume, which removes it)"
+    )
 
 
 def expand_checkpoints(items: Iterable[str]) -> list[Path]:
@@ -378,46 +443,77 @@ def keep_in_fp32(base: SoupInput, non_float: list[str]) -> list[str]:
 
 
 def _is_float(dtype: str) -> bool:
-    return dtype.startswith(("F", "BF"))
+    return dtype in FLOAT_DTYPES
 
 
 # --------------------------------------------------------------------------- merge
 
 
 def merge(inputs: list[SoupInput], plan: KeyPlan, out_dtype, out_dir: Path, max_shard_size: int) -> list[str]:
-    """Stream every key through an fp32 accumulator into the shard writer; returns the files written."""
+    """Stream every key, chunk by chunk, through an fp32 accumulator into the shard writer.
+
+    Reads go straight from the files into one reused buffer (os.preadv at offsets taken from the
+    safetensors headers): safe_open's get_tensor allocates a fresh tensor per read and its slicing
+    is ~10x slower, and reused buffers keep the peak at a few chunks, whatever the tensor sizes.
+    Chunking a key along its flat elements does not change any result (the mean is elementwise).
+    Returns the files written.
+    """
     import torch
 
     out_code = OUTPUT_DTYPES[str(out_dtype).removeprefix("torch.")]
     base = inputs[0]
     entries = [(key, _stored_dtype(key, plan, base, out_code), base.meta[key][1]) for key in plan.keys]
     writer = ShardWriter(out_dir, entries, max_shard_size)
-    for key in plan.keys:
-        if key in plan.non_float:
-            writer.write(key, base.get(key))
-            continue
-        contributors = [(i, src, w) for i, src, w in plan.sources[key] if w > 0]
-        acc = torch.zeros(base.meta[key][1], dtype=torch.float32)
-        for i, src, w in contributors:
-            x = inputs[i].get(src)
-            if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-                x = x.float()
-            # add_ casts x to fp32 element by element (exact), without a full fp32 copy of x.
-            if w == 1.0:
-                acc.add_(x)
-            else:
-                acc.add_(x, alpha=w)
-            del x
-        total = sum(w for _, _, w in contributors)
-        if total != 1.0:
-            acc.div_(total)
-        out = acc if key in plan.fp32_keys else acc.to(out_dtype)
-        del acc
-        writer.write(key, out)
-        del out
-    for inp in inputs:
-        inp.close()
+    torch_dtypes = {code: getattr(torch, name) for code, name in FLOAT_DTYPES.items()}
+    widest = max(ITEMSIZE[dtype] for inp in inputs for dtype, _ in inp.meta.values())
+    raw = bytearray(CHUNK_ELEMS * widest)
+    acc = torch.empty(CHUNK_ELEMS, dtype=torch.float32)
+    tmp = torch.empty(CHUNK_ELEMS, dtype=torch.float32)
+    out = torch.empty(CHUNK_ELEMS, dtype=out_dtype)
+    try:
+        for key in plan.keys:
+            dtype, shape = base.meta[key]
+            numel = math.prod(shape)
+            if key in plan.non_float:  # copied from the base, byte for byte
+                nbytes = numel * ITEMSIZE[dtype]
+                for b0 in range(0, max(nbytes, 1), len(raw)):
+                    n = min(len(raw), nbytes - b0)
+                    writer.write_bytes(key, base.read(key, b0, n, raw))
+                continue
+            contributors = [(i, src, w) for i, src, w in plan.sources[key] if w > 0]
+            total = sum(w for _, _, w in contributors)
+            for e0 in range(0, max(numel, 1), CHUNK_ELEMS):
+                n = min(CHUNK_ELEMS, numel - e0)
+                a = acc[:n]
+                for j, (i, src, w) in enumerate(contributors):
+                    src_dtype = inputs[i].meta[src][0]
+                    size = ITEMSIZE[src_dtype]
+                    inputs[i].read(src, e0 * size, n * size, raw)
+                    x = torch.frombuffer(raw, dtype=torch_dtypes[src_dtype], count=n) if n else a
+                    if j == 0:
+                        a.copy_(x)  # = 0 + x; copy_ converts to fp32 exactly
+                        if w != 1.0:
+                            a.mul_(w)
+                    else:
+                        if x.dtype != torch.float32:
+                            x = tmp[:n].copy_(x)  # exact conversion into a reused buffer
+                        if w != 1.0:
+                            a.add_(x, alpha=w)
+                        else:
+                            a.add_(x)
+                if total != 1.0:
+                    a.div_(total)
+                writer.write_bytes(key, _bytes_of(a if key in plan.fp32_keys else out[:n].copy_(a)))
+    finally:
+        for inp in inputs:
+            inp.close()
     return writer.finish()
+
+
+def _bytes_of(tensor) -> memoryview:
+    import torch
+
+    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
 
 
 def _stored_dtype(key: str, plan: KeyPlan, base: SoupInput, out_code: str) -> str:
@@ -454,20 +550,25 @@ class ShardWriter:
         self.shards = shards
         self.total_size = sum(e[3] for shard in shards for e in shard)
         self._pos = (0, 0)  # (shard, entry) to be written next
+        self._done = 0  # bytes of that entry written so far
         self._file = None
 
-    def write(self, key: str, tensor) -> None:
+    def write_bytes(self, key: str, data: memoryview) -> None:
+        """Append the next bytes of `key` (a whole tensor or the next chunk of it)."""
         shard, entry = self._pos
-        want_key, dtype, shape, nbytes = self.shards[shard][entry]
-        if key != want_key or tuple(tensor.shape) != shape:
-            raise RuntimeError(f"shard writer expected {want_key} {shape}, got {key} {tuple(tensor.shape)}")
-        if entry == 0:
+        want_key, _, _, nbytes = self.shards[shard][entry]
+        if key != want_key or self._done + len(data) > nbytes:
+            raise RuntimeError(
+                f"shard writer expected {want_key} ({nbytes - self._done} bytes left), got {key}"
+            )
+        if entry == 0 and self._done == 0:
             self._file = open(self.out_dir / self.names[shard], "wb")  # noqa: SIM115 (spans write calls)
             self._file.write(self._header(self.shards[shard]))
-        data = tensor.contiguous().reshape(-1).view(_uint8()).numpy()
-        if data.nbytes != nbytes:
-            raise RuntimeError(f"{key}: {data.nbytes} bytes, expected {nbytes} ({dtype})")
-        self._file.write(memoryview(data))
+        self._file.write(data)
+        self._done += len(data)
+        if self._done < nbytes:
+            return
+        self._done = 0
         if entry + 1 == len(self.shards[shard]):
             self._file.close()
             self._file = None
@@ -497,12 +598,6 @@ class ShardWriter:
         blob = json.dumps(header, separators=(",", ":")).encode()
         blob += b" " * (-len(blob) % 8)  # safetensors pads the header to 8-byte alignment
         return struct.pack("<Q", len(blob)) + blob
-
-
-def _uint8():
-    import torch
-
-    return torch.uint8
 
 
 # --------------------------------------------------------------------------- outputs

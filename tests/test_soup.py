@@ -138,6 +138,7 @@ def _sha256(path: Path) -> str:
 
 def test_sharded_and_single_file_inputs_give_the_same_soup(soup_work, monkeypatch):
     single = _run_soup(soup_work, monkeypatch, "soup.output_dir=models/soup-single")
+    monkeypatch.setattr(soup, "CHUNK_ELEMS", 1000)  # keys streamed in chunks that split rows
     sharded = _run_soup(
         soup_work,
         monkeypatch,
@@ -212,6 +213,7 @@ BAD_INPUTS = {
     "weights_count": "has 2 values but there are 4 inputs",
     "negative_weight": "negative",
     "not_safetensors": "save_pretrained",
+    "incomplete_checkpoint": "is incomplete",
 }
 
 
@@ -245,6 +247,14 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(soup_work, case):
             load_file(soup_work / "runs/tiny/checkpoint-6/model.safetensors"), bin_dir / "pytorch_model.bin"
         )
         ckpts = "soup.checkpoints=[runs/tiny/checkpoint-6, runs/bin/checkpoint-40]"
+    elif case == "incomplete_checkpoint":  # the train stage writes its marker last
+        run = soup_work / "runs/cut"
+        for step in (6, 12):
+            shutil.rmtree(run / f"checkpoint-{step}", ignore_errors=True)
+            shutil.copytree(soup_work / f"runs/tiny/checkpoint-{step}", run / f"checkpoint-{step}")
+        sizes = {p.name: p.stat().st_size for p in (run / "checkpoint-6").iterdir()}
+        (run / "checkpoint-6/openseek_checkpoint.json").write_text(json.dumps({"step": 6, "files": sizes}))
+        ckpts = "soup.checkpoints=[runs/cut/checkpoint-*]"
     out_name = f"soup-bad-{case}"
     r = run_cli(
         "soup",
