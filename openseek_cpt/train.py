@@ -149,9 +149,10 @@ def main(recipe: Recipe, setup: Setup):
     if "train" not in data:
         raise UserError(f"train.dataset_dir: {setup.dataset_dir} has no 'train' split (has {list(data)})")
     eval_data = data["eval"] if "eval" in data and len(data["eval"]) > 0 else None
-    if eval_data is None and str(setup.args.eval_strategy) not in ("no", "IntervalStrategy.NO"):
+    strategy = getattr(setup.args.eval_strategy, "value", setup.args.eval_strategy)
+    if eval_data is None and strategy != "no":
         raise UserError(
-            f"train.args.eval_strategy={setup.args.eval_strategy.value!r} but {setup.dataset_dir} has no eval "
+            f"train.args.eval_strategy={strategy!r} but {setup.dataset_dir} has no eval "
             "split; set data.eval_size > 0 or train.args.eval_strategy: 'no'"
         )
     collator = PackedCollator(pad_token_id=_pad_id(setup.manifest, model))

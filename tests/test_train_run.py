@@ -32,9 +32,10 @@ BASE = [
     "--set", "train.args.eval_steps=6",
     "--set", f"train.accelerate_config={DDP_CONFIG}",
 ]  # fmt: skip
-# 1 process x grad accumulation 2 vs 2 gloo processes x 1: same sequences per step, but bf16
-# autocast matmuls and the gradient sum run in another order; losses agree to this relative error.
-DDP_LOSS_RTOL = 2e-3
+# 1 process x grad accumulation 2 vs 2 gloo processes x 1: the same sequences in each step; the
+# gradient sum runs in another order (local accumulation vs all-reduce), so the curves may drift by
+# float rounding. Tolerance: 1e-4 relative per step (measured on CPU: identical, 0.0).
+DDP_LOSS_RTOL = 1e-4
 
 
 @pytest.fixture(scope="module")
@@ -101,6 +102,8 @@ def test_two_gloo_processes_give_the_single_process_loss_curve(reference, prepar
     assert checkpoint_steps(ddp) == [9, 12]
     one, two = step_losses(reference), step_losses(ddp)
     assert sorted(one) == sorted(two) == list(range(1, STEPS + 1))
+    worst = max(abs(one[s] - two[s]) / one[s] for s in one)
+    print(f"1 process vs 2 gloo processes: max relative loss difference {worst:.2e} over {STEPS} steps")
     for step in one:
         assert math.isclose(one[step], two[step], rel_tol=DDP_LOSS_RTOL), (step, one[step], two[step])
     assert one[STEPS] < one[1]  # it learns
