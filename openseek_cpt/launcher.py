@@ -14,7 +14,9 @@ per node, e.g. `srun -N$NODES --ntasks-per-node=1 openseek-cpt launch --recipe R
   `accelerate launch --config_file C --num_machines .. --machine_rank .. --num_processes TOTAL
   --main_process_ip .. --main_process_port .. [--multi_gpu] -m openseek_cpt train --recipe R
   --set ...` (`--multi_gpu` when TOTAL > 1; on a CPU-only machine it starts gloo DDP processes).
-  Rendezvous is `static` (machine ranks come from Slurm, so no c10d store is needed).
+  Rendezvous is `static` (machine ranks come from Slurm, so no c10d store is needed). The config
+  is the recipe's `train.accelerate_config`: relative to the current directory, else to the checkout
+  that holds this package (so the shipped recipes/accelerate_configs work from any workdir).
 - `launch_train(recipe_path, overrides=(), nproc=None) -> int`: runs it and returns its exit code.
   SIGTERM/SIGUSR1 received by the launcher are forwarded to the training ranks (the direct
   children of `accelerate launch`: the workers, not torch's elastic agent, which would otherwise
@@ -62,6 +64,9 @@ def launch_train(recipe_path: str | Path, overrides: Sequence[str] = (), nproc: 
 
     recipe = load_recipe(recipe_path, overrides)  # fail fast, before any process starts
     config_file = recipe.train.accelerate_config
+    shipped = Path(__file__).resolve().parents[1] / config_file  # the repo's recipes/accelerate_configs
+    if not Path(config_file).is_file() and not Path(config_file).is_absolute() and shipped.is_file():
+        config_file = str(shipped)
     if not Path(config_file).is_file():
         raise UserError(
             f"train.accelerate_config: {config_file!r} does not exist; point it at an Accelerate YAML"

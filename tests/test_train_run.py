@@ -232,7 +232,8 @@ def test_sigterm_saves_at_the_current_step_exits_3_and_the_restart_ends_identica
     w.proc.send_signal(signal.SIGTERM)
     assert w.finish() == EXIT_PREEMPTED, w.output[-3000:]
     steps = checkpoint_steps(run)
-    assert len(steps) == 1 and 5 <= steps[0] <= 6, steps  # within one step of the signal
+    # The signal lands during step 6 (or 7 if reading the log lagged a whole ~0.1 s step): saved there.
+    assert len(steps) == 1 and 5 <= steps[0] <= 7, steps
     state = json.loads((run / f"checkpoint-{steps[0]}" / "trainer_state.json").read_text())
     assert state["global_step"] == steps[0]
     assert (run / f"checkpoint-{steps[0]}" / "openseek_checkpoint.json").is_file()
