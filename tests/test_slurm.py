@@ -152,18 +152,17 @@ def wait_for_losses(cluster, work: Path, job: str, count: int, timeout: float = 
     )
 
 
-def wait_requeued_then_release(cluster, job: str, timeout: float = 120, **updates: str) -> None:
-    """Once Slurm has put the job back in the queue, let it start now (instead of ~20 s later)."""
+def wait_requeued(cluster, job: str, timeout: float = 120, **updates: str) -> None:
+    """Until Slurm has put the job back in the queue; then apply `updates` before it starts again.
+
+    Slurm starts it about 20 s later (cred_expire=10); forcing StartTime=now sooner gets the batch
+    killed with "Job credential revoked".
+    """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if cluster.job_state(job) == "PENDING" and cluster.job_field(job, "Restarts") not in (None, "0"):
-            cluster.run(
-                "scontrol",
-                "update",
-                f"JobId={job}",
-                *(f"{k}={v}" for k, v in updates.items()),
-                "StartTime=now",
-            )
+            if updates:
+                cluster.run("scontrol", "update", f"JobId={job}", *(f"{k}={v}" for k, v in updates.items()))
             return
         time.sleep(0.2)
     raise AssertionError(
@@ -185,7 +184,7 @@ def test_scontrol_requeue_mid_run_resumes_from_the_saved_step_with_identical_fin
     job = submit(cluster, work)
     wait_for_losses(cluster, work, job, 15)
     cluster.run("scontrol", "requeue", job)
-    wait_requeued_then_release(cluster, job)
+    wait_requeued(cluster, job)
     assert (
         cluster.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, timeout=600) == "COMPLETED"
     )
@@ -209,7 +208,7 @@ def test_time_limit_signal_saves_requeues_and_resumes_with_identical_final_weigh
     )
     limit = elapsed + 75
     cluster.run("scontrol", "update", f"JobId={job}", f"TimeLimit={limit // 60}:{limit % 60:02d}")
-    wait_requeued_then_release(cluster, job, TimeLimit="10")  # the requeued run gets its 10 minutes back
+    wait_requeued(cluster, job, TimeLimit="10")  # the requeued run gets its 10 minutes back
     assert (
         cluster.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, timeout=600) == "COMPLETED"
     )
