@@ -210,3 +210,10 @@ def test_runtime_wrapper_passes_mounts_and_hf_environment_to_each_container_runt
                 assert out[out.index(name) - 1] == "-e", f"{runtime}: {name} not passed"
             assert "--network" in out and out[out.index("--network") + 1] == "host"
             assert out[out.index("openseek-cpt:gpu") + 1 :] == ["openseek-cpt", "data", "--recipe", "r.yaml"]
+
+
+def test_make_tiny_creates_the_venv_when_missing_and_runs_the_tiny_pipeline(tmp_path):
+    venv = tmp_path / "venv"
+    dry = make("-n", "tiny", f"VENV={venv}", "TORCH_SPEC=torch==2.13.0").stdout
+    assert f"python3 -m venv {venv}" in dry and f"{venv}/bin/pip install torch==2.13.0" in dry
+    assert f"{venv}/bin/pip install -e {REPO}" in dry and f"{venv}/bin/openseek-cpt tiny" in dry
