@@ -470,6 +470,10 @@ def merge(inputs: list[SoupInput], plan: KeyPlan, out_dtype, out_dir: Path, max_
     acc = torch.empty(CHUNK_ELEMS, dtype=torch.float32)
     tmp = torch.empty(CHUNK_ELEMS, dtype=torch.float32)
     out = torch.empty(CHUNK_ELEMS, dtype=out_dtype)
+    # One intra-op thread: the work is elementwise and memory-bound, the other cores hash the
+    # inputs, and OpenMP's spinning threads made it 5-10x slower on a busy machine (measured).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     try:
         for key in plan.keys:
             dtype, shape = base.meta[key]
@@ -505,6 +509,7 @@ def merge(inputs: list[SoupInput], plan: KeyPlan, out_dtype, out_dir: Path, max_
                     a.div_(total)
                 writer.write_bytes(key, _bytes_of(a if key in plan.fp32_keys else out[:n].copy_(a)))
     finally:
+        torch.set_num_threads(threads)
         for inp in inputs:
             inp.close()
     return writer.finish()

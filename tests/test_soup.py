@@ -285,3 +285,31 @@ def test_evaluate_records_and_prints_loss_of_base_checkpoints_and_soup(soup_work
         assert 0 < row["loss"] < 20 and row["sequences"] == 4 and row["tokens"] == 4 * 46
     printed = capsys.readouterr().out
     assert "perplexity" in printed and "checkpoint-18" in printed
+
+
+def test_non_float_tensors_are_copied_from_the_base_and_listed(tmp_path, monkeypatch):
+    steps = {"base": 0, "checkpoint-1": 1, "checkpoint-2": 2}
+    for name, step in steps.items():
+        (tmp_path / name).mkdir()
+        tensors = {
+            "w": torch.full((3, 5), float(step)),
+            "counter": torch.tensor([step, 7], dtype=torch.int64),
+        }
+        save_file(tensors, tmp_path / name / "model.safetensors", metadata={"format": "pt"})
+    monkeypatch.chdir(tmp_path)
+    recipe = load_recipe(
+        None,
+        [
+            "soup.base_dir=base",
+            "soup.checkpoints=[checkpoint-*]",
+            "soup.output_dir=out",
+            "soup.dtype=float32",
+        ],
+    )
+    out = tmp_path / soup.run(recipe)
+    got = load_file(out / "model.safetensors")
+    assert torch.equal(got["counter"], torch.tensor([0, 7])) and torch.equal(
+        got["w"], torch.full((3, 5), 1.0)
+    )
+    info = json.loads((out / "merge_info.json").read_text())
+    assert info["non_float_keys"] == ["counter"] and info["key_counts"] == {"counter": 1, "w": 3}
