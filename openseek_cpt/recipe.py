@@ -136,7 +136,7 @@ class SoupConfig:
     # Merge only keys present (with the same shape) everywhere, and record the rest.
     allow_partial: bool = False
     # Maximum shard size of the output (bytes or a string like "2GB").
-    max_shard_size: str = "2GB"
+    max_shard_size: str | int = "2GB"
     # Evaluate base, checkpoints and soup on the prepared eval split.
     evaluate: bool = False
     # Prepared dataset for evaluation; default: data.output_dir.
