@@ -40,6 +40,23 @@ def tiny_assets_dir(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def tiny_prepared_dir(tiny_assets_dir, tmp_path_factory) -> Path:
+    """The tiny assets plus the tiny recipe's prepared dataset (`datasets/tiny-mix`), built once."""
+    root = tmp_path_factory.mktemp("tiny-prepared") / "work"
+    shutil.copytree(tiny_assets_dir, root, symlinks=True)
+    r = run_cli("data", "--recipe", str(TINY_RECIPE), cwd=root)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return root
+
+
+def copy_workdir(src: Path, tmp_path_factory, name: str) -> Path:
+    """A private copy of a shared fixture workdir, for tests that write into it."""
+    work = tmp_path_factory.mktemp(name) / "work"
+    shutil.copytree(src, work, symlinks=True)
+    return work
+
+
 @pytest.fixture()
 def tiny_workdir(tiny_assets_dir, tmp_path) -> Path:
     """A fresh copy of the tiny assets workdir for one test (tests may write datasets/ and runs/)."""

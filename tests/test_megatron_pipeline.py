@@ -9,7 +9,7 @@ import datasets
 import yaml
 
 from openseek_cpt import megatron_format
-from tests.conftest import TINY_RECIPE, run_cli
+from conftest import TINY_RECIPE, run_cli
 from tests.test_megatron_format import segments_of
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from openseek_cpt import interop
-from tests.conftest import run_cli
+from conftest import run_cli
 from tests.test_megatron_format import ROWS, make_prepared
 
 pytestmark = pytest.mark.mindspore

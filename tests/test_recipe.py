@@ -7,7 +7,7 @@ import yaml
 
 from openseek_cpt.errors import UserError
 from openseek_cpt.recipe import load_recipe
-from tests.conftest import REPO, TINY_RECIPE, run_cli
+from conftest import REPO, TINY_RECIPE, run_cli
 
 OPENSEEK_RECIPE = REPO / "recipes" / "openseek" / "config.yaml"
 

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, DeepseekV3ForCausalLM
 
 from openseek_cpt import soup
 from openseek_cpt.recipe import load_recipe
-from tests.conftest import TINY_RECIPE, run_cli
+from conftest import TINY_RECIPE, run_cli
 
 STEPS = (6, 12, 18)
 BASE = "models/tiny-openseek"

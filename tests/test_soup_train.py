@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_RECIPE, copy_workdir, run_cli
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
-
-from tests.conftest import TINY_RECIPE, run_cli
 
 TRAIN = [
     "--set", "train.args.max_steps=6",
@@ -23,12 +21,10 @@ TRAIN = [
 
 
 @pytest.fixture(scope="module")
-def trained(tiny_assets_dir, tmp_path_factory) -> Path:
-    work = tmp_path_factory.mktemp("soup-train") / "work"
-    shutil.copytree(tiny_assets_dir, work, symlinks=True)
-    for stage, extra in (("data", []), ("train", TRAIN)):
-        r = run_cli(stage, "--recipe", str(TINY_RECIPE), *extra, cwd=work)
-        assert r.returncode == 0, r.stderr[-3000:]
+def trained(tiny_prepared_dir, tmp_path_factory) -> Path:
+    work = copy_workdir(tiny_prepared_dir, tmp_path_factory, "soup-train")
+    r = run_cli("train", "--recipe", str(TINY_RECIPE), *TRAIN, cwd=work)
+    assert r.returncode == 0, r.stderr[-3000:]
     return work
 
 

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from openseek_cpt.provenance import read_provenance, sha256_file, verify
-from tests.conftest import run_cli
+from conftest import run_cli
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, TINY_RECIPE, run_cli
+from conftest import REPO, TINY_RECIPE, copy_workdir, run_cli
 from safetensors.torch import load_file
 
 DDP_CONFIG = str(REPO / "recipes" / "accelerate_configs" / "ddp.yaml")
@@ -39,13 +39,9 @@ DDP_LOSS_RTOL = 1e-4
 
 
 @pytest.fixture(scope="module")
-def prepared(tiny_assets_dir, tmp_path_factory) -> Path:
-    """A workdir with the tiny assets and the prepared tiny dataset (built by the data stage)."""
-    work = tmp_path_factory.mktemp("train-run") / "work"
-    shutil.copytree(tiny_assets_dir, work, symlinks=True)
-    r = run_cli("data", "--recipe", str(TINY_RECIPE), cwd=work)
-    assert r.returncode == 0, r.stderr[-2000:]
-    return work
+def prepared(tiny_prepared_dir, tmp_path_factory) -> Path:
+    """A private copy of the tiny assets + prepared tiny dataset."""
+    return copy_workdir(tiny_prepared_dir, tmp_path_factory, "train-run")
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_RECIPE, run_cli
+from conftest import TINY_RECIPE, copy_workdir, run_cli
 from safetensors.torch import load_file
 
 from openseek_cpt import flops, launcher, train
@@ -21,12 +21,9 @@ ONE_STEP = ["--set", "train.args.max_steps=1", "--set", "train.args.eval_strateg
 
 
 @pytest.fixture(scope="module")
-def prepared(tiny_assets_dir, tmp_path_factory) -> Path:
-    work = tmp_path_factory.mktemp("train-units") / "work"
-    shutil.copytree(tiny_assets_dir, work, symlinks=True)
-    r = run_cli("data", "--recipe", str(TINY_RECIPE), cwd=work)
-    assert r.returncode == 0, r.stderr[-2000:]
-    return work
+def prepared(tiny_prepared_dir, tmp_path_factory) -> Path:
+    """A private copy of the tiny assets + prepared tiny dataset."""
+    return copy_workdir(tiny_prepared_dir, tmp_path_factory, "train-units")
 
 
 @pytest.fixture()
