@@ -12,10 +12,10 @@ from pathlib import Path
 import datasets
 import numpy as np
 import pytest
+from conftest import run_cli
 
 from openseek_cpt import interop, megatron_format
 from openseek_cpt.errors import UserError
-from conftest import run_cli
 
 ROWS = [[5, 6, 7, 1, 8, 9, 1], [10, 11, 12, 13, 1], [2, 1, 3, 3, 1, 4, 1, 0]]
 SEGMENTS = [[4, 3], [5], [2, 3, 2, 1]]

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import datasets
 import yaml
+from conftest import TINY_RECIPE, run_cli
 
 from openseek_cpt import megatron_format
-from conftest import TINY_RECIPE, run_cli
 from tests.test_megatron_format import segments_of
 
 

@@ -6,9 +6,9 @@ import json
 
 import numpy as np
 import pytest
+from conftest import run_cli
 
 from openseek_cpt import interop
-from conftest import run_cli
 from tests.test_megatron_format import ROWS, make_prepared
 
 pytestmark = pytest.mark.mindspore

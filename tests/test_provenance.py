@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from conftest import run_cli
 
 from openseek_cpt.provenance import atomic_output_dir, read_provenance, verify, write_provenance
-from conftest import run_cli
 
 
 def test_failed_write_leaves_no_directory_behind(tmp_path):

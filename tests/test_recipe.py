@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import yaml
+from conftest import REPO, TINY_RECIPE, run_cli
 
 from openseek_cpt.errors import UserError
 from openseek_cpt.recipe import load_recipe
-from conftest import REPO, TINY_RECIPE, run_cli
 
 OPENSEEK_RECIPE = REPO / "recipes" / "openseek" / "config.yaml"
 

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_RECIPE, run_cli
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, DeepseekV3ForCausalLM
 
 from openseek_cpt import soup
 from openseek_cpt.recipe import load_recipe
-from conftest import TINY_RECIPE, run_cli
 
 STEPS = (6, 12, 18)
 BASE = "models/tiny-openseek"

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import run_cli
 
 from openseek_cpt.provenance import read_provenance, sha256_file, verify
-from conftest import run_cli
 
 
 @pytest.fixture(scope="module")
