@@ -17,6 +17,7 @@ import json
 import math
 import os
 import shutil
+import time
 import warnings
 from dataclasses import dataclass, field
 from itertools import chain
@@ -41,6 +42,7 @@ def log(msg: str) -> None:
 
 def run(recipe: Recipe) -> Path:
     """Build the prepared dataset at `recipe.data.output_dir`; returns that path."""
+    started = time.perf_counter()
     d = recipe.data
     if not d.sources:
         raise UserError("recipe: data.sources is empty; list at least one source with path and ratio")
@@ -101,7 +103,7 @@ def run(recipe: Recipe) -> Path:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print_summary(manifest)
-    log(f"saved to {out}")
+    log(f"saved to {out} in {time.perf_counter() - started:.1f} s")
     return out
 
 
@@ -170,19 +172,52 @@ class Encoder:
         # Documents are longer than the model on purpose (packing splits them): silence the length warning.
         tokenizer.model_max_length = int(1e30)
         self.eos = int(tokenizer.eos_token_id)
+        # Set by `verify_fast_path` once the Rust backend's ids equal `tokenizer(texts)`'s on a sample.
+        self.fast = False
 
     def __call__(self, table: Any, content: str, text_field: str, formatting: Any) -> Any:
         if content == "tokens":
             return self.from_ids(table.column("input_ids"))
+        return self.from_texts(self.texts(table, content, text_field, formatting))
+
+    @staticmethod
+    def texts(table: Any, content: str, text_field: str, formatting: Any) -> list[str | None]:
         if content == "formatting":
-            texts = [formatting(row) for row in table.to_pylist()]
-        else:
-            texts = table.column(text_field).to_pylist()
-        return self.from_texts(texts)
+            return [formatting(row) for row in table.to_pylist()]
+        return table.column(text_field).to_pylist()
+
+    def verify_fast_path(self, texts: list[str | None]) -> list[list[int]]:
+        """`tokenizer(texts)` ids; turns on the fast path if the backend gives the same ids for `texts`.
+
+        `tokenizer(texts)` is the Rust backend's `encode_batch` plus per-document Python bookkeeping
+        (offsets, attention masks, BatchEncoding) that we discard; `encode_batch_fast` skips it
+        (about 25% faster on the bench corpus). Tokenizers without a Rust backend, or with truncation
+        or padding configured on it, keep `tokenizer(texts)`.
+        """
+        texts = [t or "" for t in texts]
+        ids = self.tokenizer(texts)["input_ids"]
+        backend = getattr(self.tokenizer, "_tokenizer", None)
+        if (
+            getattr(self.tokenizer, "is_fast", False)
+            and hasattr(backend, "encode_batch_fast")
+            and backend.truncation is None
+            and backend.padding is None
+        ):
+            self.fast = self._fast_ids(texts) == ids
+        return ids
+
+    def _fast_ids(self, texts: list[str]) -> list[list[int]]:
+        backend = self.tokenizer._tokenizer
+        # What `tokenizer(texts)` sets on the backend before encoding (the state also travels to workers).
+        backend.encode_special_tokens = bool(self.tokenizer.split_special_tokens)
+        return [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=True)]
 
     def encode(self, texts: list[str | None]) -> list[list[int]]:
         """Token ids per text, ending with exactly one eos (trailing eos, e.g. tokenizer-added, stripped first)."""
-        ids = self.tokenizer([t or "" for t in texts])["input_ids"]
+        texts = [t or "" for t in texts]
+        return self.end_with_eos(self._fast_ids(texts) if self.fast else self.tokenizer(texts)["input_ids"])
+
+    def end_with_eos(self, ids: list[list[int]]) -> list[list[int]]:
         eos = self.eos
         for x in ids:  # the lists are ours: edit in place
             while x and x[-1] == eos:  # added by the tokenizer, or the text ended with the eos string
@@ -279,9 +314,13 @@ def estimate_tokens_per_doc(
     import pyarrow.compute as pc
 
     table = src.dataset.select(sample, keep_in_memory=True).with_format("arrow")[:]
-    docs = encoder(table, src.content, src.config.text_field, src.formatting)
-    lengths = pc.list_value_length(docs.column("input_ids")).to_numpy()
-    if src.content == "tokens":
+    if src.content != "tokens":
+        texts = encoder.texts(table, src.content, src.config.text_field, src.formatting)
+        ids = encoder.end_with_eos(encoder.verify_fast_path(texts))
+        lengths = np.array([len(x) for x in ids], dtype=np.int64)
+    else:
+        docs = encoder(table, src.content, src.config.text_field, src.formatting)
+        lengths = pc.list_value_length(docs.column("input_ids")).to_numpy()
         top = pc.max(docs.column("input_ids").combine_chunks().flatten()).as_py()
         vocab = len(encoder.tokenizer)
         if top is not None and top >= vocab:
@@ -337,7 +376,7 @@ def tokenize_and_pack(
         cache_file_name=str(work / f"{tag}-rows.arrow"),
         new_fingerprint=_hash([tag, "rows"]),
         desc=f"Segments {src.label}",
-        **common,
+        load_from_cache_file=False,  # row-wise numpy: no worker pool (same rows, pool start costs more)
     )
     return rows.with_format(None), lengths
 

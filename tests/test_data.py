@@ -197,6 +197,31 @@ def test_every_document_ends_with_exactly_one_eos(tiny_workdir, monkeypatch):
     assert table.column("doc_start").to_pylist() == [[1, 0, 0], [1, 0, 0], [1]]
 
 
+def test_fast_backend_path_gives_the_tokenizers_own_ids(tiny_workdir, monkeypatch):
+    """The Rust `encode_batch_fast` path is taken only after it matched `tokenizer(texts)`, and matches it."""
+    from tokenizers.processors import TemplateProcessing
+
+    recipe = _recipe(tiny_workdir, monkeypatch=monkeypatch)
+    tok = data.load_tokenizer(recipe)
+    eos_text = tok.eos_token
+    texts = ["hello world", f"a{eos_text}b ends{eos_text}", "", None, "ünïcode  spaces\n\ttabs" * 50]
+    encoder = data.Encoder(tok)
+    slow = encoder.encode(texts)
+    assert not encoder.fast
+    assert encoder.verify_fast_path(texts) == tok([t or "" for t in texts])["input_ids"]
+    assert encoder.fast and encoder.encode(texts) == slow
+    # the tokenizer's own settings reach the fast path: special tokens split, an eos post-processor
+    tok2 = data.load_tokenizer(recipe)
+    tok2.split_special_tokens = True
+    tok2.backend_tokenizer.post_processor = TemplateProcessing(
+        single=f"$A {eos_text}", special_tokens=[(eos_text, tok2.eos_token_id)]
+    )
+    encoder2 = data.Encoder(tok2)
+    expected = encoder2.end_with_eos(encoder2.verify_fast_path(texts))
+    assert encoder2.fast and encoder2.encode(texts) == expected
+    assert expected[1] != slow[1]  # split_special_tokens changed the ids: the check can fail
+
+
 def test_same_recipe_is_byte_identical_and_seed_changes_order(tiny_workdir, monkeypatch):
     """Acceptance 4: the data files (arrow, state, info, manifest) are identical; another seed reorders."""
     monkeypatch.chdir(tiny_workdir)
