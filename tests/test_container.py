@@ -15,6 +15,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -146,6 +147,23 @@ def test_tiny_pipeline_runs_inside_the_image_as_an_arbitrary_uid(podman_env, ima
     assert (soup / "provenance.json").is_file() and list(soup.glob("*.safetensors"))
     assert list((work / "runs" / "tiny").glob("checkpoint-*"))
     assert all(p.stat().st_uid == 4321 for p in (work / "runs").rglob("*"))
+
+
+def test_image_saves_as_the_docker_archive_that_the_apptainer_definition_bootstraps_from(
+    podman_env, image, tmp_path
+):
+    """`make sif` up to apptainer (not installable here): the archive it feeds `apptainer build`."""
+    env = {k: v for k, v in podman_env.items() if k != "MAKEFLAGS"}
+    dry = subprocess.run(["make", "-s", "-n", "-C", str(REPO), "sif", "ENGINE=podman", f"IMAGE={image}"], env=env,
+                         capture_output=True, text=True, check=True).stdout  # fmt: skip
+    save = next(line for line in dry.splitlines() if " save " in line).split()
+    archive = tmp_path / "openseek-cpt.tar"
+    save[save.index("-o") + 1] = str(archive)  # the same command, written here instead of build/
+    subprocess.run(save, env=podman_env, check=True, capture_output=True, timeout=600)
+    with tarfile.open(archive) as tar:
+        manifest = json.load(tar.extractfile("manifest.json"))
+    assert manifest[0]["RepoTags"] == [image]
+    assert "build/openseek-cpt.tar" in (REPO / "container" / "openseek-cpt.def").read_text()
 
 
 @pytest.fixture(scope="module")
