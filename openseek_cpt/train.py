@@ -84,7 +84,8 @@ def run(recipe: Recipe) -> int:
     """Train on this process's rank; returns 0, or EXIT_PREEMPTED after a signal-triggered save."""
     from openseek_cpt.cli import EXIT_PREEMPTED
 
-    logging.basicConfig(level=logging.INFO, format="[train] %(message)s")
+    # force: under `accelerate launch` a handler is already installed and would swallow these lines
+    logging.basicConfig(level=logging.INFO, format="[train] %(message)s", force=True)
     setup = setup_run(recipe)
     trainer = main(recipe, setup)
     preempted = fit(recipe, setup, trainer)
@@ -488,7 +489,15 @@ class CPTTrainer(Trainer):
 
     def _get_train_sampler(self, train_dataset=None):
         # Deviation: a permutation per epoch from (seed, epoch) only, so resume replays it exactly.
-        return EpochPermutationSampler(len(train_dataset or self.train_dataset), self.args.seed)
+        self.epoch_sampler = EpochPermutationSampler(len(train_dataset or self.train_dataset), self.args.seed)
+        return self.epoch_sampler
+
+    def _run_epoch(self, *args, epoch, **kwargs):
+        # Deviation: under DDP a resumed epoch's loader is SkipBatchSampler(BatchSamplerShard(...)),
+        # which hides the sampler from every set_epoch path, so a run resumed after its first epoch
+        # would replay epoch 0's order; set the epoch on the sampler itself.
+        self.epoch_sampler.set_epoch(epoch)
+        return super()._run_epoch(*args, epoch=epoch, **kwargs)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         self.tokens_local += int(inputs["input_ids"].numel())
