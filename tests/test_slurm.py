@@ -103,23 +103,6 @@ def final_weights(work: Path) -> dict[str, torch.Tensor]:
     return load_file(work / "runs" / "tiny" / "final" / "model.safetensors")
 
 
-STEPS_PER_EPOCH = 24  # tiny recipe: 192 training rows / global batch 8
-KNOWN_RESUME_BUG = (
-    "train stage: a 2-process DDP run resumed after its first epoch takes other batches from the next "
-    "step on (reproduced without Slurm: `openseek-cpt launch --nproc 2`, SIGUSR1 at step 39, restart)"
-)
-
-
-def assert_same_weights_after_resume(reference: Path, work: Path, resumed_step: int) -> None:
-    """Bitwise-identical final weights; xfail (not pass) only for the train stage's known bug."""
-    try:
-        assert_same_weights(reference, work)
-    except AssertionError:
-        if resumed_step > STEPS_PER_EPOCH:
-            pytest.xfail(f"{KNOWN_RESUME_BUG}; resumed at step {resumed_step}")
-        raise
-
-
 def assert_same_weights(a: Path, b: Path) -> None:
     wa, wb = final_weights(a), final_weights(b)
     assert wa.keys() == wb.keys()
@@ -209,7 +192,7 @@ def test_scontrol_requeue_mid_run_resumes_from_the_saved_step_with_identical_fin
     assert "received signal 15: saving at the end of this step" in log
     step = assert_resumed_mid_run(log)
     assert step >= 8  # saved on TERM at the step it had reached, not the last periodic checkpoint
-    assert_same_weights_after_resume(two_node_run[0], work, step)
+    assert_same_weights(two_node_run[0], work)
 
 
 def test_time_limit_signal_saves_requeues_and_resumes_with_identical_final_weights(
@@ -232,8 +215,8 @@ def test_time_limit_signal_saves_requeues_and_resumes_with_identical_final_weigh
     log = job_log(work, job)
     assert "USR1 received" in log and "requeueing job" in log, log[-4000:]
     assert "received signal 10: saving at the end of this step" in log, log[-4000:]
-    step = assert_resumed_mid_run(log)
-    assert_same_weights_after_resume(two_node_run[0], work, step)
+    assert_resumed_mid_run(log)
+    assert_same_weights(two_node_run[0], work)
 
 
 @pytest.mark.parametrize("stage", ["data", "soup"])
