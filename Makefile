@@ -35,7 +35,7 @@ BUILD_ARGS ?=# extra arguments for `$(ENGINE) build`
 MOUNTS ?=# extra bind mounts for every runtime, comma-separated SRC[:DST]
 # ---- local Python ----------------------------------------------------------------------------
 VENV ?= $(or $(VIRTUAL_ENV),.venv)# venv used by tiny/test/LOCAL=1 (created by `make tiny` if missing)
-TORCH_SPEC ?= torch# what `make tiny` installs first, e.g. "torch --index-url https://download.pytorch.org/whl/cpu"
+TORCH_SPEC ?= torch==2.13.0# torch for a new VENV (CI/laptops: CPU wheel; or "torch --index-url https://download.pytorch.org/whl/cpu")
 
 PY := $(if $(wildcard $(VENV)/bin/python),$(VENV)/bin/python,python3)
 VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' $(REPO)/pyproject.toml)
@@ -123,10 +123,12 @@ endif
 
 tiny: ## the whole pipeline on the tiny recipe on this CPU (creates VENV if needed)
 	test -x $(VENV)/bin/openseek-cpt || { python3 -m venv $(VENV) && $(VENV)/bin/pip install $(TORCH_SPEC) \
-	  && $(VENV)/bin/pip install -e $(REPO); }
+	  && $(VENV)/bin/pip install -e $(REPO)[test]; }
 	$(VENV)/bin/openseek-cpt tiny $(OVERRIDES)
 
-test: ## the test suite (README's test command)
-	cd $(REPO) && $(PY) -m pytest -q tests
+test: ## the test suite (README's test command; creates VENV like `tiny` if missing)
+	test -x $(VENV)/bin/pytest || { test -x $(VENV)/bin/python || { python3 -m venv $(VENV) \
+	  && $(VENV)/bin/pip install $(TORCH_SPEC); } && $(VENV)/bin/pip install -e $(REPO)[test]; }
+	cd $(REPO) && $(abspath $(VENV))/bin/python -m pytest -q tests
 
 , := ,
