@@ -106,6 +106,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="interleaved repeats; the best time counts")
     ap.add_argument("--workdir", default=None, help="keep files here (default: a temp dir)")
     args = ap.parse_args()
+    load_before = os.getloadavg()[0]  # the machine may be shared: say how busy it was
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench-data-")).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -181,7 +182,7 @@ def main() -> None:
 
     print(
         f"corpus: {len(texts)} documents, {n_tokens / 1e6:.2f} M tokens, {os.cpu_count()} cores, "
-        f"num_proc {args.num_proc}, max_length {args.max_length}, load before: {os.getloadavg()[0]:.2f}"
+        f"num_proc {args.num_proc}, max_length {args.max_length}, load (1 min) before {load_before:.2f}, after {os.getloadavg()[0]:.2f}"
     )
     print(
         f"raw ceiling, tokenizer(texts):        {raw_call / 1e6:.3f} M tokens/s (best of {fmt(call_times)} s)"
