@@ -32,10 +32,13 @@ pytestmark = [
 ]
 
 DDP_CONFIG = REPO / "recipes" / "accelerate_configs" / "ddp.yaml"
-STEPS = 400  # long enough (40-80 s of training here) for a requeue or a time-limit signal to land mid-run
+# Long enough (about 80 s of training on a quiet 2-core machine, more when loaded) for a requeue or
+# a time-limit signal to land mid-run: Slurm checks time limits only every 30 s.
+STEPS = 1000
+SAVE_STEPS = STEPS // 4  # the tiny recipe keeps 4 checkpoints
 SET = (
-    f"train.accelerate_config={DDP_CONFIG} train.args.max_steps={STEPS} train.args.save_steps=100 "
-    "train.args.eval_steps=200 train.args.logging_steps=1"
+    f"train.accelerate_config={DDP_CONFIG} train.args.max_steps={STEPS} train.args.save_steps={SAVE_STEPS} "
+    f"train.args.eval_steps={STEPS // 2} train.args.logging_steps=1"
 )
 try:  # the training stage's own tolerance for 2 gloo processes vs 1 process at the same global batch
     from test_train_run import DDP_LOSS_RTOL
@@ -118,7 +121,12 @@ def test_make_train_on_two_nodes_runs_one_process_per_node_and_matches_one_proce
     worlds = re.findall(r"\[launch\] World\(num_machines=(\d+), machine_rank=(\d+), num_processes=(\d+)", log)
     assert sorted(worlds) == [("2", "0", "2"), ("2", "1", "2")], log[-3000:]
     run = work / "runs" / "tiny"
-    assert sorted(int(p.name.split("-")[1]) for p in run.glob("checkpoint-*")) == [100, 200, 300, 400]
+    assert sorted(int(p.name.split("-")[1]) for p in run.glob("checkpoint-*")) == [
+        SAVE_STEPS,
+        2 * SAVE_STEPS,
+        3 * SAVE_STEPS,
+        STEPS,
+    ]
     marker = json.loads((run / f"checkpoint-{STEPS}" / "openseek_checkpoint.json").read_text())
     assert marker["world_size"] == 2 and marker["global_batch_size"] == 8
     assert (run / "final" / "model.safetensors").is_file()
@@ -201,12 +209,12 @@ def test_time_limit_signal_saves_requeues_and_resumes_with_identical_final_weigh
     work = copy_work(prepared, tmp_path / "work", "runs", "logs")
     job = submit(cluster, work, "TIME=10", "SIGNAL_BEFORE=60")
     wait_for_losses(cluster, work, job, 5)
-    # Shorten the limit to (elapsed + 75 s): `--signal=B:USR1@60` is then due now, and Slurm sends it
-    # at its next time-limit check, while the job still has time to save and requeue itself.
+    # Shorten the limit to (elapsed + 70 s): `--signal=B:USR1@60` is then due now, and Slurm sends it
+    # at its next time-limit check (every 30 s), while the job still has time to save and requeue itself.
     elapsed = int(
         time.time() - time.mktime(time.strptime(cluster.job_field(job, "StartTime"), "%Y-%m-%dT%H:%M:%S"))
     )
-    limit = elapsed + 75
+    limit = elapsed + 70
     cluster.run("scontrol", "update", f"JobId={job}", f"TimeLimit={limit // 60}:{limit % 60:02d}")
     wait_requeued(cluster, job, TimeLimit="10")  # the requeued run gets its 10 minutes back
     assert (
