@@ -14,6 +14,16 @@ REPO = Path(__file__).resolve().parents[1]
 TINY_RECIPE = REPO / "recipes" / "tiny" / "config.yaml"
 
 
+# What the Makefile exports to its recipes; under `make test` the tests inherit them, and a nested
+# `make` would take them for the user's settings (e.g. IMAGE=openseek-cpt:gpu for FLAVOR=cpu).
+MAKE_EXPORTS = ("MAKEFLAGS", "MAKELEVEL", "MFLAGS", "RUNTIME", "IMAGE", "SIF", "MOUNTS", "OPENSEEK_SLURM_DIR")
+
+
+def clean_make_env(env: dict[str, str]) -> dict[str, str]:
+    """`env` without what an outer `make` exported, for tests that run `make` themselves."""
+    return {k: v for k, v in env.items() if k not in MAKE_EXPORTS}
+
+
 def run_cli(
     *args: str, cwd: str | Path, env: dict | None = None, timeout: int = 900
 ) -> subprocess.CompletedProcess:

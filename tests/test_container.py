@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import slurm_cluster
-from conftest import REPO
+from conftest import REPO, clean_make_env
 
 IMAGE = "localhost/openseek-cpt:test-cpu"
 BASE = "localbase:bookworm"
@@ -153,7 +153,7 @@ def test_image_saves_as_the_docker_archive_that_the_apptainer_definition_bootstr
     podman_env, image, tmp_path
 ):
     """`make sif` up to apptainer (not installable here): the archive it feeds `apptainer build`."""
-    env = {k: v for k, v in podman_env.items() if k != "MAKEFLAGS"}
+    env = clean_make_env(podman_env)
     dry = subprocess.run(["make", "-s", "-n", "-C", str(REPO), "sif", "ENGINE=podman", f"IMAGE={image}"], env=env,
                          capture_output=True, text=True, check=True).stdout  # fmt: skip
     save = next(line for line in dry.splitlines() if " save " in line).split()
@@ -179,7 +179,7 @@ def test_same_image_runs_data_and_two_node_training_under_slurm_with_runtime_pod
     shutil.copytree(tiny_assets_dir, work, symlinks=True)
     shutil.copytree(REPO / "recipes", work / "recipes")  # recipe paths are relative to the workdir
     env = {**podman_env, **cluster.env, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
-    env.pop("MAKEFLAGS", None)
+    env = clean_make_env(env)
     common = ["-s", "-f", str(REPO / "Makefile"), "RECIPE=recipes/tiny/config.yaml", "RUNTIME=podman",
               f"IMAGE={image}", "GPUS_PER_NODE=0", "WAIT=1"]  # fmt: skip
 

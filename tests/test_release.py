@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import tomllib
+from conftest import clean_make_env
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
@@ -104,8 +105,7 @@ def test_apptainer_definition_bootstraps_from_the_archive_that_make_sif_writes()
 
 
 def make(*args: str, path: str | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": path or os.environ["PATH"]}
-    env.pop("MAKEFLAGS", None)
+    env = clean_make_env({**os.environ, "PATH": path or os.environ["PATH"]})
     return subprocess.run(
         ["make", "-s", "-C", str(REPO), *args], capture_output=True, text=True, env=env, check=True
     )

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import slurm_cluster
 import torch
-from conftest import REPO, TINY_RECIPE
+from conftest import REPO, TINY_RECIPE, clean_make_env
 from safetensors.torch import load_file
 
 pytestmark = [
@@ -58,7 +58,7 @@ def make(
     """`make -f REPO/Makefile TARGET` in `work`, as a user would type it (RECIPE = the tiny recipe)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
-    env.pop("MAKEFLAGS", None)
+    env = clean_make_env(env)
     if cluster is not None:
         env.update(cluster.env)
     else:  # no Slurm on PATH's sbatch lookup needed: LOCAL=1 runs the stage here
