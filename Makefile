@@ -74,6 +74,7 @@ image: ## build the image with ENGINE (FLAVOR=gpu|cpu, BASE_IMAGE, CA_BUNDLE, WH
 	  --build-arg BASE_IMAGE=$(or $(BASE_IMAGE),$(BASE_$(FLAVOR))) --build-arg LOCK=$(patsubst $(REPO)/%,%,$(LOCK_$(FLAVOR))) \
 	  --build-arg VERSION=$(VERSION) --build-arg GIT_REV=$(GIT_REV) \
 	  --build-arg BUILD_DATE=$$(date -u +%Y-%m-%dT%H:%M:%SZ) \
+	  --label org.opencontainers.image.revision=$(GIT_REV) --label org.opencontainers.image.version=$(VERSION) \
 	  $(if $(CA_BUNDLE),--secret id=ca_bundle$(,)src=$(abspath $(CA_BUNDLE))) \
 	  $(if $(WHEELS),-v $(abspath $(WHEELS)):/wheels:ro --build-arg PIP_FIND_LINKS=/wheels) \
 	  $(BUILD_ARGS) $(REPO)
