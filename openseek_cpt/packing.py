@@ -50,8 +50,3 @@ class PackedCollator:
             if n < width:
                 position_ids[i, n:] = torch.arange(width - n)
         return {"input_ids": input_ids, "position_ids": position_ids, "labels": labels}
-
-
-def tokens_in_batch(batch: dict[str, torch.Tensor]) -> int:
-    """Tokens that contribute to the loss (labels != -100), for tokens/s accounting."""
-    return int((batch["labels"] != IGNORE_INDEX).sum())

@@ -24,6 +24,8 @@ from openseek_cpt import __version__
 from openseek_cpt.errors import UserError
 
 PROVENANCE_FILE = "provenance.json"
+# Written last into a training checkpoint; lists its files with their sizes (train writes, soup reads).
+CHECKPOINT_MARKER = "openseek_checkpoint.json"
 TRACKED_PACKAGES = (
     "torch",
     "transformers",
@@ -185,3 +187,19 @@ def verify(directory: str | Path) -> tuple[bool, list[str]]:
         f"files: {len(recorded)}  fingerprint: {prov.get('fingerprint')}",
     ]
     return (not problems), about + problems
+
+
+def checkpoint_mismatches(ckpt: str | Path) -> list[str] | None:
+    """Files of a checkpoint that are missing or differ in size from its marker; None without a marker."""
+    p = Path(ckpt, CHECKPOINT_MARKER)
+    try:
+        marker = json.loads(p.read_text()) if p.is_file() else None
+    except json.JSONDecodeError:
+        marker = None
+    if not marker or "files" not in marker:
+        return None
+    return [
+        n
+        for n, size in marker["files"].items()
+        if not (Path(ckpt) / n).is_file() or (Path(ckpt) / n).stat().st_size != size
+    ]

@@ -37,7 +37,13 @@ from pathlib import Path
 from typing import Any
 
 from openseek_cpt.errors import UserError
-from openseek_cpt.provenance import atomic_output_dir, sha256_file, write_provenance
+from openseek_cpt.provenance import (
+    CHECKPOINT_MARKER,
+    atomic_output_dir,
+    checkpoint_mismatches,
+    sha256_file,
+    write_provenance,
+)
 from openseek_cpt.recipe import Recipe
 
 SINGLE_FILE = "model.safetensors"
@@ -70,8 +76,6 @@ NOT_COPIED = {"provenance.json", MERGE_INFO}
 # Elements per chunk of a key streamed through the fp32 accumulator (16 MB of fp32).
 CHUNK_ELEMS = 1 << 22
 STEP_RE = re.compile(r"checkpoint-(\d+)$")
-# Written last into each checkpoint by the train stage (file -> size): its absence means cut off.
-CHECKPOINT_MARKER = "openseek_checkpoint.json"
 
 
 def run(recipe: Recipe) -> Path:
@@ -254,14 +258,10 @@ def _check_complete(ckpt: Path) -> None:
     Checkpoints from elsewhere have no marker at all; only a run whose other checkpoints have one
     (or a marker that disagrees with the files) shows that this one was cut off mid-save.
     """
-    marker = _read_json(ckpt / CHECKPOINT_MARKER)
-    if marker:
-        sizes = marker.get("files") or {}
-        bad = [
-            n for n, size in sizes.items() if not (ckpt / n).is_file() or (ckpt / n).stat().st_size != size
-        ]
-        if not bad:
-            return
+    bad = checkpoint_mismatches(ckpt)
+    if bad == []:
+        return
+    if bad:
         reason = f"{bad[0]} differs from its {CHECKPOINT_MARKER}"
     elif any((sib / CHECKPOINT_MARKER).is_file() for sib in ckpt.parent.glob("checkpoint-*")):
         reason = f"no {CHECKPOINT_MARKER}, unlike the other checkpoints of the run"

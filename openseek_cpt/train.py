@@ -48,11 +48,16 @@ from transformers import Trainer, TrainerCallback
 from openseek_cpt import flops
 from openseek_cpt.errors import UserError
 from openseek_cpt.packing import PackedCollator
-from openseek_cpt.provenance import atomic_output_dir, directory_fingerprint, write_provenance
+from openseek_cpt.provenance import (
+    CHECKPOINT_MARKER,
+    atomic_output_dir,
+    checkpoint_mismatches,
+    directory_fingerprint,
+    write_provenance,
+)
 from openseek_cpt.recipe import Recipe
 
 # The exit status after a SIGTERM/SIGUSR1 save is cli.EXIT_PREEMPTED (defined once, there).
-CHECKPOINT_MARKER = "openseek_checkpoint.json"
 CHECKPOINT_PREFIX = "checkpoint-"
 TENSORBOARD_SUBDIR = "tensorboard"
 FINAL_SUBDIR = "final"
@@ -297,14 +302,7 @@ def _checkpoint_dirs(output_dir: Path) -> list[Path]:
 
 def checkpoint_is_complete(ckpt: Path) -> bool:
     """Complete = the marker (written last) exists and every file it lists is there at its size."""
-    marker = _read_json(ckpt / CHECKPOINT_MARKER)
-    if not marker or "files" not in marker:
-        return False
-    for name, size in marker["files"].items():
-        p = ckpt / name
-        if not p.is_file() or p.stat().st_size != size:
-            return False
-    return True
+    return checkpoint_mismatches(ckpt) == []
 
 
 def find_resume_checkpoint(output_dir: Path, cleanup: bool) -> Path | None:
