@@ -11,12 +11,9 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from openseek_cpt.errors import UserError
+from openseek_cpt import logs
+from openseek_cpt.errors import EXIT_OK, EXIT_PREEMPTED, EXIT_USER_ERROR, Preempted, UserError
 from openseek_cpt.recipe import Recipe, load_recipe
-
-# Exit status of `train` when it stopped on SIGTERM/SIGUSR1 after saving a checkpoint; the job
-# should be requeued and will resume from it (documented in README, used by slurm/train.sbatch).
-EXIT_PREEMPTED = 3
 
 
 def _recipe(args: argparse.Namespace) -> Recipe:
@@ -52,7 +49,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     recipe = _recipe(args)
     from openseek_cpt import train
 
-    return train.run(recipe)
+    train.run(recipe)
+    return EXIT_OK
 
 
 def cmd_launch(args: argparse.Namespace) -> int:
@@ -159,11 +157,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    logs.setup()
     try:
-        return int(args.func(args) or 0)
+        return int(args.func(args) or EXIT_OK)
     except UserError as exc:
         print(f"openseek-cpt {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
+    except Preempted as exc:
+        print(f"openseek-cpt {args.command}: {exc}; requeue the job to resume", file=sys.stderr)
+        return EXIT_PREEMPTED
     except KeyboardInterrupt:
         print(f"openseek-cpt {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -1,0 +1,67 @@
+"""Small-file I/O every module shares: JSON read/write, canonical hashes, and the fsync policy.
+
+The fsync policy (one for every artifact): file data is fsynced before the name that makes it
+visible (a rename, a marker) is written, and that name's directory is fsynced after, so a crash
+leaves either the old state or the new one, never a complete-looking half.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+
+def read_json(path: str | Path) -> dict[str, Any] | None:
+    """The JSON object in `path`, or None when it is missing, unreadable or not an object."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def canonical_json(obj: Any) -> str:
+    """Sorted-key JSON (non-JSON values via str): the form that is hashed."""
+    return json.dumps(obj, sort_keys=True, default=str)
+
+
+def canonical_hash(obj: Any) -> str:
+    """sha256 hex of `canonical_json(obj)`: equal settings give equal hashes across runs."""
+    return hashlib.sha256(canonical_json(obj).encode()).hexdigest()
+
+
+def fsync_file(path: str | Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def fsync_dir(path: str | Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: str | Path) -> None:
+    """fsync every file and directory under `root` (before a rename or marker declares it complete)."""
+    root = Path(root)
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            fsync_file(Path(dirpath, name))
+        fsync_dir(dirpath)
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> None:
+    """Write pretty JSON to `path` via a temp file, fsync, rename, fsync of the directory."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
