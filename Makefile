@@ -59,7 +59,7 @@ export OPENSEEK_SLURM_DIR := $(REPO)/slurm
 SBATCH := sbatch --parsable $(if $(PARTITION),--partition=$(PARTITION)) $(if $(ACCOUNT),--account=$(ACCOUNT)) \
 	$(if $(TIME),--time=$(TIME)) $(if $(CPUS_PER_TASK),--cpus-per-task=$(CPUS_PER_TASK)) \
 	$(if $(WAIT),--wait) --output=$(LOGDIR)/%x-%j.out $(SBATCH_ARGS)
-HAVE_SLURM := $(shell command -v sbatch 2>/dev/null)
+HAVE_SLURM ?= $(shell command -v sbatch 2>/dev/null)# sbatch on PATH (empty: data/train/soup run here)
 
 .PHONY: help image sif lock download data train soup tiny test
 help: ## this list of targets and variables
@@ -97,39 +97,36 @@ download: ## fetch base model + tokenizer into assets.model_dir (run where the n
 	openseek-cpt download --recipe $(RECIPE) $(OVERRIDES)
 
 data: ## prepare the dataset (CPU job; LOCAL=1 runs it here)
-ifneq ($(filter 1,$(LOCAL))$(if $(HAVE_SLURM),,nolocal),)
-	openseek-cpt data --recipe $(RECIPE) $(OVERRIDES)
-else
-	@mkdir -p $(LOGDIR)
-	$(SBATCH) --job-name=openseek-data $(REPO)/slurm/data.sbatch $(RECIPE) $(OVERRIDES)
-endif
+	$(call here_or_sbatch,data,--job-name=openseek-data)
 
 train: ## train on SLURM_NODES nodes x GPUS_PER_NODE (LOCAL=1: this machine, accelerate launch)
-ifneq ($(filter 1,$(LOCAL))$(if $(HAVE_SLURM),,nolocal),)
-	openseek-cpt launch --recipe $(RECIPE) $(OVERRIDES)
-else
-	@mkdir -p $(LOGDIR)
-	$(SBATCH) --job-name=openseek-train --nodes=$(SLURM_NODES) --ntasks-per-node=1 \
-	  $(if $(filter-out 0,$(GPUS_PER_NODE)),--gpus-per-node=$(GPUS_PER_NODE)) \
-	  --signal=B:USR1@$(SIGNAL_BEFORE) $(REPO)/slurm/train.sbatch $(RECIPE) $(OVERRIDES)
-endif
+	$(if $(and $(filter here,$(WHERE)),$(filter-out 1,$(SLURM_NODES))),$(error make train: SLURM_NODES=$(SLURM_NODES) needs Slurm, \
+	  but $(if $(HAVE_SLURM),LOCAL=1 runs on this machine only,sbatch is not on PATH here); run it on the cluster's login node, or SLURM_NODES=1 LOCAL=1 to train here))
+	$(call here_or_sbatch,launch,--job-name=openseek-train --nodes=$(SLURM_NODES) --ntasks-per-node=1 \
+	  $(if $(filter-out 0,$(GPUS_PER_NODE)),--gpus-per-node=$(GPUS_PER_NODE)) --signal=B:USR1@$(SIGNAL_BEFORE),train)
 
 soup: ## average base + checkpoints into soup.output_dir (CPU job; LOCAL=1 runs it here)
-ifneq ($(filter 1,$(LOCAL))$(if $(HAVE_SLURM),,nolocal),)
-	openseek-cpt soup --recipe $(RECIPE) $(OVERRIDES)
-else
-	@mkdir -p $(LOGDIR)
-	$(SBATCH) --job-name=openseek-soup $(REPO)/slurm/soup.sbatch $(RECIPE) $(OVERRIDES)
-endif
+	$(call here_or_sbatch,soup,--job-name=openseek-soup)
 
-tiny: ## the whole pipeline on the tiny recipe on this CPU (creates VENV if needed)
-	test -x $(VENV)/bin/openseek-cpt || { python3 -m venv $(VENV) && $(VENV)/bin/pip install $(TORCH_SPEC) \
-	  && $(VENV)/bin/pip install -e $(REPO)[test]; }
+tiny: $(VENV)/bin/openseek-cpt ## the whole pipeline on the tiny recipe on this CPU (creates VENV if needed)
 	$(VENV)/bin/openseek-cpt tiny $(OVERRIDES)
 
-test: ## the test suite (README's test command; creates VENV like `tiny` if missing)
-	test -x $(VENV)/bin/pytest || { test -x $(VENV)/bin/python || { python3 -m venv $(VENV) \
-	  && $(VENV)/bin/pip install $(TORCH_SPEC); } && $(VENV)/bin/pip install -e $(REPO)[test]; }
+test: $(VENV)/bin/openseek-cpt ## the test suite (README's test command; creates VENV like `tiny` if missing)
 	cd $(REPO) && $(abspath $(VENV))/bin/python -m pytest -q tests
+
+# The venv of tiny/test/LOCAL=1, created once (with the test extra, so `make test` works from it too).
+$(VENV)/bin/openseek-cpt:
+	test -x $(VENV)/bin/python || { python3 -m venv $(VENV) && $(VENV)/bin/pip install $(TORCH_SPEC); }
+	$(VENV)/bin/pip install -e $(REPO)[test]
+
+# Where data/train/soup run: here with LOCAL=1 or when this machine has no sbatch, else a Slurm job.
+WHERE = $(if $(filter 1,$(LOCAL)),here,$(if $(HAVE_SLURM),sbatch,here))
+RUNTIMES := apptainer singularity pyxis podman docker none
+# $(call here_or_sbatch,CLI_STAGE,SBATCH_OPTIONS[,SCRIPT]): `openseek-cpt CLI_STAGE` here, or sbatch
+# slurm/SCRIPT.sbatch (default: CLI_STAGE) with RUNTIME checked before anything is queued.
+here_or_sbatch = $(if $(filter here,$(WHERE)),$(if $(LOCAL),,$(info no sbatch on PATH: running here (as LOCAL=1))) \
+  openseek-cpt $(1) --recipe $(RECIPE) $(OVERRIDES),$(if $(filter $(RUNTIME),$(RUNTIMES)),,$(error \
+  RUNTIME=$(RUNTIME) is not one of $(RUNTIMES); fix the spelling (nothing was submitted))) \
+  mkdir -p $(LOGDIR) && $(SBATCH) $(2) $(REPO)/slurm/$(or $(3),$(1)).sbatch $(RECIPE) $(OVERRIDES))
 
 , := ,

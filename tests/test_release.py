@@ -83,7 +83,7 @@ def test_cpu_lock_holds_the_cpu_torch_and_no_cuda_libraries():
 
 
 def test_dockerfile_defaults_to_the_cuda_12_cudnn_base_and_the_gpu_lock_and_labels_the_revision():
-    text = (REPO / "container" / "Dockerfile").read_text()
+    text = code_lines(REPO / "container" / "Dockerfile")
     base = re.search(r"^ARG BASE_IMAGE=(\S+)", text, re.M).group(1)
     assert re.fullmatch(r"nvidia/cuda:12\.8\.\d+-cudnn-runtime-ubuntu(22|24)\.04", base), base
     assert re.search(r"^ARG LOCK=container/requirements\.lock$", text, re.M)
@@ -104,10 +104,15 @@ def test_apptainer_definition_bootstraps_from_the_archive_that_make_sif_writes()
     assert not re.search(r"^%post", definition, re.M) and "pip install" not in definition
 
 
-def make(*args: str, path: str | None = None) -> subprocess.CompletedProcess:
+def code_lines(path: Path) -> str:
+    """The file without its comment lines: a check must not pass on what a comment says."""
+    return "\n".join(line for line in path.read_text().splitlines() if not line.lstrip().startswith("#"))
+
+
+def make(*args: str, path: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
     env = clean_make_env({**os.environ, "PATH": path or os.environ["PATH"]})
     return subprocess.run(
-        ["make", "-s", "-C", str(REPO), *args], capture_output=True, text=True, env=env, check=True
+        ["make", "-s", "-C", str(REPO), *args], capture_output=True, text=True, env=env, check=check
     )
 
 
@@ -141,6 +146,34 @@ def test_make_train_submits_one_task_per_node_with_requeue_signal_and_the_variab
         assert f"openseek-cpt {stage} --recipe" in make("-n", stage, "LOCAL=1", path=path).stdout
 
 
+def test_make_train_on_several_nodes_without_slurm_is_an_error_not_a_local_run():
+    r = make("-n", "train", "SLURM_NODES=4", "HAVE_SLURM=", check=False)
+    assert r.returncode == 2 and "openseek-cpt launch" not in r.stdout
+    assert "SLURM_NODES=4 needs Slurm" in r.stderr and "sbatch is not on PATH" in r.stderr
+    r = make("-n", "train", "SLURM_NODES=2", "LOCAL=1", check=False)
+    assert r.returncode == 2 and "LOCAL=1 runs on this machine only" in r.stderr
+
+
+def test_make_without_sbatch_runs_a_one_node_stage_here_and_says_so():
+    for stage, command in (("data", "data"), ("train", "launch"), ("soup", "soup")):
+        r = make("-n", stage, "HAVE_SLURM=")
+        assert f"openseek-cpt {command} --recipe" in r.stdout and "sbatch" not in r.stdout.split("\n", 1)[1]
+        assert "no sbatch on PATH: running here" in r.stdout
+
+
+@pytest.mark.parametrize("stage", ["data", "train", "soup"])
+def test_make_refuses_a_mistyped_runtime_before_anything_is_queued(stage):
+    r = make("-n", stage, "RUNTIME=apptainr", "HAVE_SLURM=/usr/bin/sbatch", check=False)
+    assert r.returncode == 2 and "sbatch" not in r.stdout
+    assert "RUNTIME=apptainr is not one of" in r.stderr and "nothing was submitted" in r.stderr
+    runtimes = re.search(r"^RUNTIMES := (.*)$", (REPO / "Makefile").read_text(), re.M).group(1).split()
+    script = (REPO / "slurm" / "runtime.sh").read_text()
+    for runtime in runtimes:  # every runtime the Makefile accepts is one runtime.sh knows
+        assert runtime == "none" or re.search(rf"^\s+[a-z|]*\b{runtime}\b[a-z|]*\)", script, re.M), runtime
+    for runtime in runtimes:
+        assert "sbatch" in make("-n", stage, f"RUNTIME={runtime}", "HAVE_SLURM=/usr/bin/sbatch").stdout
+
+
 def test_make_image_passes_flavour_base_lock_revision_proxy_ca_and_wheels():
     dry = make("-n", "image", "ENGINE=podman", "FLAVOR=cpu", "BASE_IMAGE=localbase:bookworm",
                "CA_BUNDLE=/etc/ssl/certs/ca-certificates.crt", "WHEELS=/opt/wheels").stdout  # fmt: skip
@@ -163,17 +196,17 @@ def test_sbatch_scripts_are_valid_bash_and_leave_the_world_size_to_the_launcher(
     path = REPO / "slurm" / f"{script}.sbatch"
     subprocess.run(["bash", "-n", str(path)], check=True)
     text = path.read_text()
-    code = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
-    assert "source " in text and "runtime.sh" in text and "osc_step" in text
+    code = code_lines(path)
+    assert "source " in code and "runtime.sh" in code and "osc_step" in code
     for launcher_logic in ("SLURM_NNODES", "SLURM_NODEID", "accelerate", "MASTER_ADDR", "num_processes"):
         assert launcher_logic not in code, f"{script}.sbatch computes {launcher_logic}: the launcher's job"
     if script == "train":
         assert re.search(r"^#SBATCH --requeue$", text, re.M)
         assert re.search(r"^#SBATCH --signal=B:USR1@\d+$", text, re.M)
         assert re.search(r"^#SBATCH --ntasks-per-node=1$", text, re.M)
-        assert "openseek-cpt launch" in text and "scontrol requeue" in text
+        assert "openseek-cpt launch" in code and "scontrol requeue" in code
     else:
-        assert f"openseek-cpt {script}" in text
+        assert f"openseek-cpt {script}" in code
 
 
 def test_runtime_wrapper_passes_mounts_and_hf_environment_to_each_container_runtime(tmp_path):
