@@ -307,8 +307,9 @@ def test_source_tokenized_with_another_vocab_is_refused(tiny_workdir, monkeypatc
 
 
 def test_megatron_prefix_is_a_source_and_an_export(tiny_workdir, monkeypatch):
-    megatron_format = pytest.importorskip("openseek_cpt.megatron_format")
     from datasets import load_from_disk
+
+    from openseek_cpt import megatron_format
 
     monkeypatch.chdir(tiny_workdir)
     code = load_from_disk("models/tiny/sources/code")
