@@ -60,7 +60,7 @@ def test_only_the_cli_imports_the_cli_and_no_stage_imports_another_stage():
     assert [m for m, deps in graph.items() if "cli" in deps and m != "__main__"] == []
     for stage in STAGES:
         assert not (graph[stage] & (STAGES - {stage})), f"{stage} imports {graph[stage] & STAGES}"
-    assert STAGES <= graph["cli"]  # the CLI knows every stage
+    assert graph["cli"] >= STAGES  # the CLI knows every stage
 
 
 def test_exit_codes_are_defined_once_in_errors():
