@@ -21,7 +21,7 @@ import torch
 from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
 from openseek_cpt import flops
-from openseek_cpt.packing import PackedCollator
+from openseek_cpt.collator import PackedCollator
 
 
 def openseek_small_config(**over) -> DeepseekV3Config:

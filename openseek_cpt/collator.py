@@ -1,4 +1,5 @@
-"""Document-masked batches from packed rows (shared by training and evaluation).
+"""Document-masked batches from packed rows (shared by training and evaluation; the strategies that
+make those rows are in packing.py).
 
 A packed row holds several documents back to back; `seq_lengths` gives their lengths. The base
 model was pretrained with attention and positions reset per document, so the collator:

@@ -18,7 +18,6 @@ import math
 import os
 import shutil
 import time
-import warnings
 from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from openseek_cpt import packing
 from openseek_cpt.errors import UserError
 from openseek_cpt.provenance import atomic_output_dir, directory_fingerprint, write_provenance
 from openseek_cpt.recipe import Recipe
@@ -281,8 +281,9 @@ def prepare_source(
     d = recipe.data
     n_docs = len(src.dataset)
     order = np.random.default_rng([recipe.seed, src.index, 0]).permutation(n_docs)
-    per_doc = estimate_tokens_per_doc(src, encoder, order[:ESTIMATE_DOCS], d.max_length, d.packing)
-    docs_needed = need if d.packing == "truncate" else math.ceil(need * d.max_length / per_doc)
+    strategy = packing.get(d.packing)
+    per_doc = estimate_tokens_per_doc(src, encoder, order[:ESTIMATE_DOCS], d.max_length, strategy)
+    docs_needed = need if strategy.one_row_per_document else math.ceil(need * d.max_length / per_doc)
     take = min(n_docs, math.ceil(docs_needed * (1 + d.read_margin)) + 1)
     result = PackedSource(src, rows=None)
     parts, pos = [], 0
@@ -296,7 +297,7 @@ def prepare_source(
         result.chunks.append(len(chunk))
         result.documents_read += len(chunk)
         result.tokens_read += int(lengths.sum())
-        if d.packing in ("bfd", "truncate"):
+        if strategy.truncates_documents:
             result.tokens_dropped += int(np.maximum(lengths - d.max_length, 0).sum())
         have = sum(len(p) for p in parts)
         if have >= need or pos >= n_docs:
@@ -308,7 +309,7 @@ def prepare_source(
 
 
 def estimate_tokens_per_doc(
-    src: OpenSource, encoder: Encoder, sample: np.ndarray, max_length: int, packing: str
+    src: OpenSource, encoder: Encoder, sample: np.ndarray, max_length: int, strategy: packing.Strategy
 ) -> float:
     """Mean tokens per document (capped at max_length where packing truncates), from a random sample."""
     import pyarrow.compute as pc
@@ -328,7 +329,7 @@ def estimate_tokens_per_doc(
                 f"{src.where}.path={src.config.path!r} holds token id {top} >= the tokenizer's vocab size {vocab}; "
                 "it was tokenized with another tokenizer"
             )
-    if packing in ("bfd", "truncate"):
+    if strategy.truncates_documents:
         lengths = np.minimum(lengths, max_length)
     return max(float(lengths.mean()), 1.0)
 
@@ -338,7 +339,6 @@ def tokenize_and_pack(
 ) -> tuple[Any, np.ndarray]:
     """(packed rows of the documents `indices` of `src`, their token lengths incl. eos)."""
     import pyarrow.compute as pc
-    from trl import pack_dataset
 
     d = recipe.data
     # num_proc worker processes tokenize and pack. Each tokenizes single-threaded (tokenizers turns its
@@ -365,14 +365,7 @@ def tokenize_and_pack(
         "new_fingerprint": _hash([tag, "pack"]),
         "desc": f"Packing {src.label} ({d.packing})",
     }
-    if d.packing == "truncate":
-        with warnings.catch_warnings():  # TRL moved truncate_dataset to experimental; it does the job as is
-            warnings.simplefilter("ignore")
-            from trl.experimental.utils import truncate_dataset
-
-        packed = truncate_dataset(docs, d.max_length, map_kwargs=kwargs)
-    else:
-        packed = pack_dataset(docs, d.max_length, strategy=d.packing, map_kwargs=kwargs)
+    packed = packing.get(d.packing).pack(docs, d.max_length, kwargs)
     rows = packed.with_format("arrow").map(
         _segments,
         batched=True,

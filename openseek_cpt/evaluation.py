@@ -1,7 +1,7 @@
 """Eval loss of a saved model on a prepared split, batched exactly as training batches it.
 
 A leaf module (the soup's `evaluate` option and the tiny pipeline's report use it). Rows are
-collated by `packing.PackedCollator`, so documents inside a packed row do not attend to each
+collated by `collator.PackedCollator`, so documents inside a packed row do not attend to each
 other and each document's first token is not scored; the model runs in eval mode with
 `use_cache=False` (with a cache, transformers' mask builder ignores the per-document position
 resets). The loss is the mean over every scored token of the split, not a mean of batch means.
@@ -13,8 +13,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from openseek_cpt.collator import IGNORE_INDEX, PackedCollator
 from openseek_cpt.errors import UserError
-from openseek_cpt.packing import IGNORE_INDEX, PackedCollator
 
 
 def eval_loss(

@@ -22,9 +22,10 @@ from typing import Any
 
 import yaml
 
+from openseek_cpt import packing
 from openseek_cpt.errors import UserError
 
-PACKING_CHOICES = ("bfd_split", "bfd", "wrapped", "truncate")
+PACKING_CHOICES = packing.NAMES
 SOURCE_TYPES = ("auto", "hub", "disk", "json", "parquet", "text", "megatron")
 PRECISIONS = ("bf16-mixed", "bf16-pure", "fp32")
 

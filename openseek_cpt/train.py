@@ -46,8 +46,8 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from openseek_cpt import flops
+from openseek_cpt.collator import PackedCollator
 from openseek_cpt.errors import UserError
-from openseek_cpt.packing import PackedCollator
 from openseek_cpt.provenance import (
     CHECKPOINT_MARKER,
     atomic_output_dir,
