@@ -13,9 +13,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from openseek_cpt.errors import UserError
+from openseek_cpt.errors import UserError, first_line
+from openseek_cpt.logs import get_logger
 from openseek_cpt.provenance import atomic_output_dir, directory_fingerprint, write_provenance
 from openseek_cpt.recipe import Recipe
+
+log = get_logger("download")
 
 
 def run(recipe: Recipe) -> Path:
@@ -27,10 +30,9 @@ def run(recipe: Recipe) -> Path:
     is_local = Path(source).is_dir()
     revision = None if is_local else a.revision
     where = f"{source}@{revision}" if revision else source
-    print(
-        f"[download] {where} -> {a.model_dir} (endpoint {os.environ.get('HF_ENDPOINT', 'default')}, "
-        f"offline={os.environ.get('HF_HUB_OFFLINE', '0')})",
-        flush=True,
+    log.info(
+        f"{where} -> {a.model_dir} (endpoint {os.environ.get('HF_ENDPOINT', 'default')}, "
+        f"offline={os.environ.get('HF_HUB_OFFLINE', '0')})"
     )
     try:
         tokenizer = AutoTokenizer.from_pretrained(
@@ -44,9 +46,8 @@ def run(recipe: Recipe) -> Path:
             output_loading_info=True,
         )
     except OSError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(
-            f"assets.base_model={source!r} could not be loaded ({first}); check the id/revision, "
+            f"assets.base_model={source!r} could not be loaded ({first_line(exc)}); check the id/revision, "
             "HF_ENDPOINT for a mirror, or HF_HUB_OFFLINE=0 on a machine with network"
         ) from None
     bad = {k: sorted(v) for k, v in info.items() if k in ("missing_keys", "unexpected_keys") and v}
@@ -56,7 +57,7 @@ def run(recipe: Recipe) -> Path:
             f"({', '.join(f'{k}: {len(v)} e.g. {v[0]}' for k, v in bad.items())}); "
             "set assets.model_trust_remote_code or use a checkpoint of this architecture"
         )
-    print(f"[download] strict load of {type(model).__name__}: no missing or unexpected keys", flush=True)
+    log.info(f"strict load of {type(model).__name__}: no missing or unexpected keys")
     inputs = {"base_model": where}
     if is_local:
         inputs["base_model_fingerprint"] = directory_fingerprint(source)
@@ -64,5 +65,5 @@ def run(recipe: Recipe) -> Path:
         tokenizer.save_pretrained(tmp)
         model.save_pretrained(tmp)
         write_provenance(tmp, stage="download", recipe=recipe, inputs=inputs)
-    print(f"[download] saved to {a.model_dir}", flush=True)
+    log.info(f"saved to {a.model_dir}")
     return Path(a.model_dir)

@@ -33,7 +33,9 @@ def cmd_tiny_assets(args: argparse.Namespace) -> int:
 
     hub = tiny_assets.build_tiny_hub(Path(args.out) / "hub" / "tiny-openseek", seed=args.seed)
     sources = tiny_assets.build_tiny_sources(Path(args.out) / "sources", hub)
-    print(f"[tiny-assets] model + tokenizer: {hub}\n[tiny-assets] sources: {sources}")
+    log = logs.get_logger("tiny-assets")
+    log.info(f"model + tokenizer: {hub}")
+    log.info(f"sources: {sources}")
     return 0
 
 

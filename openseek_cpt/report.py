@@ -7,19 +7,19 @@ the stages' code. Writes `report.md` and PNGs next to the run.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from openseek_cpt.errors import UserError
+from openseek_cpt.fileio import read_json
 
 
 def write_report(run_dir: str | Path, dataset_dir: str | Path, soup_dir: str | Path | None) -> Path:
     """Write `run_dir/report.md` (+ loss_curves.png, throughput.png); returns the report path."""
     run_dir, dataset_dir = Path(run_dir), Path(dataset_dir)
     scalars = read_scalars(run_dir)
-    manifest = _read_json(dataset_dir / "manifest.json")
-    merge_info = _read_json(Path(soup_dir) / "merge_info.json") if soup_dir else {}
+    manifest = read_json(dataset_dir / "manifest.json") or {}
+    merge_info = (read_json(Path(soup_dir) / "merge_info.json") or {}) if soup_dir else {}
     evals = dict((name, loss) for name, loss, _ in eval_rows(merge_info.get("evaluation") or []))
     loss_png = plot_losses(scalars, evals, run_dir / "loss_curves.png")
     speed_png = plot_throughput(scalars, run_dir / "throughput.png")
@@ -170,7 +170,3 @@ def _num(x: Any) -> str:
     if isinstance(x, float):
         return f"{x:.4g}"
     return "" if x is None else str(x)
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text()) if path.is_file() else {}

@@ -7,7 +7,6 @@ tiny-assets -> download -> data -> train -> soup (with evaluation) -> report.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -15,7 +14,11 @@ import time
 from pathlib import Path
 
 from openseek_cpt.errors import UserError
+from openseek_cpt.fileio import read_json
+from openseek_cpt.logs import get_logger
 from openseek_cpt.recipe import load_recipe
+
+log = get_logger("tiny")
 
 
 def default_recipe() -> Path:
@@ -34,18 +37,14 @@ def run(recipe_path: str | None, overrides: list[str], workdir: str | Path = "."
     recipe_file = Path(recipe_path).resolve() if recipe_path else default_recipe()
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    cwd = Path.cwd()
-    os.chdir(workdir)  # recipe paths are relative to the working directory
-    try:
-        recipe = load_recipe(recipe_file, overrides)
-    finally:
-        os.chdir(cwd)
+    recipe = load_recipe(recipe_file, overrides)  # its paths stay relative: to `workdir` below
     log_dir = workdir / "logs" / "tiny"
     log_dir.mkdir(parents=True, exist_ok=True)
     common = ["--recipe", str(recipe_file), *[a for o in overrides for a in ("--set", o)]]
     assets_root = Path(recipe.assets.base_model).parent.parent  # models/tiny/hub/tiny-openseek -> models/tiny
     started = time.perf_counter()
-    print(f"[tiny] recipe {recipe_file}\n[tiny] workdir {workdir} (stage logs in {log_dir})", flush=True)
+    log.info(f"recipe {recipe_file}")
+    log.info(f"workdir {workdir} (stage logs in {log_dir})")
     _stage("tiny-assets", ["--out", str(assets_root)], workdir, log_dir)
     for stage in ("download", "data", "train", "soup"):
         _stage(stage, common, workdir, log_dir)
@@ -63,7 +62,6 @@ def _stage(name: str, args: list[str], workdir: Path, log_dir: Path) -> None:
     """Run one stage as a subprocess, its output in a log file; on failure show the log's tail."""
     log_path = log_dir / f"{name}.log"
     t0 = time.perf_counter()
-    print(f"[tiny] {name:<11} ...", end="", flush=True)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     with open(log_path, "w") as log:
         proc = subprocess.run(
@@ -73,7 +71,7 @@ def _stage(name: str, args: list[str], workdir: Path, log_dir: Path) -> None:
             stdout=log,
             stderr=subprocess.STDOUT,
         )
-    print(f" {'done' if proc.returncode == 0 else 'FAILED'} in {time.perf_counter() - t0:.1f} s", flush=True)
+    log.info(f"{name:<11} {'done' if proc.returncode == 0 else 'FAILED'} in {time.perf_counter() - t0:.1f} s")
     if proc.returncode != 0:
         tail = log_path.read_text(errors="replace").splitlines()[-25:]
         print("\n".join(f"    {line}" for line in tail), file=sys.stderr)
@@ -81,21 +79,20 @@ def _stage(name: str, args: list[str], workdir: Path, log_dir: Path) -> None:
 
 
 def _print_summary(workdir: Path, recipe, report: Path, seconds: float) -> None:
-    merge_info_path = workdir / recipe.soup.output_dir / "merge_info.json"
-    merge_info = json.loads(merge_info_path.read_text()) if merge_info_path.is_file() else {}
+    merge_info = read_json(workdir / recipe.soup.output_dir / "merge_info.json") or {}
     from openseek_cpt.report import eval_rows
 
-    print(f"\n[tiny] finished in {seconds:.0f} s")
+    log.info(f"finished in {seconds:.0f} s")
     rows = eval_rows(merge_info.get("evaluation") or [])
     if rows:
-        print("[tiny] eval loss on the held-out split:")
+        log.info("eval loss on the held-out split:")
         for name, loss, _ in rows:
-            print(f"         {name:<28} {loss:.4f}" if loss is not None else f"         {name}")
+            log.info(f"  {name:<28} {loss:.4f}" if loss is not None else f"  {name}")
     for label, rel in (
         ("base model", recipe.assets.model_dir),
         ("dataset", recipe.data.output_dir),
         ("checkpoints", recipe.train.output_dir),
         ("soup", recipe.soup.output_dir),
     ):
-        print(f"[tiny] {label:<12} {workdir / rel}")
-    print(f"[tiny] report       {report}")
+        log.info(f"{label:<12} {workdir / rel}")
+    log.info(f"report       {report}")
