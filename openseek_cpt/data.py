@@ -12,7 +12,6 @@ gets an explicit cache file and fingerprint, so nothing random or path-dependent
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -25,19 +24,18 @@ from typing import Any
 
 import numpy as np
 
-from openseek_cpt import packing
-from openseek_cpt.errors import UserError
+from openseek_cpt import packing, prepared
+from openseek_cpt.errors import UserError, first_line
+from openseek_cpt.fileio import canonical_hash, read_json
+from openseek_cpt.logs import get_logger
 from openseek_cpt.provenance import atomic_output_dir, directory_fingerprint, write_provenance
 from openseek_cpt.recipe import Recipe
 from openseek_cpt.sources import OpenSource, open_sources
 
-MANIFEST_FILE = "manifest.json"
 # Documents tokenized in-process to estimate tokens per document of a source.
 ESTIMATE_DOCS = 256
 
-
-def log(msg: str) -> None:
-    print(f"[data] {msg}", flush=True)
+log = get_logger("data")
 
 
 def run(recipe: Recipe) -> Path:
@@ -80,7 +78,8 @@ def run(recipe: Recipe) -> Path:
             )
             for s in sources
         ]
-        with atomic_output_dir(out) as tmp:
+        read = [recipe.tokenizer_dir, *(s.config.path for s in sources)]
+        with atomic_output_dir(out, stage="data", inputs=read, field="data.output_dir") as tmp:
             manifest = sample_and_save(packed, train_counts, eval_counts, recipe, tmp, build_id)
             manifest.update(
                 tokenizer_dir=recipe.tokenizer_dir,
@@ -89,7 +88,7 @@ def run(recipe: Recipe) -> Path:
                 pad_token_id=tokenizer.pad_token_id,
                 padding_side=tokenizer.padding_side,
             )
-            (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+            (tmp / prepared.MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
             if d.megatron_prefix:
                 from datasets import load_from_disk
 
@@ -98,12 +97,12 @@ def run(recipe: Recipe) -> Path:
                 megatron_format.export_dataset(
                     load_from_disk(str(tmp / "train")), d.megatron_prefix, len(tokenizer)
                 )
-                log(f"Megatron copy of train written to {d.megatron_prefix}.bin/.idx")
+                log.info(f"Megatron copy of train written to {d.megatron_prefix}.bin/.idx")
             write_provenance(tmp, stage="data", recipe=recipe, inputs=inputs)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print_summary(manifest)
-    log(f"saved to {out} in {time.perf_counter() - started:.1f} s")
+    log.info(f"saved to {out} in {time.perf_counter() - started:.1f} s")
     return out
 
 
@@ -122,8 +121,9 @@ def load_tokenizer(recipe: Recipe) -> Any:
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=recipe.assets.tokenizer_trust_remote_code)
     except (OSError, ValueError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise UserError(f"data.tokenizer_dir={path!r} has no loadable tokenizer ({first})") from None
+        raise UserError(
+            f"data.tokenizer_dir={path!r} has no loadable tokenizer ({first_line(exc)})"
+        ) from None
     if tok.eos_token_id is None:
         if tok.pad_token_id is None:
             raise UserError(
@@ -136,7 +136,7 @@ def load_tokenizer(recipe: Recipe) -> Any:
         )
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
-        log(f"tokenizer has no pad token: using eos {tok.eos_token!r} (id {tok.eos_token_id}) as pad")
+        log.info(f"tokenizer has no pad token: using eos {tok.eos_token!r} (id {tok.eos_token_id}) as pad")
     tok.padding_side = "right"  # packed rows are right-padded by the collator; never left
     return tok
 
@@ -144,9 +144,9 @@ def load_tokenizer(recipe: Recipe) -> Any:
 def check_max_length(recipe: Recipe) -> None:
     """max_length must fit the model's position embeddings (config.json of assets.model_dir, if present)."""
     cfg_path = Path(recipe.assets.model_dir, "config.json")
-    if not cfg_path.is_file():
+    cfg = read_json(cfg_path)
+    if cfg is None:
         return
-    cfg = json.loads(cfg_path.read_text())
     limit = cfg.get("max_position_embeddings") or (cfg.get("text_config") or {}).get(
         "max_position_embeddings"
     )
@@ -303,7 +303,9 @@ def prepare_source(
         if have >= need or pos >= n_docs:
             break
         take = min(n_docs - pos, math.ceil((need - have) * pos / have * (1 + d.read_margin)) + 1)
-        log(f"{src.label}: {have} rows from {pos} documents, short of {need}: topping up with {take} more")
+        log.info(
+            f"{src.label}: {have} rows from {pos} documents, short of {need}: topping up with {take} more"
+        )
     result.rows = parts[0] if len(parts) == 1 else concatenate_datasets(parts)
     return result
 
@@ -545,4 +547,4 @@ def print_summary(manifest: dict[str, Any]) -> None:
 
 
 def _hash(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:32]
+    return canonical_hash(obj)[:32]

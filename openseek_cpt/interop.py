@@ -7,8 +7,6 @@ The Megatron format itself (and reading it back as a source) lives in the leaf m
 
 from __future__ import annotations
 
-import json
-import logging
 import os
 import shutil
 from pathlib import Path
@@ -18,10 +16,12 @@ import datasets
 import numpy as np
 import pyarrow.compute as pc
 
-from openseek_cpt import megatron_format, provenance
+from openseek_cpt import megatron_format, prepared, provenance
 from openseek_cpt.errors import UserError
+from openseek_cpt.fileio import write_json_atomic
+from openseek_cpt.logs import get_logger
 
-log = logging.getLogger(__name__)
+log = get_logger("interop")
 
 
 def export_megatron(dataset_dir: str | Path, prefix: str | Path, split: str = "train") -> Path:
@@ -46,7 +46,7 @@ def export_megatron(dataset_dir: str | Path, prefix: str | Path, split: str = "t
             "dtype": megatron_format.token_dtype(vocab_size).__name__,
         },
     )
-    log.info(f"[export-megatron] {len(dataset)} rows of {dataset_dir}[{split}] -> {prefix}.bin/.idx")
+    log.info(f"export-megatron: {len(dataset)} rows of {dataset_dir}[{split}] -> {prefix}.bin/.idx")
     return Path(prefix)
 
 
@@ -71,7 +71,11 @@ def export_mindrecord(dataset_dir: str | Path, path: str | Path, split: str = "t
         ) from None
     dataset, manifest = _load_split(dataset_dir, split)
     max_length = _max_length(manifest, dataset_dir, dataset)
-    pad_id = _pad_id(manifest, dataset_dir)
+    if manifest.get("pad_token_id") is None and manifest.get("eos_token_id") is None:
+        raise UserError(
+            f"{dataset_dir}/manifest.json records no pad_token_id or eos_token_id; rebuild the dataset with `openseek-cpt data`"
+        )
+    pad_id = prepared.pad_token_id(manifest)
     path = Path(path)
     if path.suffix == ".db":
         raise UserError(
@@ -106,7 +110,7 @@ def export_mindrecord(dataset_dir: str | Path, path: str | Path, split: str = "t
         split,
         {"format": "mindrecord", "max_length": max_length, "pad_token_id": pad_id, "rows": len(dataset)},
     )
-    log.info(f"[export-mindrecord] {len(dataset)} rows of {dataset_dir}[{split}] -> {path}")
+    log.info(f"export-mindrecord: {len(dataset)} rows of {dataset_dir}[{split}] -> {path}")
     return path
 
 
@@ -114,41 +118,12 @@ def export_mindrecord(dataset_dir: str | Path, path: str | Path, split: str = "t
 
 
 def _load_split(dataset_dir: str | Path, split: str) -> tuple[datasets.Dataset, dict[str, Any]]:
-    dataset_dir = Path(dataset_dir)
-    if not dataset_dir.is_dir():
-        raise UserError(f"DATASET_DIR {dataset_dir} does not exist; run `openseek-cpt data` first")
-    try:
-        dd = datasets.load_from_disk(str(dataset_dir))
-    except (FileNotFoundError, ValueError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise UserError(
-            f"DATASET_DIR {dataset_dir} is not a prepared dataset ({first}); run `openseek-cpt data`"
-        ) from None
-    if isinstance(dd, datasets.Dataset):
-        if split != "train":
-            raise UserError(f"--split {split}: {dataset_dir} holds a single split; use --split train")
-        ds = dd
-    elif split not in dd:
-        raise UserError(f"--split {split}: {dataset_dir} has splits {sorted(dd)}; pick one of them")
-    else:
-        ds = dd[split]
-    if "input_ids" not in ds.column_names:
-        raise UserError(
-            f"DATASET_DIR {dataset_dir}: split {split} has no input_ids column ({ds.column_names}); run `openseek-cpt data`"
-        )
-    manifest_path = dataset_dir / "manifest.json"
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
-    return ds, manifest
-
-
-def _lookup(manifest: dict[str, Any], key: str) -> Any:
-    """`manifest["tokenizer"][key]`, else `manifest[key]` (both layouts are in use)."""
-    tok = manifest.get("tokenizer") if isinstance(manifest.get("tokenizer"), dict) else {}
-    return tok.get(key, manifest.get(key))
+    """The split and the manifest of a prepared dataset (through `prepared`, the one reader)."""
+    return prepared.load_split(dataset_dir, split, "DATASET_DIR"), prepared.read_manifest(dataset_dir)
 
 
 def _vocab_size(manifest: dict[str, Any], dataset: datasets.Dataset, dataset_dir: str | Path) -> int:
-    vocab = _lookup(manifest, "vocab_size")
+    vocab = manifest.get("vocab_size")
     if vocab is not None:
         return int(vocab)
     top = 0
@@ -181,16 +156,6 @@ def _max_length(manifest: dict[str, Any], dataset_dir: str | Path, dataset: data
     return longest
 
 
-def _pad_id(manifest: dict[str, Any], dataset_dir: str | Path) -> int:
-    for key in ("pad_token_id", "eos_token_id"):
-        value = _lookup(manifest, key)
-        if value is not None:
-            return int(value)
-    raise UserError(
-        f"{dataset_dir}/manifest.json records no pad_token_id or eos_token_id; rebuild the dataset with `openseek-cpt data`"
-    )
-
-
 def _pad(row: np.ndarray, max_length: int, pad_id: int, index: int) -> np.ndarray:
     if len(row) > max_length:
         raise UserError(
@@ -213,6 +178,4 @@ def _write_sidecar(path: Path, dataset_dir: str | Path, split: str, extra: dict[
         "git_revision": provenance.git_revision(),
         **extra,
     }
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    write_json_atomic(path, info)

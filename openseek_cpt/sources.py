@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import importlib
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from openseek_cpt.errors import UserError
+from openseek_cpt.errors import UserError, first_line
+from openseek_cpt.fileio import canonical_hash, read_json
 from openseek_cpt.provenance import directory_fingerprint, read_provenance, sha256_file
 from openseek_cpt.recipe import SourceConfig
 
@@ -168,9 +168,8 @@ def _load(kind: str, src: SourceConfig, where: str) -> tuple[Any, str | None]:
         try:
             ds = datasets.load_dataset(kind, data_files=[str(f) for f in files], split="train")
         except Exception as exc:  # malformed file: the builder's error, on one line
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
             raise UserError(
-                f"{where}.path={src.path!r} could not be read as {kind} ({type(exc).__name__}: {first}); "
+                f"{where}.path={src.path!r} could not be read as {kind} ({type(exc).__name__}: {first_line(exc)[:300]}); "
                 "check the file or set type"
             ) from None
         return ds, _fingerprint_files(files)
@@ -179,7 +178,7 @@ def _load(kind: str, src: SourceConfig, where: str) -> tuple[Any, str | None]:
             path, name=src.name, split=src.split, data_files=src.data_files, revision=src.revision
         )
     except Exception as exc:  # hub/network/builder errors all mean: this source cannot be read
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        first = first_line(exc)[:300]
         hint = "no such local path either; " if kind == "hub" else ""
         raise UserError(
             f"{where}.path={src.path!r} could not be loaded as a {'hub dataset' if kind == 'hub' else 'folder'} "
@@ -223,9 +222,9 @@ def _fingerprint_dir(path: Path) -> str:
         return directory_fingerprint(path)
     state = path / "state.json"
     if state.is_file():  # a save_to_disk dir: datasets' own fingerprint + the files' sizes
-        fp = json.loads(state.read_text()).get("_fingerprint", "")
+        fp = (read_json(state) or {}).get("_fingerprint", "")
         sizes = sorted(
             (p.relative_to(path).as_posix(), p.stat().st_size) for p in path.rglob("*") if p.is_file()
         )
-        return hashlib.sha256(json.dumps([fp, sizes]).encode()).hexdigest()
+        return canonical_hash([fp, sizes])
     return _fingerprint_files(sorted(p for p in path.rglob("*") if p.is_file()))

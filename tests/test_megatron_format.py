@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import struct
 import subprocess
@@ -42,11 +43,7 @@ def make_prepared(root: Path, rows=ROWS, segments=SEGMENTS, manifest=None) -> Pa
     )
     out = root / "prepared"
     dd.save_to_disk(str(out))
-    manifest = (
-        {"max_length": 8, "tokenizer": {"vocab_size": 64, "pad_token_id": 0}}
-        if manifest is None
-        else manifest
-    )
+    manifest = {"max_length": 8, "vocab_size": 64, "pad_token_id": 0} if manifest is None else manifest
     (out / "manifest.json").write_text(json.dumps(manifest))
     return out
 
@@ -72,7 +69,9 @@ def test_export_of_the_eval_split_and_of_a_large_vocab_uses_int32(tmp_path):
     assert docs["input_ids"][:] == segments_of(ROWS[:1], SEGMENTS[:1])
 
 
-def test_vocab_size_falls_back_to_max_token_id_plus_one(tmp_path, caplog):
+def test_vocab_size_falls_back_to_max_token_id_plus_one(tmp_path, caplog, monkeypatch):
+    # logs.setup() (run by an in-process CLI test) stops propagation to the root logger caplog hooks.
+    monkeypatch.setattr(logging.getLogger("openseek_cpt"), "propagate", True)
     prepared = make_prepared(tmp_path, manifest={})
     prefix = interop.export_megatron(prepared, tmp_path / "p")
     assert json.loads(Path(f"{prefix}.provenance.json").read_text())["vocab_size"] == 14
@@ -229,8 +228,8 @@ def test_cli_export_megatron_writes_files_and_bad_input_exits_2(tmp_path):
     )
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [
-        "openseek-cpt export-megatron: error: --split validation: "
-        f"{prepared} has splits ['eval', 'train']; pick one of them"
+        "openseek-cpt export-megatron: error: DATASET_DIR: "
+        f"{prepared} has no split 'validation' (has ['eval', 'train'])"
     ]
     r = run_cli("export-megatron", str(tmp_path / "out"), "x", cwd=tmp_path, timeout=300)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1

@@ -24,9 +24,7 @@ def _read_all(path) -> list[dict]:
 
 
 def test_mindspore_filereader_reads_padded_rows_in_order(tmp_path):
-    prepared = make_prepared(
-        tmp_path, manifest={"max_length": 8, "tokenizer": {"vocab_size": 64, "pad_token_id": 63}}
-    )
+    prepared = make_prepared(tmp_path, manifest={"max_length": 8, "vocab_size": 64, "pad_token_id": 63})
     path = interop.export_mindrecord(prepared, tmp_path / "out" / "mix.mindrecord")
     rows = _read_all(path)
     assert [sorted(r) for r in rows] == [["input_ids"]] * len(ROWS)
