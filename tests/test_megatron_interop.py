@@ -29,7 +29,7 @@ def _random_documents(seed: int, high: int, count: int = 50) -> list[np.ndarray]
 
 @pytest.mark.parametrize("vocab_size", [64, 151851], ids=["uint16", "int32"])
 def test_megatron_indexed_dataset_reads_our_export_exactly(tmp_path, vocab_size):
-    prepared = make_prepared(tmp_path, manifest={"tokenizer": {"vocab_size": vocab_size}})
+    prepared = make_prepared(tmp_path, manifest={"vocab_size": vocab_size})
     prefix = interop.export_megatron(prepared, tmp_path / "mix_text_document")
     theirs = indexed_dataset.IndexedDataset(str(prefix))
     expected = segments_of(ROWS, SEGMENTS)
