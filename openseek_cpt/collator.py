@@ -10,7 +10,9 @@ model was pretrained with attention and positions reset per document, so the col
 - sets the label of each document's first token to -100, so no document is trained to predict
   the next document's first token from its own last one;
 - right-pads short rows with `pad_token_id`: the padding forms its own segment (positions from 0)
-  with labels -100, so it neither sees nor is seen by real tokens and adds nothing to the loss.
+  with labels -100, so it neither sees nor is seen by real tokens and adds nothing to the loss;
+- with `varlen=True` (flash-attention kernels, which ignore masks) also emits per-document
+  `cu_seq_lens_q/k` and `max_length_q/k` over the flattened batch (`attention.varlen_fields`).
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ class PackedCollator:
     """Collate rows `{input_ids, seq_lengths}` into `input_ids`, `position_ids`, `labels` tensors."""
 
     pad_token_id: int
+    # Emit cu_seq_lens/max_length for varlen attention kernels (attention.needs_varlen).
+    varlen: bool = False
 
     def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         width = max(len(r["input_ids"]) for r in rows)
@@ -50,4 +54,9 @@ class PackedCollator:
                 start += length
             if n < width:
                 position_ids[i, n:] = torch.arange(width - n)
-        return {"input_ids": input_ids, "position_ids": position_ids, "labels": labels}
+        batch = {"input_ids": input_ids, "position_ids": position_ids, "labels": labels}
+        if self.varlen:
+            from openseek_cpt.attention import varlen_fields
+
+            batch.update(varlen_fields(position_ids))
+        return batch

@@ -1,0 +1,127 @@
+"""Aux-loss-free MoE load balancing (DeepSeek-V3's `noaux_tc`) during training, and its metrics.
+
+OpenSeek-Small-v1 routes with a per-expert bias (`mlp.gate.e_score_correction_bias`, a persistent
+buffer) added to the router scores for top-k selection only. DeepSeek-V3 (and Megatron's
+`moe_router_enable_expert_bias`) update it after every optimizer step:
+
+    bias += rate * sign(mean_load - load)      (per MoE layer, per expert)
+
+where `load` is the number of tokens routed to each expert during the step, summed over every
+micro-batch and every rank. transformers treats it as a frozen buffer, so nothing moved it.
+
+Guarantees:
+- loads are counted by forward hooks on the routers in training mode only (evaluation does not
+  count); integer counts are summed over ranks with one all-reduce per optimizer step, so every
+  rank applies the same update and DDP's buffer broadcast (rank 0 -> all) changes nothing, and 1
+  rank x accumulation 2 updates exactly like 2 ranks x 1;
+- with activation checkpointing the recomputed forward counts each token twice: the update uses
+  only sign(mean - load) and the metric max/mean, both unchanged by a common factor;
+- the bias is a model buffer, so checkpoints, resume (bit-identical), the final model and the
+  soup carry it like any tensor; the counters are per step and hold nothing to save;
+- rate 0 freezes the bias (loads are still measured and logged).
+Logged (TensorBoard via Trainer.log): per MoE layer `moe/layer{i}_load_imbalance` (max load /
+mean load, averaged over the steps since the last log; 1.0 = balanced) and `moe/layer{i}_bias_norm`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+# DeepSeek-V3 (bias update speed 0.001) and Megatron's moe_router_bias_update_rate default.
+DEFAULT_RATE = 1e-3
+BIAS_NAME = "e_score_correction_bias"
+
+
+def find_routers(model: Any) -> list[tuple[int, torch.nn.Module]]:
+    """(layer index, router) for every module holding an expert score-correction bias, in layer order."""
+    found = []
+    for name, module in model.named_modules():
+        if isinstance(getattr(module, BIAS_NAME, None), torch.Tensor):
+            parts = name.split(".")
+            layer = next((int(parts[i + 1]) for i, p in enumerate(parts[:-1]) if p == "layers"), len(found))
+            found.append((layer, module))
+    return found
+
+
+def bias_update(loads: torch.Tensor, rate: float) -> torch.Tensor:
+    """rate * sign(mean - load) per layer (rows) and expert (columns); loads (layers, experts)."""
+    loads = loads.double()
+    return rate * torch.sign(loads.mean(dim=-1, keepdim=True) - loads)
+
+
+class RouterBalanceCallback(TrainerCallback):
+    """Counts expert loads during each optimizer step, then moves the router bias toward balance."""
+
+    def __init__(self, model: Any, rate: float = DEFAULT_RATE):
+        self.rate = float(rate)
+        self.routers = find_routers(model)
+        self.layers = [layer for layer, _ in self.routers]
+        experts = getattr(self.routers[0][1], BIAS_NAME).numel() if self.routers else 0
+        device = getattr(self.routers[0][1], BIAS_NAME).device if self.routers else "cpu"
+        self.counts = torch.zeros(len(self.routers), experts, dtype=torch.int64, device=device)
+        self._imbalance_sum = torch.zeros(len(self.routers), dtype=torch.float64)
+        self._steps = 0
+        self._handles = [
+            router.register_forward_hook(self._hook(i)) for i, (_, router) in enumerate(self.routers)
+        ]
+
+    def _hook(self, row: int):
+        def count(module, inputs, output) -> None:
+            if not module.training:
+                return
+            indices = output[2].reshape(-1)  # (router_logits, topk_weights, topk_indices)
+            if self.counts.device != indices.device:  # the model moved after construction (Trainer)
+                self.counts = self.counts.to(indices.device)
+            # scatter_add_, not bincount: no device sync
+            self.counts[row].scatter_add_(0, indices, torch.ones_like(indices, dtype=torch.int64))
+
+        return count
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        if not self.routers:
+            return
+        loads = self.step_loads()
+        if self.rate:
+            delta = bias_update(loads, self.rate)
+            with torch.no_grad():
+                for row, (_, router) in enumerate(self.routers):
+                    bias = getattr(router, BIAS_NAME)
+                    bias.add_(delta[row].to(device=bias.device, dtype=bias.dtype))
+        loads = loads.double().cpu()
+        self._imbalance_sum += loads.max(dim=-1).values / loads.mean(dim=-1).clamp(min=1e-12)
+        self._steps += 1
+
+    def step_loads(self) -> torch.Tensor:
+        """This step's loads summed over ranks (layers, experts); resets the counters."""
+        loads = self.counts.clone()
+        self.counts.zero_()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(loads)
+        return loads
+
+    def take_metrics(self) -> dict[str, float]:
+        """Per-layer load imbalance (mean over steps since the last take) and bias norm."""
+        if not self.routers or self._steps == 0:
+            return {}
+        out = {}
+        for row, (layer, router) in enumerate(self.routers):
+            out[f"moe/layer{layer}_load_imbalance"] = float(self._imbalance_sum[row]) / self._steps
+            out[f"moe/layer{layer}_bias_norm"] = float(getattr(router, BIAS_NAME).float().norm())
+        self._imbalance_sum.zero_()
+        self._steps = 0
+        return out
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+def take_metrics(callbacks: list[Any]) -> dict[str, float]:
+    """The metrics of the RouterBalanceCallback among `callbacks` ({} if there is none)."""
+    for cb in callbacks:
+        if isinstance(cb, RouterBalanceCallback):
+            return cb.take_metrics()
+    return {}
