@@ -76,6 +76,22 @@ def cmd_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_recipe(args: argparse.Namespace) -> int:
+    import yaml
+
+    from openseek_cpt import recipe as recipe_module
+
+    if args.markdown:
+        print(recipe_module.keys_markdown())
+        return EXIT_OK
+    loaded = _recipe(args) if args.recipe or args.overrides else None
+    if args.keys:
+        print(recipe_module.keys_text(loaded))
+    else:
+        print(yaml.safe_dump((loaded or load_recipe(None)).to_dict(), sort_keys=False), end="")
+    return EXIT_OK
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     from openseek_cpt import provenance
 
@@ -101,6 +117,13 @@ def cmd_export_mindrecord(args: argparse.Namespace) -> int:
 
     interop.export_mindrecord(args.dataset_dir, args.path, split=args.split)
     return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    recipe = _recipe(args) if args.recipe or args.overrides else None
+    from openseek_cpt import doctor
+
+    return doctor.run(recipe, allow_cpu=args.allow_cpu)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -133,6 +156,18 @@ def build_parser() -> argparse.ArgumentParser:
     stage("soup", cmd_soup, "average the base model and the checkpoints into soup.output_dir")
     p = stage("tiny", cmd_tiny, "run the whole pipeline on the tiny recipe on a CPU", recipe_required=False)
     p.add_argument("--workdir", default=".", help="directory for models/, datasets/, runs/ (default: .)")
+
+    p = stage("recipe", cmd_recipe, "print a recipe as loaded (checked), or its keys", recipe_required=False)
+    p.add_argument("--keys", action="store_true", help="every key: type, default (or value), doc")
+    p.add_argument("--markdown", action="store_true", help="the keys as the README's markdown table")
+
+    p = stage(
+        "doctor",
+        cmd_doctor,
+        "check this node: GPU, driver vs CUDA 12, bf16, the recipe's kernels, NCCL (exit 0/1)",
+        recipe_required=False,
+    )
+    p.add_argument("--allow-cpu", action="store_true", help="no GPU is a warning, not a failure")
 
     p = sub.add_parser("tiny-assets", help="build the tiny tokenizer, model and sources (no download)")
     p.add_argument("--out", default="models/tiny", help="output directory (default: models/tiny)")
