@@ -88,7 +88,7 @@ sif: ## convert IMAGE to the Apptainer file SIF (container/openseek-cpt.def, via
 lock: ## regenerate container/requirements.lock (GPU) and requirements-cpu.lock with uv, hashed
 	test -x $(REPO)/build/lock-venv/bin/uv || { python3 -m venv $(REPO)/build/lock-venv && $(REPO)/build/lock-venv/bin/pip install -q uv; }
 	cd $(REPO) && $(foreach f,gpu cpu,printf 'setuptools>=68\n$(TORCH_$(f))\n' | build/lock-venv/bin/uv pip compile pyproject.toml - \
-	  --generate-hashes --python-platform x86_64-manylinux_2_28 --python-version $(PYVER_$(f)) \
+	  --generate-hashes --python-platform x86_64-manylinux_2_28 --python-version $(PYVER_$(f)) $(if $(filter gpu,$(f)),--extra gpu) \
 	  $(if $(filter cpu,$(f)),$(if $(WHEELS),--find-links $(abspath $(WHEELS)),$(TORCH_CPU_INDEX))) \
 	  --custom-compile-command 'make lock' \
 	  -o $(LOCK_$(f)) --quiet &&) true

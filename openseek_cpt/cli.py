@@ -119,6 +119,13 @@ def cmd_export_mindrecord(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    recipe = _recipe(args) if args.recipe or args.overrides else None
+    from openseek_cpt import doctor
+
+    return doctor.run(recipe, allow_cpu=args.allow_cpu)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="openseek-cpt", description="Continued pretraining: download -> data -> train -> soup."
@@ -153,6 +160,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = stage("recipe", cmd_recipe, "print a recipe as loaded (checked), or its keys", recipe_required=False)
     p.add_argument("--keys", action="store_true", help="every key: type, default (or value), doc")
     p.add_argument("--markdown", action="store_true", help="the keys as the README's markdown table")
+
+    p = stage(
+        "doctor",
+        cmd_doctor,
+        "check this node: GPU, driver vs CUDA 12, bf16, the recipe's kernels, NCCL (exit 0/1)",
+        recipe_required=False,
+    )
+    p.add_argument("--allow-cpu", action="store_true", help="no GPU is a warning, not a failure")
 
     p = sub.add_parser("tiny-assets", help="build the tiny tokenizer, model and sources (no download)")
     p.add_argument("--out", default="models/tiny", help="output directory (default: models/tiny)")

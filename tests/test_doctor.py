@@ -1,0 +1,71 @@
+"""`openseek-cpt doctor` reports on any machine and fails when the node cannot train the recipe.
+
+CI has no GPU: there the GPU checks must FAIL (exit 1), `--allow-cpu` turns them into warnings
+(exit 0), and a kernel the recipe asks for but the machine lacks fails even then. The image
+definition and the GPU lock must carry what those kernels need (gcc + Python headers, liger-kernel).
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from conftest import REPO, run_cli
+
+OPENSEEK_RECIPE = str(REPO / "recipes" / "openseek" / "config.yaml")
+LINE = re.compile(r"^(ok|warn|FAIL) +[\w .-]+: .+$")
+
+
+def lines(out: str) -> list[str]:
+    return [ln for ln in out.splitlines() if ln and not ln.startswith("doctor:")]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the report of a machine without a GPU")
+def test_without_a_gpu_doctor_reports_every_check_and_exits_1(tmp_path):
+    r = run_cli("doctor", "--recipe", OPENSEEK_RECIPE, cwd=tmp_path)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert all(LINE.match(ln) for ln in lines(r.stdout)), r.stdout
+    for name in ("gpu", "driver", "nccl"):
+        assert re.search(rf"^FAIL {name}: ", r.stdout, re.M), r.stdout
+    assert "Traceback" not in r.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the report of a machine without a GPU")
+def test_allow_cpu_turns_the_gpu_checks_into_warnings_and_exits_0(tmp_path):
+    r = run_cli("doctor", "--allow-cpu", "--recipe", OPENSEEK_RECIPE, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert re.search(r"^warn gpu: ", r.stdout, re.M) and "FAIL" not in r.stdout
+
+
+@pytest.mark.skipif(
+    __import__("importlib").util.find_spec("flash_attn") is not None, reason="flash-attn is installed here"
+)
+def test_a_missing_attention_kernel_the_recipe_asks_for_fails_even_with_allow_cpu(tmp_path):
+    r = run_cli(
+        "doctor", "--allow-cpu", "--recipe", OPENSEEK_RECIPE,
+        "--set", "train.attn_implementation=flash_attention_2", cwd=tmp_path,
+    )  # fmt: skip
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert re.search(r"^FAIL attention flash_attention_2: flash_attn not installed", r.stdout, re.M), r.stdout
+
+
+def test_the_image_has_a_c_compiler_and_python_headers_for_triton():
+    dockerfile = (REPO / "container" / "Dockerfile").read_text()
+    install = next(ln for ln in dockerfile.splitlines() if "apt-get install" in ln)
+    for package in ("gcc", "libc6-dev", "python3-dev"):
+        assert re.search(rf"\b{re.escape(package)}\b", install), f"{package} missing from: {install}"
+
+
+def test_liger_kernel_is_pinned_in_the_gpu_lock_and_optional_everywhere_else():
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert not any(d.startswith("liger") for d in project["dependencies"])  # CI installs no GPU package
+    gpu_extra = project["optional-dependencies"]["gpu"]
+    assert gpu_extra == ["liger-kernel==0.8.5"]
+    gpu_lock = (REPO / "container" / "requirements.lock").read_text()
+    cpu_lock = (REPO / "container" / "requirements-cpu.lock").read_text()
+    assert re.search(r"^liger-kernel==0\.8\.5 \\\n    --hash=sha256:[0-9a-f]{64}", gpu_lock, re.M)
+    assert re.search(r"^triton==", gpu_lock, re.M)  # liger's only other requirement besides torch
+    assert "liger-kernel" not in cpu_lock
