@@ -17,14 +17,14 @@ import math
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
-from itertools import chain
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from openseek_cpt import packing, prepared
+from openseek_cpt.encoder import Encoder
 from openseek_cpt.errors import UserError, first_line
 from openseek_cpt.fileio import canonical_hash, read_json
 from openseek_cpt.logs import get_logger
@@ -56,7 +56,7 @@ def run(recipe: Recipe) -> Path:
     }
     for s in sources:
         inputs[f"source.{s.label}"] = s.config.path
-        inputs[f"source.{s.label}.fingerprint"] = s.fingerprint or f"datasets:{s.dataset._fingerprint}"
+        inputs[f"source.{s.label}.fingerprint"] = s.fingerprint
     # Deterministic datasets fingerprint of this build: what shapes the rows (not where they are written).
     # num_proc is part of it: TRL packs each map batch of each worker's shard separately.
     shaping = {k: v for k, v in d.__dict__.items() if k not in ("output_dir", "megatron_prefix", "sources")}
@@ -87,6 +87,9 @@ def run(recipe: Recipe) -> Path:
                 eos_token_id=tokenizer.eos_token_id,
                 pad_token_id=tokenizer.pad_token_id,
                 padding_side=tokenizer.padding_side,
+                # Which encoding ran (tiktoken, rust or tokenizer) and why: see encoder.py.
+                tokenizer_path=encoder.path,
+                tokenizer_path_note=encoder.path_note,
             )
             (tmp / prepared.MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
             if d.megatron_prefix:
@@ -160,106 +163,6 @@ def check_max_length(recipe: Recipe) -> None:
 # ---------------------------------------------------------------- tokenize and pack one source
 
 
-class Encoder:
-    """Rows (an Arrow batch) -> documents `input_ids` (int32) that end with eos exactly once.
-
-    A `doc_start` column (1 at a document's first token) travels through packing, so segment
-    boundaries (wrapped packing) and documents used can be derived honestly afterwards.
-    """
-
-    def __init__(self, tokenizer: Any):
-        self.tokenizer = tokenizer
-        # Documents are longer than the model on purpose (packing splits them): silence the length warning.
-        tokenizer.model_max_length = int(1e30)
-        self.eos = int(tokenizer.eos_token_id)
-        # Set by `verify_fast_path` once the Rust backend's ids equal `tokenizer(texts)`'s on a sample.
-        self.fast = False
-
-    def __call__(self, table: Any, content: str, text_field: str, formatting: Any) -> Any:
-        if content == "tokens":
-            return self.from_ids(table.column("input_ids"))
-        return self.from_texts(self.texts(table, content, text_field, formatting))
-
-    @staticmethod
-    def texts(table: Any, content: str, text_field: str, formatting: Any) -> list[str | None]:
-        if content == "formatting":
-            return [formatting(row) for row in table.to_pylist()]
-        return table.column(text_field).to_pylist()
-
-    def verify_fast_path(self, texts: list[str | None]) -> list[list[int]]:
-        """`tokenizer(texts)` ids; turns on the fast path if the backend gives the same ids for `texts`.
-
-        `tokenizer(texts)` is the Rust backend's `encode_batch` plus per-document Python bookkeeping
-        (offsets, attention masks, BatchEncoding) that we discard; `encode_batch_fast` skips it
-        (about 25% faster on the bench corpus). Tokenizers without a Rust backend, or with truncation
-        or padding configured on it, keep `tokenizer(texts)`.
-        """
-        texts = [t or "" for t in texts]
-        ids = self.tokenizer(texts)["input_ids"]
-        backend = getattr(self.tokenizer, "_tokenizer", None)
-        if (
-            getattr(self.tokenizer, "is_fast", False)
-            and hasattr(backend, "encode_batch_fast")
-            and backend.truncation is None
-            and backend.padding is None
-        ):
-            self.fast = self._fast_ids(texts) == ids
-        return ids
-
-    def _fast_ids(self, texts: list[str]) -> list[list[int]]:
-        backend = self.tokenizer._tokenizer
-        # What `tokenizer(texts)` sets on the backend before encoding (the state also travels to workers).
-        backend.encode_special_tokens = bool(self.tokenizer.split_special_tokens)
-        return [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=True)]
-
-    def encode(self, texts: list[str | None]) -> list[list[int]]:
-        """Token ids per text, ending with exactly one eos (trailing eos, e.g. tokenizer-added, stripped first)."""
-        texts = [t or "" for t in texts]
-        return self.end_with_eos(self._fast_ids(texts) if self.fast else self.tokenizer(texts)["input_ids"])
-
-    def end_with_eos(self, ids: list[list[int]]) -> list[list[int]]:
-        eos = self.eos
-        for x in ids:  # the lists are ours: edit in place
-            while x and x[-1] == eos:  # added by the tokenizer, or the text ended with the eos string
-                x.pop()
-            x.append(eos)
-        return ids
-
-    def from_texts(self, texts: list[str | None]) -> Any:
-        docs = self.encode(texts)
-        lengths = np.fromiter((len(x) for x in docs), dtype=np.int64, count=len(docs))
-        values = np.fromiter(chain.from_iterable(docs), dtype=np.int32, count=int(lengths.sum()))
-        return _documents_table(values, lengths)
-
-    def from_ids(self, column: Any) -> Any:
-        """Pre-tokenized documents: append eos only to those that do not already end with it."""
-        import pyarrow.compute as pc
-
-        column = column.combine_chunks()
-        lengths = pc.fill_null(pc.list_value_length(column), 0).to_numpy().astype(np.int64)
-        values = column.flatten().to_numpy(zero_copy_only=False).astype(np.int32)
-        ends = np.cumsum(lengths)
-        last = np.where(lengths > 0, values[np.maximum(ends - 1, 0)] if len(values) else -1, -1)
-        needs_eos = last != self.eos
-        values = np.insert(values, ends[needs_eos], self.eos).astype(np.int32)
-        return _documents_table(values, lengths + needs_eos)
-
-
-def _documents_table(values: np.ndarray, lengths: np.ndarray) -> Any:
-    import pyarrow as pa
-
-    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
-    starts = np.zeros(len(values), dtype=np.uint8)
-    starts[offsets[:-1][lengths > 0]] = 1
-    return pa.Table.from_arrays(
-        [
-            pa.ListArray.from_arrays(pa.array(offsets), pa.array(values)),
-            pa.ListArray.from_arrays(pa.array(offsets), pa.array(starts)),
-        ],
-        names=["input_ids", "doc_start"],
-    )
-
-
 @dataclass
 class PackedSource:
     """One source's packed rows (Dataset: input_ids, seq_lengths, n_docs) and what it cost."""
@@ -269,7 +172,7 @@ class PackedSource:
     documents_read: int = 0
     tokens_read: int = 0
     tokens_dropped: int = 0
-    chunks: list[int] = field(default_factory=list)
+    special_text_documents: int = 0
 
 
 def prepare_source(
@@ -279,7 +182,7 @@ def prepare_source(
     from datasets import concatenate_datasets
 
     d = recipe.data
-    n_docs = len(src.dataset)
+    n_docs = len(src.rows)
     order = np.random.default_rng([recipe.seed, src.index, 0]).permutation(n_docs)
     strategy = packing.get(d.packing)
     per_doc = estimate_tokens_per_doc(src, encoder, order[:ESTIMATE_DOCS], d.max_length, strategy)
@@ -290,11 +193,11 @@ def prepare_source(
     while True:
         chunk = order[pos : pos + take]
         pos += len(chunk)
-        part, lengths = tokenize_and_pack(
+        part, lengths, special = tokenize_and_pack(
             src, encoder, chunk, recipe, work, f"{build_id}-{src.index}-{len(parts)}"
         )
         parts.append(part)
-        result.chunks.append(len(chunk))
+        result.special_text_documents += special
         result.documents_read += len(chunk)
         result.tokens_read += int(lengths.sum())
         if strategy.truncates_documents:
@@ -316,30 +219,46 @@ def estimate_tokens_per_doc(
     """Mean tokens per document (capped at max_length where packing truncates), from a random sample."""
     import pyarrow.compute as pc
 
-    table = src.dataset.select(sample, keep_in_memory=True).with_format("arrow")[:]
+    table = src.rows.take(sample, src.columns)
     if src.content != "tokens":
         texts = encoder.texts(table, src.content, src.config.text_field, src.formatting)
-        ids = encoder.end_with_eos(encoder.verify_fast_path(texts))
-        lengths = np.array([len(x) for x in ids], dtype=np.int64)
+        if encoder.path_note == "not checked yet":  # once per run, on the first text source's sample
+            log.info(f"{src.label}: checking the fast tokenizer paths on {len(texts)} sample documents")
+            ids = encoder.choose_path(texts)
+        else:
+            ids = encoder.reference_ids([t or "" for t in texts])
+        lengths = np.array([len(x) + (not x or x[-1] != encoder.eos) for x in ids], dtype=np.int64)
     else:
         docs = encoder(table, src.content, src.config.text_field, src.formatting)
         lengths = pc.list_value_length(docs.column("input_ids")).to_numpy()
-        top = pc.max(docs.column("input_ids").combine_chunks().flatten()).as_py()
-        vocab = len(encoder.tokenizer)
-        if top is not None and top >= vocab:
-            raise UserError(
-                f"{src.where}.path={src.config.path!r} holds token id {top} >= the tokenizer's vocab size {vocab}; "
-                "it was tokenized with another tokenizer"
-            )
+        check_token_ids(src, docs.column("input_ids"), len(encoder.tokenizer))
     if strategy.truncates_documents:
         lengths = np.minimum(lengths, max_length)
     return max(float(lengths.mean()), 1.0)
 
 
+def check_token_ids(src: OpenSource, column: Any, vocab: int) -> None:
+    """Pre-tokenized ids must lie in [0, vocab): another tokenizer's ids would train garbage."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
+    bounds = pc.min_max(pa.chunked_array([c.flatten() for c in chunks], type=pa.int32())).as_py()
+    low, top = bounds["min"], bounds["max"]
+    if top is not None and (top >= vocab or low < 0):
+        bad = top if top >= vocab else low
+        raise UserError(
+            f"{src.where}.path={src.config.path!r} holds token id {bad}, outside the tokenizer's vocabulary "
+            f"[0, {vocab}) (vocab size {vocab}); it was tokenized with another tokenizer: "
+            "re-tokenize it or use the matching data.tokenizer_dir"
+        )
+
+
 def tokenize_and_pack(
     src: OpenSource, encoder: Encoder, indices: np.ndarray, recipe: Recipe, work: Path, tag: str
-) -> tuple[Any, np.ndarray]:
-    """(packed rows of the documents `indices` of `src`, their token lengths incl. eos)."""
+) -> tuple[Any, np.ndarray, int]:
+    """(packed rows of the documents `indices` of `src`, their token lengths incl. eos, documents
+    whose text held special-token strings)."""
     import pyarrow.compute as pc
 
     d = recipe.data
@@ -349,7 +268,7 @@ def tokenize_and_pack(
     # in parallel too.
     num_proc = max(1, min(d.num_proc, len(indices) // 1000 + 1))  # no worker pool for tiny chunks
     common = {"num_proc": num_proc if num_proc > 1 else None, "load_from_cache_file": False}
-    docs = src.dataset.select(indices, keep_in_memory=True, new_fingerprint=_hash([tag, "select"]))
+    docs = read_rows(src, indices, work / f"{tag}-rows-in.arrow", _hash([tag, "select"]))
     docs = docs.with_format("arrow").map(
         encoder,
         batched=True,
@@ -361,6 +280,10 @@ def tokenize_and_pack(
         **common,
     )
     lengths = pc.list_value_length(docs.data.column("input_ids")).to_numpy()
+    special = int(pc.sum(docs.data.column("special_text")).as_py() or 0)
+    if src.content == "tokens":
+        check_token_ids(src, docs.data.column("input_ids"), len(encoder.tokenizer))
+    docs = docs.remove_columns("special_text")
     kwargs = {
         **common,
         "cache_file_name": str(work / f"{tag}-pack.arrow"),
@@ -377,7 +300,28 @@ def tokenize_and_pack(
         desc=f"Segments {src.label}",
         load_from_cache_file=False,  # row-wise numpy: no worker pool (same rows, pool start costs more)
     )
-    return rows.with_format(None), lengths
+    return rows.with_format(None), lengths, special
+
+
+def read_rows(src: OpenSource, indices: np.ndarray, path: Path, fingerprint: str) -> Any:
+    """The rows `indices` of `src` (only the columns documents need) written in bounded batches to
+    one Arrow file in the work dir and memory-mapped: memory stays flat, and workers get the file."""
+    import pyarrow as pa
+    from datasets import Dataset
+    from datasets.table import MemoryMappedTable
+
+    batch = 1 << 14
+    writer = None
+    try:
+        for start in range(0, len(indices), batch):
+            table = src.rows.take(indices[start : start + batch], src.columns)
+            if writer is None:
+                writer = pa.ipc.new_stream(str(path), table.schema)
+            writer.write_table(table)
+    finally:
+        if writer is not None:
+            writer.close()
+    return Dataset(MemoryMappedTable.from_file(str(path)), fingerprint=fingerprint)
 
 
 def _segments(table: Any) -> Any:
@@ -480,7 +424,8 @@ def sample_and_save(
                 "eval_rows": int(e),
                 "rows_available": int(available),
                 "documents_read": p.documents_read,
-                "documents_in_source": len(src.dataset),
+                "documents_in_source": len(src.rows),
+                "documents_with_special_text": p.special_text_documents,
                 "documents": int(n_docs[unique].sum()),
                 "tokens_read": p.tokens_read,
                 "tokens_used": used,
@@ -520,6 +465,7 @@ def sample_and_save(
             "tokens_used": total_used,
             "tokens_read": sum(s["tokens_read"] for s in per_source),
             "tokens_dropped": sum(s["tokens_dropped"] for s in per_source),
+            "documents_with_special_text": sum(s["documents_with_special_text"] for s in per_source),
         },
         "padding_fraction": 1 - total_used / ((n_train + n_eval) * d.max_length),
         "max_length": d.max_length,
@@ -532,14 +478,14 @@ def sample_and_save(
 def print_summary(manifest: dict[str, Any]) -> None:
     """One line per source: requested vs realized ratio, documents, tokens, dropped, repeats."""
     for s in manifest["sources"]:
-        log(
+        log.info(
             f"{s['label']}: ratio {s['requested_ratio']:.4f} -> {s['realized_ratio']:.4f} "
             f"({s['train_rows']} train + {s['eval_rows']} eval rows), documents {s['documents']} "
             f"(read {s['documents_read']} of {s['documents_in_source']}), tokens {s['tokens_used']}, "
             f"dropped {s['tokens_dropped']}, repeated x{s['times_repeated']:g}"
         )
     t = manifest["totals"]
-    log(
+    log.info(
         f"total: {t['train_rows']} train + {t['eval_rows']} eval rows of {manifest['max_length']} tokens "
         f"({manifest['packing']}), tokens {t['tokens_used']}, dropped {t['tokens_dropped']}, "
         f"padding {manifest['padding_fraction']:.2%}"

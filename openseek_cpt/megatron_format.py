@@ -32,9 +32,7 @@ row (`seq_lengths`), so document boundaries survive the export.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import shutil
 import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -61,38 +59,59 @@ DTYPE_CODES: dict[int, type[np.number]] = {
     8: np.uint16,
 }
 TOKEN_DTYPE_CODES = (1, 2, 3, 4, 5, 8)  # float codes are legal in the format, never token ids
-_READ_CHUNK_TOKENS = 1 << 24  # tokens per Arrow chunk when converting .bin: bounds memory
 _EXPORT_BATCH_ROWS = 1024
 _WRITE_BLOCK_TOKENS = 1 << 16  # 256 KiB of int32: stays in cache between check, cast and write
 _FIX = "re-create it with Megatron's tools/preprocess_data.py or `openseek-cpt export-megatron`"
 
 
-def read_documents(prefix: str | Path, cache_dir: str | Path | None = None) -> datasets.Dataset:
-    """A `datasets.Dataset` with one row per Megatron sequence (column `input_ids`, int32 lists).
+def read_documents(prefix: str | Path) -> datasets.Dataset:
+    """Every Megatron sequence of PREFIX as an in-memory `datasets.Dataset` (column `input_ids`, int32).
 
-    The files are validated first (a damaged file is a one-line `UserError`), then converted in
-    bounded chunks from a memory map of `.bin` into an Arrow file in the datasets cache (as
-    `datasets` does for any local json/parquet source) and memory-mapped from there; unchanged
-    files reuse it. The fingerprint hashes the `.idx` and every token, so the same files give the
-    same fingerprint wherever they lie.
+    For tests and small files: the data stage reads sources in place with `read_rows` instead.
     """
     index = read_index(prefix)
-    root = Path(cache_dir) if cache_dir else Path(datasets.config.HF_DATASETS_CACHE) / "megatron"
-    key = _cache_key(prefix)
-    entry = root / key
-    if not (entry / "fingerprint.json").is_file():
-        tmp = root / f".{key}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        fingerprint = _convert_to_arrow(index, _bin_path(prefix), tmp / "data.arrow")
-        (tmp / "fingerprint.json").write_text(json.dumps({"fingerprint": fingerprint}))
-        try:
-            tmp.rename(entry)
-        except OSError:  # another process converted the same files first; theirs is identical
-            shutil.rmtree(tmp, ignore_errors=True)
-    fingerprint = json.loads((entry / "fingerprint.json").read_text())["fingerprint"]
-    table = datasets.table.MemoryMappedTable.from_file(str(entry / "data.arrow"))
-    return datasets.Dataset(table, fingerprint=fingerprint)
+    table = read_rows(index, _bin_path(prefix), np.arange(len(index.sequence_lengths)))
+    return datasets.Dataset(datasets.table.InMemoryTable(table), fingerprint=fingerprint(prefix))
+
+
+def read_rows(index: MegatronIndex, bin_path: str | Path, rows: np.ndarray) -> pa.Table:
+    """The sequences `rows` (in that order) read in place from a memory map of `.bin`: only their
+    bytes are touched, so the work follows the rows asked for, not the size of the file."""
+    rows = np.asarray(rows, dtype=np.int64)
+    lengths = index.sequence_lengths[rows].astype(np.int64)
+    pointers = index.sequence_pointers[rows]
+    itemsize = np.dtype(index.dtype).itemsize
+    bin_path = Path(bin_path)
+    data = np.memmap(bin_path, dtype=np.uint8, mode="r") if bin_path.stat().st_size else np.zeros(0, np.uint8)
+    values = np.empty(int(lengths.sum()), dtype=np.int32)
+    pos = 0
+    for p, n in zip(pointers.tolist(), lengths.tolist(), strict=True):
+        values[pos : pos + n] = np.frombuffer(data[p : p + n * itemsize], dtype=index.dtype)
+        pos += n
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    column = pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
+    return pa.table({"input_ids": column})
+
+
+def fingerprint(prefix: str | Path, sample_blocks: int = 64, block: int = 1 << 16) -> str:
+    """Content fingerprint without reading the shard: the whole `.idx` (lengths and pointers of every
+    sequence), the size of `.bin` and `sample_blocks` blocks of it at fixed, evenly spaced offsets
+    (all of it when that is smaller). Same files -> same fingerprint, wherever they lie."""
+    digest = hashlib.sha256()
+    with open(_idx_path(prefix), "rb") as f:  # ~20 bytes per sequence: streamed
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    bin_path = _bin_path(prefix)
+    size = bin_path.stat().st_size
+    digest.update(f"|bin {size}|".encode())
+    with open(bin_path, "rb") as f:
+        if size <= sample_blocks * block:
+            digest.update(f.read())
+        else:
+            for k in range(sample_blocks):
+                f.seek((size - block) * k // (sample_blocks - 1))
+                digest.update(f.read(block))
+    return digest.hexdigest()
 
 
 def export_dataset(dataset: datasets.Dataset, prefix: str | Path, vocab_size: int) -> None:
@@ -308,51 +327,3 @@ def _idx_path(prefix: str | Path) -> Path:
 
 def _bin_path(prefix: str | Path) -> Path:
     return Path(str(prefix) + ".bin")
-
-
-def _cache_key(prefix: str | Path) -> str:
-    """Which cached conversion belongs to these files: their paths, sizes and modification times."""
-    h = hashlib.sha256()
-    for p in (_idx_path(prefix), _bin_path(prefix)):
-        st = p.stat()
-        h.update(f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()[:32]
-
-
-def _convert_to_arrow(index: MegatronIndex, bin_path: Path, out: Path) -> str:
-    """Write the sequences as an Arrow stream of list<int32> in bounded chunks; return a content hash."""
-    digest = hashlib.sha256()
-    with open(index.path, "rb") as f:  # ~20 bytes per sequence: large for big corpora, so streamed
-        while block := f.read(1 << 22):
-            digest.update(block)
-    schema = pa.schema([pa.field("input_ids", pa.list_(pa.int32()))])
-    lengths, pointers = index.sequence_lengths.astype(np.int64), index.sequence_pointers
-    itemsize = np.dtype(index.dtype).itemsize
-    n = lengths.size
-    tokens_before = np.concatenate([[0], np.cumsum(lengths)])
-    data = np.memmap(bin_path, dtype=np.uint8, mode="r") if bin_path.stat().st_size else np.zeros(0, np.uint8)
-    with pa.OSFile(str(out), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
-        if n == 0:
-            writer.write_table(schema.empty_table())
-        start = 0
-        while start < n:
-            # As many sequences as fit in the token budget, at least one.
-            stop = (
-                int(np.searchsorted(tokens_before, tokens_before[start] + _READ_CHUNK_TOKENS, side="right"))
-                - 1
-            )
-            stop = min(max(stop, start + 1), n)
-            seg_len, seg_ptr = lengths[start:stop], pointers[start:stop]
-            if bool(np.all(seg_ptr[1:] == seg_ptr[:-1] + seg_len[:-1] * itemsize)):  # the usual layout
-                raw = data[seg_ptr[0] : seg_ptr[0] + int(seg_len.sum()) * itemsize]
-            else:
-                raw = np.concatenate(
-                    [data[p : p + m * itemsize] for p, m in zip(seg_ptr, seg_len, strict=True)]
-                )
-            values = np.frombuffer(raw, dtype=index.dtype).astype(np.int32)
-            digest.update(values.data)
-            offsets = np.concatenate([[0], np.cumsum(seg_len)]).astype(np.int32)
-            column = pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
-            writer.write_table(pa.table({"input_ids": column}, schema=schema))
-            start = stop
-    return digest.hexdigest()

@@ -1,6 +1,10 @@
 """Open the data sources of a recipe: hub datasets, local dirs/files, Megatron prefixes.
 
-Used by the data stage only. Everything file-dependent that can be wrong with a source is checked
+Used by the data stage only. A source is read in place through `Rows` (row count, columns,
+`take(indices)`): Megatron `.bin/.idx` through a memory map, parquet files by row group,
+`save_to_disk` directories memory-mapped; only the rows the mix samples are ever read, and no
+copy of the source is made (json/text files and hub datasets go through `datasets`' own Arrow
+cache, as `load_dataset` makes it). Everything file-dependent that can be wrong with a source is checked
 here, before any expensive work, and reported as a one-line UserError: a missing local path, an
 empty source, a text field that does not exist, a formatting function that does not import.
 A relative path that exists locally (`data/foo`, even `org/name`) is always local, never a hub id:
@@ -16,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from openseek_cpt.errors import UserError, first_line
 from openseek_cpt.fileio import canonical_hash, read_json
 from openseek_cpt.provenance import directory_fingerprint, read_provenance, sha256_file
@@ -26,22 +32,109 @@ FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt
 HASH_LIMIT = 1 << 30
 
 
+class Rows:
+    """A source's rows, read in place: `len`, `column_names`, `take(indices, columns)` -> Arrow table."""
+
+    column_names: list[str]
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def take(self, indices: Any, columns: list[str] | None = None) -> Any:
+        """The rows `indices` (in that order) as a `pyarrow.Table` of `columns` (default: all)."""
+        raise NotImplementedError
+
+
+class DatasetRows(Rows):
+    """A memory-mapped `datasets.Dataset` (save_to_disk, or what load_dataset cached)."""
+
+    def __init__(self, dataset: Any):
+        self.dataset = dataset
+        self.column_names = list(dataset.column_names)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def take(self, indices: Any, columns: list[str] | None = None) -> Any:
+        ds = self.dataset.select_columns(columns) if columns else self.dataset
+        return ds.with_format("arrow")[np.asarray(indices, dtype=np.int64)]
+
+
+class MegatronRows(Rows):
+    """PREFIX.bin/.idx through a memory map: one row (`input_ids`) per Megatron sequence."""
+
+    def __init__(self, prefix: str):
+        from openseek_cpt import megatron_format  # a leaf module; imported only when needed
+
+        self.prefix = prefix
+        self.index = megatron_format.read_index(prefix)
+        self.column_names = ["input_ids"]
+
+    def __len__(self) -> int:
+        return len(self.index.sequence_lengths)
+
+    def take(self, indices: Any, columns: list[str] | None = None) -> Any:
+        from openseek_cpt import megatron_format
+
+        return megatron_format.read_rows(self.index, f"{self.prefix}.bin", indices)
+
+
+class ParquetRows(Rows):
+    """Parquet files read by row group: only the row groups (and columns) holding sampled rows."""
+
+    def __init__(self, files: list[Path]):
+        import pyarrow.parquet as pq
+
+        self.files = [pq.ParquetFile(f) for f in files]
+        self.column_names = list(self.files[0].schema_arrow.names)
+        groups = [
+            (f, g, f.metadata.row_group(g).num_rows) for f in self.files for g in range(f.num_row_groups)
+        ]
+        self.groups = [(f, g) for f, g, _ in groups]
+        self.starts = np.concatenate([[0], np.cumsum([n for _, _, n in groups])]).astype(np.int64)
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def take(self, indices: Any, columns: list[str] | None = None) -> Any:
+        import pyarrow as pa
+
+        indices = np.asarray(indices, dtype=np.int64)
+        order = np.argsort(indices, kind="stable")
+        ordered = indices[order]
+        group_of = np.searchsorted(self.starts, ordered, side="right") - 1
+        parts = []
+        for g in np.unique(group_of):
+            f, k = self.groups[g]
+            table = f.read_row_group(int(k), columns=columns)
+            parts.append(table.take(pa.array(ordered[group_of == g] - self.starts[g])))
+        table = pa.concat_tables(parts) if parts else self.files[0].schema_arrow.empty_table()
+        return table.take(pa.array(np.argsort(order, kind="stable")))
+
+
 @dataclass
 class OpenSource:
-    """A source, opened: its rows (a memory-mapped Dataset) and how to turn a row into a document."""
+    """A source, opened: its rows (read in place) and how to turn a row into a document."""
 
     index: int
     config: SourceConfig
     label: str
     kind: str  # hub, disk, json, parquet, text, megatron (how it was read)
-    dataset: Any  # datasets.Dataset
+    rows: Rows
     content: str  # "tokens" (input_ids column), "text" (text_field) or "formatting"
     formatting: Callable[[dict], str] | None
-    fingerprint: str | None
+    fingerprint: str
 
     @property
     def where(self) -> str:
         return f"data.sources.{self.index}"
+
+    @property
+    def columns(self) -> list[str] | None:
+        """The columns a document is made from (None: all, for a formatting function)."""
+        if self.content == "tokens":
+            return ["input_ids"]
+        return [self.config.text_field] if self.content == "text" else None
 
 
 def open_sources(sources: list[SourceConfig]) -> list[OpenSource]:
@@ -59,16 +152,16 @@ def open_sources(sources: list[SourceConfig]) -> list[OpenSource]:
 def open_source(index: int, src: SourceConfig, label: str) -> OpenSource:
     where = f"data.sources.{index}"
     kind = detect_kind(src, where)
-    dataset, fingerprint = _load(kind, src, where)
-    if len(dataset) == 0:
+    rows, fingerprint = _load(kind, src, where)
+    if len(rows) == 0:
         raise UserError(f"{where}.path={src.path!r} is an empty source (0 rows); remove it or fill it")
-    columns = list(dataset.column_names)
+    columns = list(rows.column_names)
     formatting = None
     if src.formatting:
         content = "formatting"
         formatting = import_formatting(src.formatting, where)
         try:
-            text = formatting(dataset[0])
+            text = formatting(rows.take([0]).to_pylist()[0])
         except Exception as exc:  # the user's function: any failure is a user error
             raise UserError(
                 f"{where}.formatting={src.formatting!r} fails on the first row of {src.path} "
@@ -88,7 +181,7 @@ def open_source(index: int, src: SourceConfig, label: str) -> OpenSource:
             f"{where}.text_field={src.text_field!r} is not a column of {src.path} "
             f"(columns: {', '.join(columns)}); set text_field to one of them or give a formatting function"
         )
-    return OpenSource(index, src, label, kind, dataset, content, formatting, fingerprint)
+    return OpenSource(index, src, label, kind, rows, content, formatting, fingerprint)
 
 
 def detect_kind(src: SourceConfig, where: str) -> str:
@@ -141,16 +234,16 @@ def import_formatting(ref: str, where: str) -> Callable[[dict], str]:
     return func
 
 
-def _load(kind: str, src: SourceConfig, where: str) -> tuple[Any, str | None]:
-    """(Dataset, fingerprint of the local input or None for hub sources)."""
+def _load(kind: str, src: SourceConfig, where: str) -> tuple[Rows, str]:
+    """(rows read in place, fingerprint of the input)."""
     import datasets
 
     path = str(Path(src.path).expanduser())
     if kind == "megatron":
-        from openseek_cpt import megatron_format  # a leaf module; imported only when needed
+        from openseek_cpt import megatron_format
 
-        ds = megatron_format.read_documents(path)
-        return ds, f"megatron:{ds._fingerprint}"  # it hashes the .idx and every token
+        rows = MegatronRows(path)  # validates the files first (one-line UserError)
+        return rows, f"megatron:{megatron_format.fingerprint(path)}"
     if kind == "disk":
         loaded = datasets.load_from_disk(path)
         if isinstance(loaded, datasets.DatasetDict):
@@ -159,12 +252,20 @@ def _load(kind: str, src: SourceConfig, where: str) -> tuple[Any, str | None]:
                     f"{where}.split={src.split!r} is not a split of {src.path} (splits: {', '.join(loaded)})"
                 )
             loaded = loaded[src.split]
-        return loaded, _fingerprint_dir(Path(path))
+        return DatasetRows(loaded), _fingerprint_dir(Path(path))
     if kind in ("json", "parquet", "text"):
         p = Path(path)
         files = sorted(f for f in p.glob("*") if f.is_file()) if p.is_dir() else [p]
         if all(f.stat().st_size == 0 for f in files):
             raise UserError(f"{where}.path={src.path!r} is an empty source (no data); remove it or fill it")
+        if kind == "parquet":
+            try:
+                return ParquetRows(files), _fingerprint_files(files)
+            except Exception as exc:  # pyarrow's error for a damaged file, on one line
+                raise UserError(
+                    f"{where}.path={src.path!r} could not be read as parquet ({type(exc).__name__}: {first_line(exc)[:300]}); "
+                    "check the file or set type"
+                ) from None
         try:
             ds = datasets.load_dataset(kind, data_files=[str(f) for f in files], split="train")
         except Exception as exc:  # malformed file: the builder's error, on one line
@@ -172,7 +273,7 @@ def _load(kind: str, src: SourceConfig, where: str) -> tuple[Any, str | None]:
                 f"{where}.path={src.path!r} could not be read as {kind} ({type(exc).__name__}: {first_line(exc)[:300]}); "
                 "check the file or set type"
             ) from None
-        return ds, _fingerprint_files(files)
+        return DatasetRows(ds), _fingerprint_files(files)
     try:
         ds = datasets.load_dataset(
             path, name=src.name, split=src.split, data_files=src.data_files, revision=src.revision
@@ -186,7 +287,9 @@ def _load(kind: str, src: SourceConfig, where: str) -> tuple[Any, str | None]:
         ) from None
     if isinstance(ds, datasets.DatasetDict | datasets.IterableDataset):
         raise UserError(f"{where}: {src.path!r} did not give one split; set split (e.g. train)")
-    return ds, (_fingerprint_dir(Path(path)) if kind == "folder" else None)
+    return DatasetRows(ds), (
+        _fingerprint_dir(Path(path)) if kind == "folder" else f"datasets:{ds._fingerprint}"
+    )
 
 
 def _is_saved_dataset(path: Path) -> bool:

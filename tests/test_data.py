@@ -134,8 +134,8 @@ def test_bfd_split_loses_no_token_and_no_segment_spans_two_documents(tiny_workdi
     work = tiny_workdir / "work"
     work.mkdir()
     for src in open_sources(recipe.data.sources):
-        everything = np.arange(len(src.dataset))
-        rows, lengths = data.tokenize_and_pack(src, encoder, everything, recipe, work, f"t{src.index}")
+        everything = np.arange(len(src.rows))
+        rows, lengths, _ = data.tokenize_and_pack(src, encoder, everything, recipe, work, f"t{src.index}")
         rows = list(rows)
         expected = docs[src.label]
         # multiset of tokens: packed output == documents + eos
@@ -153,7 +153,7 @@ def test_wrapped_and_truncate_report_honest_segments(tiny_workdir, monkeypatch):
     src = open_sources(recipe.data.sources)[1]  # code: documents up to 4496 tokens
     docs = _documents(tiny_workdir)["code"][:300]
     (tiny_workdir / "w").mkdir()
-    rows, _ = data.tokenize_and_pack(src, encoder, np.arange(300), recipe, tiny_workdir / "w", "w")
+    rows, _, _ = data.tokenize_and_pack(src, encoder, np.arange(300), recipe, tiny_workdir / "w", "w")
     rows = list(rows)
     stream = [t for d in docs for t in d]
     assert [t for r in rows for t in r["input_ids"]] == stream
@@ -163,7 +163,7 @@ def test_wrapped_and_truncate_report_honest_segments(tiny_workdir, monkeypatch):
     assert seg_bounds == doc_bounds | row_bounds
 
     recipe = _recipe(tiny_workdir, "data.max_length=64", "data.packing=truncate")
-    rows, lengths = data.tokenize_and_pack(src, encoder, np.arange(300), recipe, tiny_workdir / "w", "t")
+    rows, lengths, _ = data.tokenize_and_pack(src, encoder, np.arange(300), recipe, tiny_workdir / "w", "t")
     rows = list(rows)
     assert len(rows) == 300
     assert all(
@@ -182,6 +182,8 @@ def test_every_document_ends_with_exactly_one_eos(tiny_workdir, monkeypatch):
     eos, eos_text = tok.eos_token_id, tok.eos_token
     plain = data.Encoder(tok).encode(["hello world", f"ends with eos{eos_text}", ""])
     assert [d.count(eos) for d in plain] == [1, 1, 1] and all(d[-1] == eos for d in plain)
+    # the eos string in the text is text: its characters are encoded, then the one real eos follows
+    assert tok.decode(plain[1][:-1]) == f"ends with eos{eos_text}"
     # a tokenizer that appends eos itself: still exactly one
     tok2 = data.load_tokenizer(recipe)
     tok2.backend_tokenizer.post_processor = TemplateProcessing(
@@ -194,6 +196,7 @@ def test_every_document_ends_with_exactly_one_eos(tiny_workdir, monkeypatch):
     # pre-tokenized: eos appended only where missing
     table = data.Encoder(tok).from_ids(pa.chunked_array([pa.array([[5, 6, eos], [7, 8], []])]))
     assert table.column("input_ids").to_pylist() == [[5, 6, eos], [7, 8, eos], [eos]]
+    assert table.column("special_text").to_pylist() == [0, 0, 0]
     assert table.column("doc_start").to_pylist() == [[1, 0, 0], [1, 0, 0], [1]]
 
 
@@ -207,19 +210,39 @@ def test_fast_backend_path_gives_the_tokenizers_own_ids(tiny_workdir, monkeypatc
     texts = ["hello world", f"a{eos_text}b ends{eos_text}", "", None, "ünïcode  spaces\n\ttabs" * 50]
     encoder = data.Encoder(tok)
     slow = encoder.encode(texts)
-    assert not encoder.fast
-    assert encoder.verify_fast_path(texts) == tok([t or "" for t in texts])["input_ids"]
-    assert encoder.fast and encoder.encode(texts) == slow
-    # the tokenizer's own settings reach the fast path: special tokens split, an eos post-processor
+    assert encoder.path == "tokenizer"
+    reference = tok([t or "" for t in texts], split_special_tokens=True)["input_ids"]
+    assert encoder.choose_path(texts) == reference
+    assert encoder.path == "rust" and encoder.encode(texts) == slow
+    # the tokenizer's own settings reach the fast path: an eos post-processor
     tok2 = data.load_tokenizer(recipe)
-    tok2.split_special_tokens = True
     tok2.backend_tokenizer.post_processor = TemplateProcessing(
         single=f"$A {eos_text}", special_tokens=[(eos_text, tok2.eos_token_id)]
     )
     encoder2 = data.Encoder(tok2)
-    expected = encoder2.end_with_eos(encoder2.verify_fast_path(texts))
-    assert encoder2.fast and encoder2.encode(texts) == expected
-    assert expected[1] != slow[1]  # split_special_tokens changed the ids: the check can fail
+    expected = encoder2.end_with_eos(encoder2.choose_path(texts))
+    assert encoder2.path == "rust" and encoder2.encode(texts) == expected == slow
+
+
+def test_a_fast_path_that_disagrees_is_not_used_and_the_ids_stay_correct(tiny_workdir, monkeypatch):
+    """Bad input (acceptance 5): a backend whose ids differ from tokenizer(texts) -> fallback, said, correct."""
+    recipe = _recipe(tiny_workdir, monkeypatch=monkeypatch)
+    tok = data.load_tokenizer(recipe)
+    texts = ["Hello World", "MiXeD case text", "lower"]
+    right = data.Encoder(tok).encode(texts)
+    encoder = data.Encoder(tok)
+    # A backend that lowercases where tokenizer(texts) does not (as a stale converted vocabulary would).
+    original = tok._tokenizer.encode_batch_fast
+
+    def lowered(batch, add_special_tokens=True):
+        return original([t.lower() for t in batch], add_special_tokens=add_special_tokens)
+
+    monkeypatch.setattr(
+        type(tok._tokenizer), "encode_batch_fast", lambda self, b, **kw: lowered(b, **kw), raising=False
+    )
+    encoder.choose_path(texts)
+    assert encoder.path == "tokenizer" and "rust path disagrees" in encoder.path_note
+    assert encoder.encode(texts) == right
 
 
 def test_same_recipe_is_byte_identical_and_seed_changes_order(tiny_workdir, monkeypatch):

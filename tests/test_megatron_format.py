@@ -51,7 +51,7 @@ def make_prepared(root: Path, rows=ROWS, segments=SEGMENTS, manifest=None) -> Pa
 def test_export_then_read_gives_each_document_segment_with_its_tokens(tmp_path):
     prepared = make_prepared(tmp_path)
     prefix = interop.export_megatron(prepared, tmp_path / "out" / "mix_text_document")
-    docs = megatron_format.read_documents(prefix, cache_dir=tmp_path / "cache")
+    docs = megatron_format.read_documents(prefix)
     assert docs["input_ids"][:] == segments_of(ROWS, SEGMENTS)
     assert docs.features["input_ids"].feature.dtype == "int32"
     index = megatron_format.read_index(prefix)
@@ -65,7 +65,7 @@ def test_export_of_the_eval_split_and_of_a_large_vocab_uses_int32(tmp_path):
     prefix = interop.export_megatron(prepared, tmp_path / "ev", split="eval")
     assert megatron_format.read_index(prefix).dtype is np.int32
     assert Path(f"{prefix}.bin").stat().st_size == 4 * len(ROWS[0])
-    docs = megatron_format.read_documents(prefix, cache_dir=tmp_path / "cache")
+    docs = megatron_format.read_documents(prefix)
     assert docs["input_ids"][:] == segments_of(ROWS[:1], SEGMENTS[:1])
 
 
@@ -83,22 +83,24 @@ def test_read_is_deterministic_and_content_addressed(tmp_path):
     docs = [rng.integers(0, 70000, size=int(n)) for n in rng.integers(1, 50, size=40)]
     megatron_format.write_documents(tmp_path / "a" / "p", docs, vocab_size=70000)
     shutil.copytree(tmp_path / "a", tmp_path / "b")
-    first = megatron_format.read_documents(tmp_path / "a" / "p", cache_dir=tmp_path / "cache")
-    again = megatron_format.read_documents(tmp_path / "a" / "p", cache_dir=tmp_path / "cache")
-    copy = megatron_format.read_documents(tmp_path / "b" / "p", cache_dir=tmp_path / "cache2")
+    first = megatron_format.read_documents(tmp_path / "a" / "p")
+    again = megatron_format.read_documents(tmp_path / "a" / "p")
+    copy = megatron_format.read_documents(tmp_path / "b" / "p")
     assert first._fingerprint == again._fingerprint == copy._fingerprint
     assert [list(x) for x in first["input_ids"][:]] == [d.tolist() for d in docs]
     megatron_format.write_documents(tmp_path / "a" / "p", docs[:-1], vocab_size=70000)
-    changed = megatron_format.read_documents(tmp_path / "a" / "p", cache_dir=tmp_path / "cache")
+    changed = megatron_format.read_documents(tmp_path / "a" / "p")
     assert changed._fingerprint != first._fingerprint and len(changed) == len(docs) - 1
 
 
-def test_read_converts_in_bounded_chunks_and_follows_pointers(tmp_path, monkeypatch):
+def test_read_rows_takes_only_the_asked_rows_in_order_and_follows_pointers(tmp_path):
     docs = [np.arange(i, i + 7) for i in range(30)]
     megatron_format.write_documents(tmp_path / "p", docs, vocab_size=100)
-    monkeypatch.setattr(megatron_format, "_READ_CHUNK_TOKENS", 20)  # 2 documents per chunk
-    ds = megatron_format.read_documents(tmp_path / "p", cache_dir=tmp_path / "cache")
-    assert ds.data.table["input_ids"].num_chunks == 15
+    index = megatron_format.read_index(tmp_path / "p")
+    table = megatron_format.read_rows(index, f"{tmp_path / 'p'}.bin", np.array([29, 3, 3, 0]))
+    assert table.column("input_ids").to_pylist() == [docs[i].tolist() for i in (29, 3, 3, 0)]
+    assert table.schema.field("input_ids").type.value_type == "int32"
+    ds = megatron_format.read_documents(tmp_path / "p")
     assert [list(x) for x in ds["input_ids"][:]] == [d.tolist() for d in docs]
     # A valid file need not store sequences in order: reverse them in .bin, point the index there.
     index = megatron_format.read_index(tmp_path / "p")
@@ -109,7 +111,7 @@ def test_read_converts_in_bounded_chunks_and_follows_pointers(tmp_path, monkeypa
     start = megatron_format.HEADER_SIZE + 4 * len(docs)
     idx[start : start + 8 * len(docs)] = pointers.tobytes()
     Path(f"{rev}.idx").write_bytes(bytes(idx))
-    ds = megatron_format.read_documents(rev, cache_dir=tmp_path / "cache")
+    ds = megatron_format.read_documents(rev)
     assert [list(x) for x in ds["input_ids"][:]] == [d.tolist() for d in docs]
 
 
@@ -124,7 +126,7 @@ def test_export_streams_batches_in_the_dataset_order(tmp_path, monkeypatch):
     ds = datasets.Dataset.from_dict({"input_ids": rows, "seq_lengths": segs, "source": ["x"] * 9})
     ds = ds.select([8, 0, 3, 1, 2, 4, 5, 7, 6])  # an indices mapping, as after shuffle/select
     megatron_format.export_dataset(ds, tmp_path / "p", vocab_size=50)
-    out = megatron_format.read_documents(tmp_path / "p", cache_dir=tmp_path / "cache")
+    out = megatron_format.read_documents(tmp_path / "p")
     assert out["input_ids"][:] == segments_of(ds["input_ids"][:], ds["seq_lengths"][:])
 
 
@@ -149,7 +151,7 @@ def test_export_checks_every_token_across_write_blocks(tmp_path, monkeypatch):
         megatron_format.export_dataset(ds, tmp_path / "p", vocab_size=10)
     ok = datasets.Dataset.from_dict({"input_ids": rows[:1] + [[8, 9, 0]], "seq_lengths": [[7], [3]]})
     megatron_format.export_dataset(ok, tmp_path / "p", vocab_size=10)
-    assert megatron_format.read_documents(tmp_path / "p", cache_dir=tmp_path / "c")["input_ids"][:] == [
+    assert megatron_format.read_documents(tmp_path / "p")["input_ids"][:] == [
         rows[0],
         [8, 9, 0],
     ]
@@ -209,7 +211,7 @@ def test_damaged_megatron_files_are_one_line_errors(tmp_path, damage):
     corrupt, message = CORRUPTIONS[damage]
     corrupt(prefix)
     with pytest.raises(UserError, match=message) as info:
-        megatron_format.read_documents(prefix, cache_dir=tmp_path / "cache")
+        megatron_format.read_documents(prefix)
     assert "\n" not in str(info.value) and str(prefix) in str(info.value)
 
 
@@ -220,7 +222,7 @@ def test_cli_export_megatron_writes_files_and_bad_input_exits_2(tmp_path):
     prepared = make_prepared(tmp_path)
     r = run_cli("export-megatron", str(prepared), "out/mix", cwd=tmp_path, timeout=300)
     assert r.returncode == 0, r.stderr
-    docs = megatron_format.read_documents(tmp_path / "out" / "mix", cache_dir=tmp_path / "cache")
+    docs = megatron_format.read_documents(tmp_path / "out" / "mix")
     assert docs["input_ids"][:] == segments_of(ROWS, SEGMENTS)
 
     r = run_cli(

@@ -48,7 +48,7 @@ def test_our_reader_reads_megatron_builder_output_exactly(tmp_path):
         builder.add_item(torch.from_numpy(doc))
         builder.end_document()
     builder.finalize(f"{prefix}.idx")
-    ours = megatron_format.read_documents(prefix, cache_dir=tmp_path / "cache")
+    ours = megatron_format.read_documents(prefix)
     assert [list(x) for x in ours["input_ids"][:]] == [d.tolist() for d in docs]
     assert ours.features["input_ids"].feature.dtype == "int32"
 
@@ -69,7 +69,7 @@ def test_our_reader_handles_multi_sequence_documents_and_merged_indexes(tmp_path
     for prefix, _ in parts:
         builder.add_index(prefix)
     builder.finalize(f"{merged}.idx")
-    ours = megatron_format.read_documents(merged, cache_dir=tmp_path / "cache")
+    ours = megatron_format.read_documents(merged)
     expected = [d.tolist() for _, docs in parts for d in docs]
     assert [list(x) for x in ours["input_ids"][:]] == expected  # one row per Megatron sequence
     assert megatron_format.read_index(merged).document_indices.tolist() == list(range(0, 25, 2))
@@ -88,11 +88,10 @@ def test_our_writer_output_equals_megatron_builder_output_byte_for_byte(tmp_path
 
 
 def test_read_documents_feeds_datasets_like_any_source(tmp_path):
-    """The data stage samples/shuffles/maps the result; those must work on the memory-mapped table."""
+    """read_documents (tests, small files) gives an in-memory Dataset that datasets can shuffle and map."""
     docs = _random_documents(4, 1000)
     megatron_format.write_documents(tmp_path / "p", docs, vocab_size=1000)
-    ds = megatron_format.read_documents(tmp_path / "p", cache_dir=tmp_path / "cache")
+    ds = megatron_format.read_documents(tmp_path / "p")
     lengths = ds.shuffle(seed=233).map(lambda b: {"n": [len(x) for x in b["input_ids"]]}, batched=True)
     assert sorted(lengths["n"]) == sorted(len(d) for d in docs)
-    assert all(f["filename"].startswith(str(tmp_path / "cache")) for f in lengths.cache_files)
     assert isinstance(ds, datasets.Dataset)

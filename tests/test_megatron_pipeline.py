@@ -46,7 +46,7 @@ def test_prepared_mix_round_trips_through_megatron_files(tiny_workdir):
 
     train = datasets.load_from_disk(str(tiny_workdir / "datasets" / "tiny-mix"))["train"]
     expected = segments_of(train["input_ids"], train["seq_lengths"])
-    exported = megatron_format.read_documents(prefix, cache_dir=tiny_workdir / "cache")["input_ids"][:]
+    exported = megatron_format.read_documents(prefix)["input_ids"][:]
     assert exported == expected
 
     recipe = _recipe_reading(tiny_workdir, str(prefix), "datasets/roundtrip", len(expected))

@@ -1,0 +1,239 @@
+"""Documents -> token ids for the data stage: raw text is text, and the fastest path that gives the same ids.
+
+Guarantees:
+- Every document ends with exactly one eos (a trailing eos the tokenizer or the text added is
+  dropped first), and pre-tokenized documents get an eos only where they lack one.
+- Raw text is text: a special-token string inside a document (`<|endoftext|>`, `<|extra_204|>`
+  in a web page) is encoded as ordinary text, never as a control token. Documents that contained
+  such strings are counted (column `special_text`), and the data stage reports the count.
+- The ids are those of `tokenizer(texts, split_special_tokens=True)`. A faster path is used only
+  after it gave the same ids on the estimate sample (`choose_path`): `tiktoken`, the tiktoken
+  `Encoding` inside a tokenizer's remote code (OpenSeek's, Qwen's) called as
+  `encode_ordinary_batch`, or `rust`, the Rust backend's `encode_batch_fast` for HF fast
+  tokenizers. A path that disagrees is logged and left off; `tokenizer` (the tokenizer's own
+  `__call__`) is always correct. Which path ran is in the log and in the manifest.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from itertools import chain
+from typing import Any
+
+import numpy as np
+
+from openseek_cpt.logs import get_logger
+
+log = get_logger("data")
+
+PATHS = ("tiktoken", "rust", "tokenizer")
+
+
+class Encoder:
+    """Rows (an Arrow batch) -> documents `input_ids` (int32) ending with eos, `doc_start`, `special_text`.
+
+    A `doc_start` column (1 at a document's first token) travels through packing, so segment
+    boundaries (wrapped packing) and documents used can be derived honestly afterwards.
+    """
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer = tokenizer
+        # Documents are longer than the model on purpose (packing splits them): silence the length warning.
+        tokenizer.model_max_length = int(1e30)
+        self.eos = int(tokenizer.eos_token_id)
+        self.encoding = _tiktoken_encoding(tokenizer)
+        specials = set(getattr(tokenizer, "all_special_tokens", ()) or ())
+        specials |= set(getattr(tokenizer, "added_tokens_encoder", {}) or {})
+        if self.encoding is not None:
+            specials |= set(self.encoding.special_tokens_set)
+        specials = sorted((s for s in specials if s), key=len, reverse=True)
+        self.special_pattern = re.compile("|".join(map(re.escape, specials))) if specials else None
+        # Cheap prefilter before the regex: every special string starts with one of these.
+        self.special_heads = tuple(sorted({s[:2] for s in specials}))
+        # Does `tokenizer(..., split_special_tokens=True)` really encode specials as text? Remote
+        # code that overrides `tokenize` (OpenSeek's, Qwen's) ignores the flag.
+        self.splits_specials = self._probe_split_specials(specials)
+        # tiktoken path: does the tokenizer NFC-normalize before tiktoken (Qwen's does)?
+        self.nfc = self.encoding is not None and self._probe_nfc()
+        self.path = "tokenizer"
+        self.path_note = "not checked yet"
+
+    # ------------------------------------------------------------------ choosing the path
+
+    def choose_path(self, texts: list[str | None]) -> list[list[int]]:
+        """Reference ids of `texts`; turns on the first fast path that gives the same ids on them.
+
+        Documents containing special-token strings are left out of the comparison when the
+        tokenizer cannot encode them as text by itself (its reference is then assembled by us).
+        """
+        texts = [t or "" for t in texts]
+        reference = self.reference_ids(texts)
+        compare = [i for i, t in enumerate(texts) if self.splits_specials or not self.has_special_text(t)]
+        notes = []
+        for path in self._candidates():
+            got = self._fast_ids(path, [texts[i] for i in compare])
+            bad = [i for i, ids in zip(compare, got, strict=True) if ids != reference[i]]
+            if not bad:
+                self.path = path
+                self.path_note = f"{path}: same ids as tokenizer(texts) on {len(compare)} sample documents"
+                break
+            notes.append(
+                f"{path} path disagrees with tokenizer(texts) on {len(bad)} of {len(compare)} sample "
+                f"documents (first: sample document {bad[0]}); not used"
+            )
+        else:
+            self.path = "tokenizer"
+        if self.path == "tokenizer":
+            self.path_note = "; ".join(notes) or "no fast path for this tokenizer"
+            self.path_note += "; using tokenizer(texts)"
+        log.info(f"tokenizer path: {self.path_note}")
+        return reference
+
+    def _candidates(self) -> list[str]:
+        out = []
+        if self.encoding is not None:
+            out.append("tiktoken")
+        backend = getattr(self.tokenizer, "_tokenizer", None)
+        if (
+            getattr(self.tokenizer, "is_fast", False)
+            and hasattr(backend, "encode_batch_fast")
+            and backend.truncation is None
+            and backend.padding is None
+        ):
+            out.append("rust")
+        return out
+
+    # ------------------------------------------------------------------ encoding
+
+    def __call__(self, table: Any, content: str, text_field: str, formatting: Any) -> Any:
+        if content == "tokens":
+            return self.from_ids(table.column("input_ids"))
+        return self.from_texts(self.texts(table, content, text_field, formatting))
+
+    @staticmethod
+    def texts(table: Any, content: str, text_field: str, formatting: Any) -> list[str | None]:
+        if content == "formatting":
+            return [formatting(row) for row in table.to_pylist()]
+        return table.column(text_field).to_pylist()
+
+    def encode(self, texts: list[str | None]) -> list[list[int]]:
+        """Token ids per text (specials in text as text), ending with exactly one eos."""
+        texts = [t or "" for t in texts]
+        ids = self.reference_ids(texts) if self.path == "tokenizer" else self._fast_ids(self.path, texts)
+        return self.end_with_eos(ids)
+
+    def reference_ids(self, texts: list[str]) -> list[list[int]]:
+        """`tokenizer(texts, split_special_tokens=True)`; special strings as text even if it ignores the flag."""
+        ids = self.tokenizer(texts, split_special_tokens=True)["input_ids"]
+        if not self.splits_specials:
+            for i, t in enumerate(texts):
+                if self.has_special_text(t):
+                    ids[i] = self._encode_around_specials(t)
+        return ids
+
+    def _encode_around_specials(self, text: str) -> list[int]:
+        """Ids of `text` whose special strings are encoded as text: each is cut after its first
+        character, so no piece matches a special (a valid encoding of the same text)."""
+        pieces, last = [], 0
+        for m in self.special_pattern.finditer(text):
+            pieces += [text[last : m.start()], m.group()[:1], m.group()[1:]]
+            last = m.end()
+        pieces.append(text[last:])
+        ids: list[int] = []
+        for piece in pieces:
+            if piece:
+                ids += self.tokenizer(piece, add_special_tokens=False)["input_ids"]
+        return ids
+
+    def _fast_ids(self, path: str, texts: list[str]) -> list[list[int]]:
+        if path == "tiktoken":
+            if self.nfc:
+                texts = [
+                    t if unicodedata.is_normalized("NFC", t) else unicodedata.normalize("NFC", t)
+                    for t in texts
+                ]
+            return self.encoding.encode_ordinary_batch(texts, num_threads=1)
+        backend = self.tokenizer._tokenizer
+        backend.encode_special_tokens = True  # raw text is text (the state also travels to workers)
+        return [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=True)]
+
+    def has_special_text(self, text: str) -> bool:
+        return (
+            self.special_pattern is not None
+            and any(h in text for h in self.special_heads)
+            and self.special_pattern.search(text) is not None
+        )
+
+    def end_with_eos(self, ids: list[list[int]]) -> list[list[int]]:
+        eos = self.eos
+        for x in ids:  # the lists are ours: edit in place
+            while x and x[-1] == eos:  # added by the tokenizer
+                x.pop()
+            x.append(eos)
+        return ids
+
+    def from_texts(self, texts: list[str | None]) -> Any:
+        texts = [t or "" for t in texts]
+        docs = self.encode(texts)
+        special = np.fromiter((self.has_special_text(t) for t in texts), dtype=np.uint8, count=len(texts))
+        lengths = np.fromiter((len(x) for x in docs), dtype=np.int64, count=len(docs))
+        values = np.fromiter(chain.from_iterable(docs), dtype=np.int32, count=int(lengths.sum()))
+        return documents_table(values, lengths, special)
+
+    def from_ids(self, column: Any) -> Any:
+        """Pre-tokenized documents: append eos only to those that do not already end with it."""
+        import pyarrow.compute as pc
+
+        column = column.combine_chunks()
+        lengths = pc.fill_null(pc.list_value_length(column), 0).to_numpy().astype(np.int64)
+        values = column.flatten().to_numpy(zero_copy_only=False).astype(np.int32)
+        ends = np.cumsum(lengths)
+        last = np.where(lengths > 0, values[np.maximum(ends - 1, 0)] if len(values) else -1, -1)
+        needs_eos = last != self.eos
+        values = np.insert(values, ends[needs_eos], self.eos).astype(np.int32)
+        return documents_table(values, lengths + needs_eos, np.zeros(len(lengths), dtype=np.uint8))
+
+    # ------------------------------------------------------------------ probes
+
+    def _probe_split_specials(self, specials: list[str]) -> bool:
+        if not specials:
+            return True
+        ids = self.tokenizer([f"a{specials[-1]}b"], split_special_tokens=True, add_special_tokens=False)
+        control = set(getattr(self.tokenizer, "all_special_ids", ()) or ())
+        control |= set((getattr(self.tokenizer, "added_tokens_encoder", {}) or {}).values())
+        if self.encoding is not None:
+            control |= {self.encoding.encode_single_token(s) for s in self.encoding.special_tokens_set}
+        return not (set(ids["input_ids"][0]) & control)
+
+    def _probe_nfc(self) -> bool:
+        decomposed, composed = "Cafe\u0301 n\u0303", "Caf\u00e9 \u00f1"
+        ids = self.tokenizer([decomposed, composed], add_special_tokens=False)["input_ids"]
+        return ids[0] == ids[1] != self.encoding.encode_ordinary(decomposed)
+
+
+def _tiktoken_encoding(tokenizer: Any) -> Any:
+    """The `tiktoken.Encoding` a remote-code tokenizer keeps as an attribute, if any."""
+    try:
+        import tiktoken
+    except ImportError:
+        return None
+    found = [v for v in vars(tokenizer).values() if isinstance(v, tiktoken.Encoding)]
+    return found[0] if len(found) == 1 else None
+
+
+def documents_table(values: np.ndarray, lengths: np.ndarray, special: np.ndarray) -> Any:
+    """Arrow table: input_ids and doc_start (list per document), special_text (per document)."""
+    import pyarrow as pa
+
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    starts = np.zeros(len(values), dtype=np.uint8)
+    starts[offsets[:-1][lengths > 0]] = 1
+    return pa.Table.from_arrays(
+        [
+            pa.ListArray.from_arrays(pa.array(offsets), pa.array(values)),
+            pa.ListArray.from_arrays(pa.array(offsets), pa.array(starts)),
+            pa.array(special),
+        ],
+        names=["input_ids", "doc_start", "special_text"],
+    )
