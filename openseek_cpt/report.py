@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from openseek_cpt.errors import UserError
+from openseek_cpt.evaluation import eval_rows, format_eval_table
 from openseek_cpt.fileio import read_json
 
 
@@ -20,7 +21,7 @@ def write_report(run_dir: str | Path, dataset_dir: str | Path, soup_dir: str | P
     scalars = read_scalars(run_dir)
     manifest = read_json(dataset_dir / "manifest.json") or {}
     merge_info = (read_json(Path(soup_dir) / "merge_info.json") or {}) if soup_dir else {}
-    evals = dict((name, loss) for name, loss, _ in eval_rows(merge_info.get("evaluation") or []))
+    evals = {row["name"]: row["loss"] for row in eval_rows(merge_info.get("evaluation") or [])}
     loss_png = plot_losses(scalars, evals, run_dir / "loss_curves.png")
     speed_png = plot_throughput(scalars, run_dir / "throughput.png")
     lines = [f"# Run report: {run_dir.name}", ""]
@@ -141,29 +142,12 @@ def _soup_section(merge_info: dict[str, Any]) -> list[str]:
     evals = merge_info.get("evaluation")
     if not evals:
         return ["## Soup", "", "No evaluation recorded (set soup.evaluate: true)."]
-    lines = [
+    return [
         "## Soup: eval loss of base, checkpoints and soup",
         "",
-        "| model | eval loss | perplexity |",
-        "|---|---|---|",
+        format_eval_table(evals, markdown=True),
+        "",
     ]
-    for row in eval_rows(evals):
-        lines.append(f"| {row[0]} | {_num(row[1])} | {_num(row[2])} |")
-    return lines + [""]
-
-
-def eval_rows(evals: Any) -> list[tuple[str, float | None, float | None]]:
-    """Accept the soup's evaluation record as a list of {name, loss, perplexity} or a name -> result mapping."""
-    items = (
-        evals.items() if isinstance(evals, dict) else ((e.get("name") or e.get("model"), e) for e in evals)
-    )
-    rows = []
-    for name, result in items:
-        if isinstance(result, dict):
-            rows.append((str(name), result.get("loss"), result.get("perplexity")))
-        else:
-            rows.append((str(name), result, None))
-    return rows
 
 
 def _num(x: Any) -> str:

@@ -2,59 +2,71 @@
 
 The original merge script listed one checkpoint twice, held three whole models in RAM and let
 a layout mismatch fall back to base weights without a word. Here:
-- tensors stream out of the inputs' safetensors files one chunk of one key at a time, read with
-  pread into reused buffers (not mmap, so pages of files already read do not stay in the process):
-  each chunk of the inputs is accumulated in fp32, cast to the output dtype and written straight
-  into a pre-planned shard. Peak memory is a few fixed 16 MB chunks, whatever the number or size
-  of the models (bench/soup_memory.py measures it);
-- every key of the base must be in every input with the same shape, else the run stops and lists
+- tensors stream out of the inputs' safetensors files one chunk of one key at a time
+  (safetensors_stream: pread into reused buffers, headers parsed once); each chunk of the inputs
+  is combined in fp32 (`combine`, method "linear"), cast to the output dtype and written straight
+  into a pre-planned shard. Memory is a few fixed chunks per worker thread, whatever the number or
+  size of the models (bench/soup_memory.py measures it);
+- every input byte is read once: each file's sha256 comes from the reads that feed the merge, the
+  output's from the bytes as written; worker threads (pread, hashlib and torch release the GIL)
+  keep every core busy, each on its own chunk, and write in order;
+- any HF causal-LM checkpoint set whose keys match will do (llama-shaped as well as deepseek_v3):
+  every key of the base must be in every input with the same shape, else the run stops and lists
   the offenders; `allow_partial` averages each key over the inputs that match and records the rest;
-- tied embeddings (no `lm_head.weight` on disk) are handled; non-float tensors are copied from the
-  base; inputs are sorted by step, and a path given twice is an error;
-- `merge_info.json` records inputs (step, weight, sha256 of each file), dtype, per-key counts,
-  skipped and non-float keys; with `evaluate`, the eval loss of base, checkpoints and soup.
+  `merge_info.json` accounts for every key of every input (averaged, copied, skipped, ignored), and
+  the run fails rather than write a soup that leaves one out;
+- float tensors, buffers included, are averaged: deepseek_v3's router `e_score_correction_bias`
+  (a float32 parameter-buffer) is averaged like any weight and stays float32 (see `keep_in_fp32`);
+  non-float tensors (counters, masks) are copied from the base; buffers a model does not save
+  (rotary inv_freq) are not in the files and are rebuilt by from_pretrained;
+- tied embeddings (no `lm_head.weight` on disk) are handled; inputs are sorted by step, and a path
+  given twice is an error; merge_info records inputs (step, weight, sha256 of each file), dtype,
+  per-key counts and, with `evaluate`, the eval loss of base, checkpoints and soup.
 
 The mean of a key is sum_i(w_i * x_i) / sum_i(w_i), summed in fp32 in input order ([base,
 *checkpoints]); with the default uniform weights every w_i is 1, so the result is exactly the fp32
-sum divided by n, rounded once to the output dtype.
+sum divided by n, rounded once to the output dtype. The merge path imports torch but not
+transformers (only `evaluate`, and an fp32 base souped to a narrower dtype, need it).
 """
 
 from __future__ import annotations
 
-import contextlib
 import glob
 import json
 import math
 import os
-import re
 import shutil
-import struct
+import threading
 import time
-from collections.abc import Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from openseek_cpt import checkpoints
 from openseek_cpt.errors import UserError
-from openseek_cpt.provenance import (
-    CHECKPOINT_MARKER,
-    atomic_output_dir,
-    checkpoint_mismatches,
-    sha256_file,
-    write_provenance,
+from openseek_cpt.fileio import read_json
+from openseek_cpt.logs import get_logger
+from openseek_cpt.provenance import atomic_output_dir, write_provenance
+from openseek_cpt.recipe import Recipe, parse_size
+from openseek_cpt.safetensors_stream import (
+    ITEMSIZE,
+    ModelFiles,
+    Reader,
+    ShardWriter,
+    Ticket,
+    Turns,
+    open_model,
 )
-from openseek_cpt.recipe import Recipe
 
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
+if TYPE_CHECKING:
+    import torch
+
+log = get_logger("soup")
+
 MERGE_INFO = "merge_info.json"
 OUTPUT_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
-# Bytes per element of each safetensors dtype.
-ITEMSIZE = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
-    "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1,
-}  # fmt: skip
 # Float dtypes of safetensors that can be averaged, by torch name.
 FLOAT_DTYPES = {
     "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
@@ -72,67 +84,62 @@ WEIGHT_SUFFIXES = (
     ".pth",
     ".ckpt",
 )
-NOT_COPIED = {"provenance.json", MERGE_INFO}
-# Elements per chunk of a key streamed through the fp32 accumulator (16 MB of fp32).
-CHUNK_ELEMS = 1 << 22
-STEP_RE = re.compile(r"checkpoint-(\d+)$")
+NOT_COPIED = {"provenance.json", MERGE_INFO, checkpoints.MARKER}
+# Elements per chunk of a key streamed through the fp32 accumulator (8 MB of fp32).
+CHUNK_ELEMS = 1 << 21
+# Worker threads of the merge: one per core, plus one to fill the gaps while others wait their turn.
+WORKERS = max(2, min(8, (os.cpu_count() or 2) + 1))
+METHOD = "linear"
 
 
 def run(recipe: Recipe) -> Path:
     """Average [base, *checkpoints] into soup.output_dir; returns that directory."""
     s = recipe.soup
     started = time.time()
-    out_dtype = _output_dtype(s.dtype)
+    out_code = _output_code(s.dtype)
     max_shard_size = parse_size(s.max_shard_size)
     base = open_input(recipe.soup_base_dir, role="base", field_name="soup.base_dir")
-    checkpoints = [open_input(p, role="checkpoint") for p in expand_checkpoints(s.checkpoints)]
-    inputs = [base, *checkpoints]
+    ckpts = [open_input(p, role="checkpoint") for p in expand_checkpoints(s.checkpoints)]
+    inputs = [base, *ckpts]
     _check_distinct(inputs)
     weights = _weights(s.weights, len(inputs))
-    plan = plan_keys(inputs, weights, allow_partial=s.allow_partial)
+    plan = plan_keys(inputs, weights, allow_partial=s.allow_partial, out_code=out_code)
+    accounting = account_keys(inputs, plan)
     eval_dir = recipe.soup_eval_dataset_dir
     if s.evaluate and not Path(eval_dir).is_dir():
         raise UserError(
             f"soup.eval_dataset_dir={eval_dir!r} does not exist; run `openseek-cpt data` first, "
             "set soup.eval_dataset_dir, or set soup.evaluate=false"
         )
-    print(
-        f"[soup] {base.path} + {len(checkpoints)} checkpoint(s) -> {s.output_dir} "
-        f"({s.dtype}, weights {_fmt_weights(weights)})",
-        flush=True,
+    log.info(
+        f"{base.path} + {len(ckpts)} checkpoint(s) -> {s.output_dir} ({s.dtype}, weights {_fmt_weights(weights)})"
     )
     for line in plan.warnings():
-        print(f"[soup] warning: {line}", flush=True)
+        log.warning(line)
 
-    # Hash the input files on other threads while the merge reads them (hashlib drops the GIL).
-    with contextlib.ExitStack() as stack:
-        pool = ThreadPoolExecutor(max_workers=max(1, min(4, (os.cpu_count() or 2) - 1)))
-        hashes = {
-            (i, name): pool.submit(sha256_file, inp.path / name)
-            for i, inp in enumerate(inputs)
-            for name in inp.weight_files()
-        }
-        stack.callback(pool.shutdown, wait=False, cancel_futures=True)  # an error need not wait
-        with atomic_output_dir(s.output_dir) as tmp:
-            files = merge(inputs, plan, out_dtype, tmp, max_shard_size)
-            _copy_side_files(base.path, tmp, s.dtype)
-            evaluation = _evaluate(recipe, inputs, tmp) if s.evaluate else None
-            info = _merge_info(inputs, weights, plan, s, files, hashes, evaluation, started)
-            (tmp / MERGE_INFO).write_text(json.dumps(info, indent=2) + "\n")
-            write_provenance(
-                tmp,
-                stage="soup",
-                recipe=recipe,
-                inputs={
-                    f"{inp.label}:{name}": info["inputs"][i]["files"][name]
-                    for i, inp in enumerate(inputs)
-                    for name in inp.weight_files()
-                },
-            )
+    with atomic_output_dir(s.output_dir) as tmp:
+        result = merge(inputs, plan, out_code, tmp, max_shard_size)
+        _copy_side_files(base.path, tmp, s.dtype)
+        evaluation = _evaluate(recipe, inputs, tmp) if s.evaluate else None
+        info = _merge_info(inputs, weights, plan, accounting, s, result, evaluation, started)
+        (tmp / MERGE_INFO).write_text(json.dumps(info, indent=2) + "\n")
+        write_provenance(
+            tmp,
+            stage="soup",
+            recipe=recipe,
+            inputs={
+                f"{inp.label}:{name}": digest
+                for inp, hashes in zip(inputs, result.input_hashes, strict=True)
+                for name, digest in hashes.items()
+            },
+        )
     if evaluation:
-        print(format_eval_table(evaluation), flush=True)
-    print(
-        f"[soup] wrote {len(files)} shard(s) to {s.output_dir} in {time.time() - started:.1f} s", flush=True
+        from openseek_cpt.evaluation import format_eval_table
+
+        log.info(format_eval_table(evaluation))
+    log.info(
+        f"wrote {len(result.files)} shard file(s) to {s.output_dir} in {time.time() - started:.1f} s "
+        f"({result.seconds:.1f} s merging {result.input_bytes / 1e9:.2f} GB)"
     )
     return Path(s.output_dir)
 
@@ -142,114 +149,32 @@ def run(recipe: Recipe) -> Path:
 
 @dataclass
 class SoupInput:
-    """One model directory: where each key lives, and each key's (dtype, shape) as stored."""
+    """One model directory: its parsed files, and each key's (dtype, shape) as stored."""
 
     path: Path
     role: str
     step: int | None
-    key_file: dict[str, str]
-    meta: dict[str, tuple[str, tuple[int, ...]]]
+    files: ModelFiles
     tied: bool
-    # key -> (first byte, end byte) of its data in its file
-    spans: dict[str, tuple[int, int]]
-    index_file: str | None = None
-    _fds: dict[str, int] = field(default_factory=dict, repr=False)
+    meta: dict[str, tuple[str, tuple[int, ...]]] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.meta = {k: (t.dtype, t.shape) for k, t in self.files.tensors.items()}
 
     @property
     def label(self) -> str:
         return "base" if self.role == "base" else self.path.name
 
-    def weight_files(self) -> list[str]:
-        return sorted(set(self.key_file.values())) + ([self.index_file] if self.index_file else [])
-
-    def read(self, key: str, offset: int, nbytes: int, buf: bytearray) -> memoryview:
-        """Bytes [offset, offset + nbytes) of `key` as stored, read into `buf` (no mmap, no new memory)."""
-        name = self.key_file[key]
-        if name not in self._fds:
-            self._fds[name] = os.open(self.path / name, os.O_RDONLY)
-        view = memoryview(buf)[:nbytes]
-        start, got = self.spans[key][0] + offset, 0
-        while got < nbytes:
-            n = os.preadv(self._fds[name], [view[got:]], start + got)
-            if n <= 0:
-                raise UserError(f"soup: {self.path / name} is truncated (reading {key}); re-save the model")
-            got += n
-        return view
-
-    def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
-
 
 def open_input(path: str | Path, role: str, field_name: str = "soup.checkpoints") -> SoupInput:
     """Read the safetensors headers (and index) of a model directory; refuse other formats."""
-    from safetensors import SafetensorError, safe_open
-
     p = Path(path)
-    if not p.is_dir():
-        raise UserError(
-            f"{field_name}: {str(path)!r} is not a directory; give a model or checkpoint-N directory"
-        )
-    if role == "checkpoint":
+    if role == "checkpoint" and p.is_dir():
         _check_complete(p)
-    index_file = None
-    if (p / INDEX_FILE).is_file():
-        index_file = INDEX_FILE
-        try:
-            key_file = dict(json.loads((p / INDEX_FILE).read_text())["weight_map"])
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise UserError(
-                f"{field_name}: {p / INDEX_FILE} is not a safetensors index (no weight_map)"
-            ) from None
-    elif (p / SINGLE_FILE).is_file():
-        key_file = None
-    else:
-        other = sorted(q.name for q in p.iterdir() if q.name.endswith((".bin", ".pt", ".pth", ".ckpt")))
-        found = f"it has {', '.join(other[:3])} but " if other else ""
-        raise UserError(
-            f"{field_name}: {p} has no {SINGLE_FILE} or {INDEX_FILE} ({found}the soup reads safetensors only); "
-            "re-save it with `model.save_pretrained(DIR)` (transformers writes safetensors)"
-        )
-    meta: dict[str, tuple[str, tuple[int, ...]]] = {}
-    files = sorted(set(key_file.values())) if key_file is not None else [SINGLE_FILE]
-    found_keys: dict[str, str] = {}
-    spans: dict[str, tuple[int, int]] = {}
-    for name in files:
-        if not (p / name).is_file():
-            raise UserError(
-                f"{field_name}: {p / INDEX_FILE} names {name}, which is missing; re-save the model"
-            )
-        try:
-            with safe_open(str(p / name), framework="pt", backend="pread") as f:
-                for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
-                    sl = f.get_slice(key)
-                    meta[key] = (sl.get_dtype(), tuple(sl.get_shape()))
-                    found_keys[key] = name
-            spans.update(_data_spans(p / name))
-        except SafetensorError as exc:
-            raise UserError(f"{field_name}: {p / name} is not a readable safetensors file ({exc})") from None
-    if key_file is None:
-        key_file = found_keys
-    elif set(key_file) != set(found_keys) or any(found_keys[k] != v for k, v in key_file.items()):
-        raise UserError(f"{field_name}: {p / INDEX_FILE} does not match its shard files; re-save the model")
-    config = _read_json(p / "config.json")
-    step = _step_of(p) if role == "checkpoint" else None
-    tied = bool(config.get("tie_word_embeddings"))
-    return SoupInput(p, role, step, key_file, meta, tied, spans, index_file)
-
-
-def _data_spans(path: Path) -> dict[str, tuple[int, int]]:
-    """Absolute byte spans of each tensor: u64 header length, JSON header, then the data."""
-    with open(path, "rb") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(length))
-    start = 8 + length
-    return {
-        k: (start + v["data_offsets"][0], start + v["data_offsets"][1])
-        for k, v in header.items()
-        if k != "__metadata__"
-    }
+    files = open_model(p, field_name)
+    config = read_json(p / "config.json") or {}
+    step = checkpoints.step_of(p) if role == "checkpoint" else None
+    return SoupInput(p, role, step, files, bool(config.get("tie_word_embeddings")))
 
 
 def _check_complete(ckpt: Path) -> None:
@@ -258,13 +183,13 @@ def _check_complete(ckpt: Path) -> None:
     Checkpoints from elsewhere have no marker at all; only a run whose other checkpoints have one
     (or a marker that disagrees with the files) shows that this one was cut off mid-save.
     """
-    bad = checkpoint_mismatches(ckpt)
-    if bad == []:
+    st = checkpoints.status(ckpt)
+    if st.complete:
         return
-    if bad:
-        reason = f"{bad[0]} differs from its {CHECKPOINT_MARKER}"
-    elif any((sib / CHECKPOINT_MARKER).is_file() for sib in ckpt.parent.glob("checkpoint-*")):
-        reason = f"no {CHECKPOINT_MARKER}, unlike the other checkpoints of the run"
+    if st.state == "damaged":
+        reason = f"{st.files[0]} differs from its {checkpoints.MARKER}"
+    elif any(checkpoints.read_marker(sib) for sib in checkpoints.list_checkpoints(ckpt.parent)):
+        reason = f"no {checkpoints.MARKER}, unlike the other checkpoints of the run"
     else:
         return
     raise UserError(
@@ -292,12 +217,12 @@ def expand_checkpoints(items: Iterable[str]) -> list[Path]:
             out += matches
         else:
             out.append(Path(item))
-    return sorted(out, key=lambda p: (_step_of(p) is None, _step_of(p) or 0, str(p)))
 
+    def order(p: Path) -> tuple[bool, int, str]:
+        step = checkpoints.step_of(p)
+        return (step is None, step or 0, str(p))
 
-def _step_of(path: Path) -> int | None:
-    m = STEP_RE.search(Path(path).name)
-    return int(m.group(1)) if m else None
+    return sorted(out, key=order)
 
 
 def _check_distinct(inputs: list[SoupInput]) -> None:
@@ -328,30 +253,11 @@ def _weights(weights: list[float] | None, n: int) -> list[float]:
     return [float(w) for w in weights]
 
 
-def _output_dtype(name: str):
-    import torch
-
+def _output_code(name: str) -> str:
+    """soup.dtype -> the safetensors dtype written."""
     if name not in OUTPUT_DTYPES:
         raise UserError(f"soup.dtype={name!r} is not one of {', '.join(OUTPUT_DTYPES)}")
-    return getattr(torch, name)
-
-
-def parse_size(value: str | int) -> int:
-    """`2GB`, `500MB`, `1GiB` or a number of bytes -> bytes (GB = 10**9, GiB = 2**30, as in transformers)."""
-    if isinstance(value, int):
-        size = value
-    else:
-        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)\s*", str(value), flags=re.IGNORECASE)
-        if not m:
-            raise UserError(
-                f"soup.max_shard_size={value!r} is not a size; write e.g. 2GB, 500MB or a byte count"
-            )
-        unit = m.group(2).upper().rstrip("B")
-        base = 1024 if unit.endswith("I") else 1000
-        size = int(float(m.group(1)) * base ** ("KMGT".index(unit[0]) + 1 if unit else 0))
-    if size <= 0:
-        raise UserError(f"soup.max_shard_size={value!r} must be > 0")
-    return size
+    return OUTPUT_DTYPES[name]
 
 
 # --------------------------------------------------------------------------- key plan
@@ -369,7 +275,7 @@ class KeyPlan:
     skipped: list[dict[str, str]]
     # Keys that inputs store but the base ties (e.g. lm_head.weight when the base has none).
     ignored_tied: list[dict[str, str]]
-    # Keys the model class keeps in fp32 whatever the dtype (its _keep_in_fp32_modules[_strict]).
+    # Float keys written in float32 whatever soup.dtype (see keep_in_fp32).
     fp32_keys: list[str] = field(default_factory=list)
 
     def warnings(self) -> list[str]:
@@ -385,7 +291,9 @@ class KeyPlan:
         return out
 
 
-def plan_keys(inputs: list[SoupInput], weights: list[float], allow_partial: bool) -> KeyPlan:
+def plan_keys(
+    inputs: list[SoupInput], weights: list[float], allow_partial: bool, out_code: str = "BF16"
+) -> KeyPlan:
     """Match every base key in every input; list offenders unless allow_partial."""
     base = inputs[0]
     problems: list[dict[str, str]] = []
@@ -420,189 +328,328 @@ def plan_keys(inputs: list[SoupInput], weights: list[float], allow_partial: bool
             "use checkpoints of the base's architecture, or set soup.allow_partial=true to average each "
             f"key over the inputs that match (recorded in {MERGE_INFO})"
         )
-    return KeyPlan(
-        sorted(base.meta), sources, non_float, problems, ignored_tied, keep_in_fp32(base, non_float)
-    )
+    fp32 = keep_in_fp32(base, non_float, out_code)
+    return KeyPlan(sorted(base.meta), sources, non_float, problems, ignored_tied, fp32)
 
 
-def keep_in_fp32(base: SoupInput, non_float: list[str]) -> list[str]:
-    """Keys the architecture keeps in fp32 (e.g. deepseek_v3's router e_score_correction_bias).
+def keep_in_fp32(base: SoupInput, non_float: list[str], out_code: str) -> list[str]:
+    """Float keys written in float32 although soup.dtype is narrower (deepseek_v3's router bias).
 
-    save_pretrained of a bf16 model writes them in fp32 and from_pretrained upcasts them, so the
-    soup keeps them in fp32 too rather than rounding them through bf16.
+    save_pretrained writes a model's `_keep_in_fp32_modules` in float32 next to its bf16 weights
+    and from_pretrained upcasts them, so the soup keeps them in float32 rather than rounding them
+    through bf16. The base's files show which they are: the float keys it stores in >= 4 bytes
+    while most of its float bytes are narrower. Only when the files cannot tell (every float key
+    in one dtype wider than soup.dtype, e.g. an fp32 base souped to bf16) is the architecture's
+    class asked, which imports transformers.
     """
+    floats = {k: dtype for k, (dtype, _) in base.meta.items() if k not in non_float}
+    if not floats or ITEMSIZE[out_code] >= 4:
+        return []
+    weight = Counter()
+    for k, dtype in floats.items():
+        weight[dtype] += math.prod(base.meta[k][1]) * ITEMSIZE[dtype]
+    dominant = max(weight, key=lambda d: (weight[d], d))
+    if ITEMSIZE[dominant] < 4:
+        return sorted(k for k, dtype in floats.items() if ITEMSIZE[dtype] >= 4)
+    if len(weight) > 1 or ITEMSIZE[dominant] <= ITEMSIZE[out_code]:
+        return []
     import transformers
 
-    config = _read_json(base.path / "config.json")
+    config = read_json(base.path / "config.json") or {}
     patterns: set[str] = set()
     for arch in config.get("architectures") or []:
         cls = getattr(transformers, arch, None)
         for attr in ("_keep_in_fp32_modules", "_keep_in_fp32_modules_strict"):
             patterns.update(getattr(cls, attr, None) or [])
-    return sorted(k for k in base.meta if k not in non_float and any(p in k.split(".") for p in patterns))
+    return sorted(k for k in floats if any(p in k.split(".") for p in patterns))
 
 
 def _is_float(dtype: str) -> bool:
     return dtype in FLOAT_DTYPES
 
 
+def account_keys(inputs: list[SoupInput], plan: KeyPlan) -> list[dict[str, Any]]:
+    """What happened to every key of every input; refuses (RuntimeError) a plan that drops one.
+
+    A merge tool that silently skips tensors it does not know (mergekit 0.1.5 drops every routed
+    expert of deepseek_v3) writes a model that loads with random or base weights. Here each stored
+    key of each input is in exactly one bucket, and the buckets add up to the input's keys.
+    """
+    out = []
+    for i, inp in enumerate(inputs):
+        used = {src: w for key in plan.keys for j, src, w in plan.sources[key] if j == i}
+        skipped = {p["key"] for p in plan.skipped if p["input"] == str(inp.path)} & set(inp.meta)
+        tied = {p["key"] for p in plan.ignored_tied if p["input"] == str(inp.path)}
+        buckets: dict[str, set[str]] = {
+            "averaged": {k for k, w in used.items() if w > 0 and k not in plan.non_float},
+            "weight_zero": {k for k, w in used.items() if w == 0 and k not in plan.non_float},
+            "copied_from_base": set(plan.non_float) if i == 0 else set(),
+            "non_float_not_used": set(plan.non_float) & set(inp.meta) if i > 0 else set(),
+            "skipped": skipped,
+            "ignored_tied": tied,
+        }
+        seen: set[str] = set()
+        for name, keys in buckets.items():
+            buckets[name] = keys - seen
+            seen |= keys
+        lost = sorted(set(inp.meta) - seen)
+        if lost or seen - set(inp.meta):
+            raise RuntimeError(f"soup: keys of {inp.path} not accounted for: {lost[:5]}")
+        row: dict[str, Any] = {"input": str(inp.path), "keys": len(inp.meta)}
+        row.update({name: len(keys) for name, keys in buckets.items()})
+        row["left_out"] = sorted(buckets["skipped"] | buckets["ignored_tied"] | buckets["non_float_not_used"])
+        out.append(row)
+    return out
+
+
+# --------------------------------------------------------------------------- combine
+
+
+class Workspace:
+    """Reused fp32 scratch of one worker: an accumulator and a conversion buffer."""
+
+    def __init__(self, elems: int = 0) -> None:
+        self._acc: torch.Tensor | None = None
+        self._tmp: torch.Tensor | None = None
+        self.reserve(elems)
+
+    def reserve(self, elems: int) -> None:
+        import torch
+
+        if self._acc is None or self._acc.numel() < elems:
+            self._acc = torch.empty(elems, dtype=torch.float32)
+            self._tmp = torch.empty(elems, dtype=torch.float32)
+
+    def acc(self, n: int) -> torch.Tensor:
+        self.reserve(n)
+        return self._acc[:n]
+
+    def tmp(self, n: int) -> torch.Tensor:
+        self.reserve(n)
+        return self._tmp[:n]
+
+
+# A method combines the inputs' chunks of one key (flat tensors as stored, in input order, each
+# valid until the next is drawn: a method that needs them all at once copies them) into fp32.
+Method = Callable[[Iterator["torch.Tensor"], Sequence[float], Workspace], "torch.Tensor"]
+
+
+def linear(chunks: Iterator[torch.Tensor], weights: Sequence[float], ws: Workspace) -> torch.Tensor:
+    """sum_i(w_i * x_i) / sum_i(w_i), accumulated in fp32 in input order; holds one chunk at a time."""
+    import torch
+
+    a = None
+    for x, w in zip(chunks, weights, strict=True):
+        n = x.numel()
+        if a is None:
+            a = ws.acc(n).copy_(x)  # = 0 + x; copy_ converts to fp32 exactly
+            if w != 1.0:
+                a.mul_(w)
+            continue
+        if x.dtype != torch.float32:
+            x = ws.tmp(n).copy_(x)  # exact conversion into a reused buffer (faster than a mixed add_)
+        if w != 1.0:
+            a.add_(x, alpha=w)
+        else:
+            a.add_(x)
+    if a is None:
+        raise ValueError("linear: no chunk to combine")
+    total = sum(weights)
+    if total != 1.0:
+        a.div_(total)
+    return a
+
+
+METHODS: dict[str, Method] = {"linear": linear}
+
+
+def combine(
+    method: str, chunks: Iterable[torch.Tensor], weights: Sequence[float], ws: Workspace | None = None
+) -> torch.Tensor:
+    """The fp32 combination of one chunk of every input: the one seam between I/O and arithmetic."""
+    if method not in METHODS:
+        raise UserError(f"soup: method {method!r} is not one of {', '.join(METHODS)}")
+    return METHODS[method](iter(chunks), list(weights), ws or Workspace())
+
+
 # --------------------------------------------------------------------------- merge
 
 
-def merge(inputs: list[SoupInput], plan: KeyPlan, out_dtype, out_dir: Path, max_shard_size: int) -> list[str]:
-    """Stream every key, chunk by chunk, through an fp32 accumulator into the shard writer.
+@dataclass
+class MergeResult:
+    files: list[str]
+    output_hashes: dict[str, str]
+    # Per input, {file: sha256} of every weight file (and index), in input order.
+    input_hashes: list[dict[str, str]]
+    input_bytes: int
+    # Bytes read only to complete a hash (a read order that jumps in a file, keys not merged).
+    rehashed_bytes: int
+    seconds: float
 
-    Reads go straight from the files into one reused buffer (os.preadv at offsets taken from the
-    safetensors headers): safe_open's get_tensor allocates a fresh tensor per read and its slicing
-    is ~10x slower, and reused buffers keep the peak at a few chunks, whatever the tensor sizes.
-    Chunking a key along its flat elements does not change any result (the mean is elementwise).
-    Returns the files written.
+
+@dataclass(frozen=True)
+class _Step:
+    """One chunk of one key: elements [e0, e0 + n); its reads, one per contributing input."""
+
+    index: int
+    key: str
+    n: int
+    copy: bool
+    reads: tuple[tuple[int, str, Ticket], ...]  # (input, stored dtype, ticket)
+    weights: tuple[float, ...]
+
+
+def merge(
+    inputs: list[SoupInput], plan: KeyPlan, out_code: str, out_dir: Path, max_shard_size: int
+) -> MergeResult:
+    """Stream every key, chunk by chunk, through `combine` into the shard writer.
+
+    Chunks are handed out in key order to WORKERS threads; each reads its chunk of every input
+    into its own buffer, feeds the inputs' hashes (in file order, see safetensors_stream), combines
+    and writes when its turn comes, so reads, hashes, adds and writes of neighbouring chunks
+    overlap on all cores. Chunking a key along its flat elements does not change any result (the
+    mean is elementwise, each element summed in input order). Returns the files written.
     """
     import torch
 
-    out_code = OUTPUT_DTYPES[str(out_dtype).removeprefix("torch.")]
+    started = time.perf_counter()
     base = inputs[0]
     entries = [(key, _stored_dtype(key, plan, base, out_code), base.meta[key][1]) for key in plan.keys]
     writer = ShardWriter(out_dir, entries, max_shard_size)
-    torch_dtypes = {code: getattr(torch, name) for code, name in FLOAT_DTYPES.items()}
+    readers = [Reader(inp.files) for inp in inputs]
+    steps = _StepQueue(_steps(inputs, readers, plan))
+    out_turns = Turns()
     widest = max(ITEMSIZE[dtype] for inp in inputs for dtype, _ in inp.meta.values())
-    raw = bytearray(CHUNK_ELEMS * widest)
-    acc = torch.empty(CHUNK_ELEMS, dtype=torch.float32)
-    tmp = torch.empty(CHUNK_ELEMS, dtype=torch.float32)
-    out = torch.empty(CHUNK_ELEMS, dtype=out_dtype)
-    # One intra-op thread: the work is elementwise and memory-bound, the other cores hash the
-    # inputs, and OpenMP's spinning threads made it 5-10x slower on a busy machine (measured).
+    out_dtype = getattr(torch, FLOAT_DTYPES[out_code])
+    failures: list[BaseException] = []
+
+    def work() -> None:
+        raw = bytearray(CHUNK_ELEMS * widest)
+        scratch = bytearray(1 << 20)
+        ws = Workspace(CHUNK_ELEMS)
+        out = torch.empty(CHUNK_ELEMS, dtype=out_dtype)
+        try:
+            while (step := steps.next()) is not None:
+                data = _run_step(step, readers, raw, scratch, ws, out, plan)
+                out_turns.wait(step.index)
+                try:
+                    writer.write_bytes(step.key, data)
+                finally:
+                    out_turns.done(step.index)
+        except BaseException as exc:  # stop the others: they may wait for this one's turns
+            failures.append(exc)
+            out_turns.abort()
+            for r in readers:
+                r.abort()
+            steps.close()
+
+    # One intra-op thread per op: the parallelism is across chunks (and OpenMP's spinning
+    # threads made elementwise ops 5-10x slower on a busy machine, measured).
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        for key in plan.keys:
-            dtype, shape = base.meta[key]
-            numel = math.prod(shape)
-            if key in plan.non_float:  # copied from the base, byte for byte
-                nbytes = numel * ITEMSIZE[dtype]
-                for b0 in range(0, max(nbytes, 1), len(raw)):
-                    n = min(len(raw), nbytes - b0)
-                    writer.write_bytes(key, base.read(key, b0, n, raw))
-                continue
-            contributors = [(i, src, w) for i, src, w in plan.sources[key] if w > 0]
-            total = sum(w for _, _, w in contributors)
-            for e0 in range(0, max(numel, 1), CHUNK_ELEMS):
-                n = min(CHUNK_ELEMS, numel - e0)
-                a = acc[:n]
-                for j, (i, src, w) in enumerate(contributors):
-                    src_dtype = inputs[i].meta[src][0]
-                    size = ITEMSIZE[src_dtype]
-                    inputs[i].read(src, e0 * size, n * size, raw)
-                    x = torch.frombuffer(raw, dtype=torch_dtypes[src_dtype], count=n) if n else a
-                    if j == 0:
-                        a.copy_(x)  # = 0 + x; copy_ converts to fp32 exactly
-                        if w != 1.0:
-                            a.mul_(w)
-                    else:
-                        if x.dtype != torch.float32:
-                            x = tmp[:n].copy_(x)  # exact conversion into a reused buffer
-                        if w != 1.0:
-                            a.add_(x, alpha=w)
-                        else:
-                            a.add_(x)
-                if total != 1.0:
-                    a.div_(total)
-                writer.write_bytes(key, _bytes_of(a if key in plan.fp32_keys else out[:n].copy_(a)))
+        pool = [threading.Thread(target=work, name=f"soup-{i}", daemon=True) for i in range(WORKERS)]
+        for t in pool:
+            t.start()
+        for t in pool:
+            t.join()
+        if failures:
+            raise failures[0]  # the first failure; the others are the waiters it aborted
+        hashes = writer.finish()
+        input_hashes = _finish_readers(readers)
     finally:
         torch.set_num_threads(threads)
-        for inp in inputs:
-            inp.close()
-    return writer.finish()
+        writer.close()
+        for r in readers:
+            r.close()
+    return MergeResult(
+        files=list(hashes),
+        output_hashes=hashes,
+        input_hashes=input_hashes,
+        input_bytes=sum(sum(inp.files.sizes.values()) for inp in inputs),
+        rehashed_bytes=sum(r.rehashed_bytes for r in readers),
+        seconds=time.perf_counter() - started,
+    )
 
 
-def _bytes_of(tensor) -> memoryview:
+def _steps(inputs: list[SoupInput], readers: list[Reader], plan: KeyPlan) -> Iterator[_Step]:
+    """Every chunk of every key in output order, with the reads' tickets taken in that order."""
+    base = inputs[0]
+    index = 0
+    for key in plan.keys:
+        dtype, shape = base.meta[key]
+        numel = math.prod(shape)
+        copy = key in plan.non_float
+        contributors = [(0, key, 1.0)] if copy else [(i, src, w) for i, src, w in plan.sources[key] if w > 0]
+        for e0 in range(0, max(numel, 1), CHUNK_ELEMS):
+            n = min(CHUNK_ELEMS, numel - e0)
+            reads = []
+            for i, src, _ in contributors:
+                src_dtype = inputs[i].meta[src][0]
+                size = ITEMSIZE[src_dtype]
+                if n:
+                    reads.append((i, src_dtype, readers[i].ticket(src, e0 * size, n * size)))
+            yield _Step(index, key, n, copy, tuple(reads), tuple(w for _, _, w in contributors))
+            index += 1
+
+
+class _StepQueue:
+    """Hands steps out in order to any thread (the tickets inside are taken under the lock)."""
+
+    def __init__(self, steps: Iterator[_Step]) -> None:
+        self._steps = steps
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def next(self) -> _Step | None:
+        with self._lock:
+            return None if self._closed else next(self._steps, None)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+
+
+def _run_step(
+    step: _Step,
+    readers: list[Reader],
+    raw: bytearray,
+    scratch: bytearray,
+    ws: Workspace,
+    out: torch.Tensor,
+    plan: KeyPlan,
+) -> memoryview:
+    """Read one chunk of every contributor and combine it; returns the output bytes of the chunk."""
     import torch
 
-    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+    if step.n == 0:
+        return memoryview(b"")
+    if step.copy:  # non-float: the base's bytes as they are
+        i, _, ticket = step.reads[0]
+        return readers[i].read(ticket, raw, scratch)
+
+    def chunks() -> Iterator[torch.Tensor]:
+        for i, dtype, ticket in step.reads:
+            readers[i].read(ticket, raw, scratch)
+            yield torch.frombuffer(raw, dtype=getattr(torch, FLOAT_DTYPES[dtype]), count=step.n)
+
+    a = combine(METHOD, chunks(), step.weights, ws)
+    result = a if step.key in plan.fp32_keys else out[: step.n].copy_(a)
+    return memoryview(result.view(torch.uint8).numpy())
+
+
+def _finish_readers(readers: list[Reader]) -> list[dict[str, str]]:
+    """Hash what the merge did not read (usually nothing), a few files at a time."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=WORKERS) as pool:
+        return list(pool.map(lambda r: r.finish(bytearray(1 << 22)), readers))
 
 
 def _stored_dtype(key: str, plan: KeyPlan, base: SoupInput, out_code: str) -> str:
     if key in plan.non_float:
         return base.meta[key][0]
     return "F32" if key in plan.fp32_keys else out_code
-
-
-class ShardWriter:
-    """Writes safetensors shards tensor by tensor, holding none of them.
-
-    All keys, dtypes and shapes are known before the first tensor is averaged, so each shard's
-    header (with every offset) is written first and the tensors are appended as they come: the
-    files are byte-for-byte what safetensors expects. Shards are filled in key order up to
-    `max_shard_size` bytes (a bigger tensor gets a shard of its own), named as transformers names
-    them, with `model.safetensors.index.json` when there is more than one.
-    """
-
-    def __init__(self, out_dir: Path, entries: list[tuple[str, str, tuple[int, ...]]], max_shard_size: int):
-        self.out_dir = Path(out_dir)
-        shards: list[list[tuple[str, str, tuple[int, ...], int]]] = [[]]
-        size = 0
-        for key, dtype, shape in entries:
-            nbytes = math.prod(shape) * ITEMSIZE[dtype]
-            if shards[-1] and size + nbytes > max_shard_size:
-                shards.append([])
-                size = 0
-            shards[-1].append((key, dtype, shape, nbytes))
-            size += nbytes
-        n = len(shards)
-        self.names = (
-            [SINGLE_FILE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-        )
-        self.shards = shards
-        self.total_size = sum(e[3] for shard in shards for e in shard)
-        self._pos = (0, 0)  # (shard, entry) to be written next
-        self._done = 0  # bytes of that entry written so far
-        self._file = None
-
-    def write_bytes(self, key: str, data: memoryview) -> None:
-        """Append the next bytes of `key` (a whole tensor or the next chunk of it)."""
-        shard, entry = self._pos
-        want_key, _, _, nbytes = self.shards[shard][entry]
-        if key != want_key or self._done + len(data) > nbytes:
-            raise RuntimeError(
-                f"shard writer expected {want_key} ({nbytes - self._done} bytes left), got {key}"
-            )
-        if entry == 0 and self._done == 0:
-            self._file = open(self.out_dir / self.names[shard], "wb")  # noqa: SIM115 (spans write calls)
-            self._file.write(self._header(self.shards[shard]))
-        self._file.write(data)
-        self._done += len(data)
-        if self._done < nbytes:
-            return
-        self._done = 0
-        if entry + 1 == len(self.shards[shard]):
-            self._file.close()
-            self._file = None
-            self._pos = (shard + 1, 0)
-        else:
-            self._pos = (shard, entry + 1)
-
-    def finish(self) -> list[str]:
-        if self._pos != (len(self.shards), 0):
-            raise RuntimeError(f"shard writer finished early at {self._pos}")
-        if len(self.names) > 1:
-            weight_map = {
-                e[0]: name for name, shard in zip(self.names, self.shards, strict=True) for e in shard
-            }
-            index = {"metadata": {"total_size": self.total_size}, "weight_map": weight_map}
-            (self.out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-            return [*self.names, INDEX_FILE]
-        return list(self.names)
-
-    @staticmethod
-    def _header(shard: list[tuple[str, str, tuple[int, ...], int]]) -> bytes:
-        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-        offset = 0
-        for key, dtype, shape, nbytes in shard:
-            header[key] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-            offset += nbytes
-        blob = json.dumps(header, separators=(",", ":")).encode()
-        blob += b" " * (-len(blob) % 8)  # safetensors pads the header to 8-byte alignment
-        return struct.pack("<Q", len(blob)) + blob
 
 
 # --------------------------------------------------------------------------- outputs
@@ -613,13 +660,12 @@ def _copy_side_files(base_dir: Path, out_dir: Path, dtype: str) -> None:
     for p in sorted(base_dir.iterdir()):
         if p.is_file() and p.name not in NOT_COPIED and not p.name.endswith(WEIGHT_SUFFIXES):
             shutil.copy2(p, out_dir / p.name)
-    config_path = out_dir / "config.json"
-    if config_path.is_file():
-        config = json.loads(config_path.read_text())
+    config = read_json(out_dir / "config.json")
+    if config is not None:
         for name in ("dtype", "torch_dtype"):
             if name in config or name == "dtype":
                 config[name] = dtype  # the soup's tensors are stored in this dtype
-        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def _evaluate(recipe: Recipe, inputs: list[SoupInput], soup_dir: Path) -> list[dict[str, Any]]:
@@ -628,7 +674,7 @@ def _evaluate(recipe: Recipe, inputs: list[SoupInput], soup_dir: Path) -> list[d
     s = recipe.soup
     rows = []
     for name, path in [*((inp.label, inp.path) for inp in inputs), ("soup", soup_dir)]:
-        print(f"[soup] evaluating {name} ...", flush=True)
+        log.info(f"evaluating {name} ...")
         result = eval_loss(
             path,
             recipe.soup_eval_dataset_dir,
@@ -639,29 +685,13 @@ def _evaluate(recipe: Recipe, inputs: list[SoupInput], soup_dir: Path) -> list[d
     return rows
 
 
-def format_eval_table(rows: list[dict[str, Any]]) -> str:
-    """The eval losses as a table, with the change against the base (did the soup gain anything?)."""
-    base = rows[0]["loss"]
-    lines = [
-        f"[soup] eval loss on split {rows[0]['split']!r} ({rows[0]['sequences']} sequences, {rows[0]['tokens']} tokens):",
-        f"  {'model':<24} {'loss':>9} {'perplexity':>11} {'vs base':>9}",
-    ]
-    for r in rows:
-        lines.append(
-            f"  {r['name']:<24} {r['loss']:>9.4f} {r['perplexity']:>11.3f} {r['loss'] - base:>+9.4f}"
-        )
-    best = min(rows, key=lambda r: r["loss"])
-    lines.append(f"  lowest: {best['name']}")
-    return "\n".join(lines)
-
-
 def _merge_info(
     inputs: list[SoupInput],
     weights: list[float],
     plan: KeyPlan,
-    s,
-    files: list[str],
-    hashes: dict[tuple[int, str], Future],
+    accounting: list[dict[str, Any]],
+    s: Any,
+    result: MergeResult,
     evaluation: list[dict[str, Any]] | None,
     started: float,
 ) -> dict[str, Any]:
@@ -669,21 +699,17 @@ def _merge_info(
     key_counts = {k: sum(1 for _, _, w in plan.sources[k] if w > 0) for k in plan.keys}
     return {
         "method": "weighted_mean" if len(set(weights)) > 1 else "uniform_mean",
+        "combine": METHOD,
         "formula": "sum_i(w_i * x_i) / sum_i(w_i), accumulated in float32 in input order, cast once to dtype",
         "inputs": [
-            {
-                "role": inp.role,
-                "path": str(inp.path),
-                "step": inp.step,
-                "weight": weights[i],
-                "files": {name: hashes[(i, name)].result() for name in inp.weight_files()},
-            }
-            for i, inp in enumerate(inputs)
+            {"role": inp.role, "path": str(inp.path), "step": inp.step, "weight": weights[i], "files": hashes}
+            for i, (inp, hashes) in enumerate(zip(inputs, result.input_hashes, strict=True))
         ],
         "weights": weights,
         "dtype": s.dtype,
         "allow_partial": s.allow_partial,
-        "output_files": files,
+        "output_files": result.files,
+        "output_hashes": result.output_hashes,
         "counts": {
             "keys": len(plan.keys),
             "averaged_over_all_inputs": sum(
@@ -695,10 +721,16 @@ def _merge_info(
             "non_float_copied_from_base": len(plan.non_float),
         },
         "key_counts": key_counts,
+        "accounting": accounting,
         "skipped_keys": plan.skipped,
         "ignored_tied_keys": plan.ignored_tied,
         "non_float_keys": plan.non_float,
         "fp32_keys": plan.fp32_keys,
+        "io": {
+            "input_bytes": result.input_bytes,
+            "bytes_read_again_for_hashes": result.rehashed_bytes,
+            "merge_seconds": round(result.seconds, 3),
+        },
         "evaluation": evaluation,
         "time": {
             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
@@ -709,10 +741,3 @@ def _merge_info(
 
 def _fmt_weights(weights: list[float]) -> str:
     return "uniform" if len(set(weights)) == 1 else ", ".join(f"{w:g}" for w in weights)
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text()) if path.is_file() else {}
-    except json.JSONDecodeError:
-        return {}

@@ -80,14 +80,11 @@ def _stage(name: str, args: list[str], workdir: Path, log_dir: Path) -> None:
 
 def _print_summary(workdir: Path, recipe, report: Path, seconds: float) -> None:
     merge_info = read_json(workdir / recipe.soup.output_dir / "merge_info.json") or {}
-    from openseek_cpt.report import eval_rows
+    from openseek_cpt.evaluation import format_eval_table
 
     log.info(f"finished in {seconds:.0f} s")
-    rows = eval_rows(merge_info.get("evaluation") or [])
-    if rows:
-        log.info("eval loss on the held-out split:")
-        for name, loss, _ in rows:
-            log.info(f"  {name:<28} {loss:.4f}" if loss is not None else f"  {name}")
+    if merge_info.get("evaluation"):
+        log.info(format_eval_table(merge_info["evaluation"]))
     for label, rel in (
         ("base model", recipe.assets.model_dir),
         ("dataset", recipe.data.output_dir),

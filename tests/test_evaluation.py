@@ -59,3 +59,28 @@ def test_missing_split_is_a_user_error(tiny_assets_dir, tmp_path, docs):
     DatasetDict({"train": Dataset.from_dict({"input_ids": [docs[0]]})}).save_to_disk(str(data))
     with pytest.raises(UserError, match="no split 'eval'"):
         eval_loss(tiny_assets_dir / BASE, data)
+
+
+def test_the_eval_table_shows_every_model_its_change_against_the_base_and_the_lowest():
+    from openseek_cpt.evaluation import format_eval_table
+
+    rows = [
+        {"name": "base", "loss": 2.5, "perplexity": 12.18, "split": "eval", "sequences": 4, "tokens": 100},
+        {
+            "name": "checkpoint-6",
+            "loss": 2.6,
+            "perplexity": 13.46,
+            "split": "eval",
+            "sequences": 4,
+            "tokens": 100,
+        },
+        {"name": "soup", "loss": 2.25, "perplexity": 9.49, "split": "eval", "sequences": 4, "tokens": 100},
+    ]
+    text = format_eval_table(rows).splitlines()
+    assert text[0] == "eval loss on split 'eval' (4 sequences, 100 tokens):"
+    assert text[2].split() == ["base", "2.5000", "12.180", "+0.0000"]
+    assert text[4].split() == ["soup", "2.2500", "9.490", "-0.2500"] and text[-1] == "  lowest: soup"
+    md = format_eval_table(rows, markdown=True).splitlines()
+    assert "| checkpoint-6 | 2.6000 | 13.460 | +0.1000 |" in md and md[0].endswith("lowest: soup.")
+    # The older name -> loss mapping renders too (reports of earlier soups).
+    assert "| soup | 2.2500 |  | -0.2500 |" in format_eval_table({"base": 2.5, "soup": 2.25}, markdown=True)

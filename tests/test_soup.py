@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, DeepseekV3ForCausalLM
 
 from openseek_cpt import soup
+from openseek_cpt.logs import get_logger
 from openseek_cpt.recipe import load_recipe
 
 STEPS = (6, 12, 18)
@@ -211,7 +215,7 @@ BAD_INPUTS = {
     "listed_twice": "listed twice",
     "empty_glob": "matches no directory",
     "weights_count": "has 2 values but there are 4 inputs",
-    "negative_weight": "negative",
+    "negative_weight": ">= 0",
     "not_safetensors": "save_pretrained",
     "incomplete_checkpoint": "is incomplete",
 }
@@ -274,17 +278,28 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(soup_work, case):
     assert not [p for p in (soup_work / "models").iterdir() if out_name in p.name]
 
 
-def test_evaluate_records_and_prints_loss_of_base_checkpoints_and_soup(soup_work, monkeypatch, capsys):
+def test_evaluate_records_and_prints_loss_of_base_checkpoints_and_soup(soup_work, monkeypatch):
     monkeypatch.chdir(soup_work)
     recipe = load_recipe(TINY_RECIPE, ["soup.output_dir=models/soup-eval", "soup.eval_max_sequences=4"])
-    out = soup.run(recipe)
+    lines: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logger = get_logger("soup")
+    logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        out = soup.run(recipe)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
     info = json.loads((soup_work / out / "merge_info.json").read_text())
     names = [row["name"] for row in info["evaluation"]]
     assert names == ["base", "checkpoint-6", "checkpoint-12", "checkpoint-18", "soup"]
     for row in info["evaluation"]:
         assert 0 < row["loss"] < 20 and row["sequences"] == 4 and row["tokens"] == 4 * 46
-    printed = capsys.readouterr().out
-    assert "perplexity" in printed and "checkpoint-18" in printed
+    printed = "\n".join(lines)
+    assert "perplexity" in printed and "checkpoint-18" in printed and "lowest: " in printed
 
 
 def test_non_float_tensors_are_copied_from_the_base_and_listed(tmp_path, monkeypatch):
@@ -313,3 +328,158 @@ def test_non_float_tensors_are_copied_from_the_base_and_listed(tmp_path, monkeyp
     )
     info = json.loads((out / "merge_info.json").read_text())
     assert info["non_float_keys"] == ["counter"] and info["key_counts"] == {"counter": 1, "w": 3}
+
+
+def _header_keys(model_dir: Path) -> set[str]:
+    """Every key stored in a model directory, read with safetensors itself (not the soup's parser)."""
+    keys: set[str] = set()
+    for f in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(f, "pt") as st:
+            keys |= set(st.keys())
+    return keys
+
+
+def test_every_key_of_every_input_is_accounted_for_and_no_routed_expert_is_dropped(soup_work, monkeypatch):
+    """The drop mergekit 0.1.5 makes on deepseek_v3 (every routed expert, exit 0) must fail here."""
+    extra = _broken_copy(soup_work, "extra-key", lambda t: {**t, "model.extra_buffer": torch.ones(3)})
+    out = _run_soup(
+        soup_work,
+        monkeypatch,
+        "soup.output_dir=models/soup-accounted",
+        f"soup.checkpoints=[runs/tiny/checkpoint-6, {extra}]",
+        "soup.allow_partial=true",
+    )
+    info = json.loads((out / "merge_info.json").read_text())
+    inputs = [soup_work / BASE, soup_work / "runs/tiny/checkpoint-6", soup_work / extra]
+    base_keys = _header_keys(inputs[0])
+    experts = {k for k in base_keys if ".mlp.experts." in k}
+    assert experts and experts <= _header_keys(out)  # every routed expert is in the soup
+    assert _header_keys(out) == base_keys
+    for row, path in zip(info["accounting"], inputs, strict=True):
+        stored = _header_keys(path)
+        buckets = (
+            "averaged",
+            "weight_zero",
+            "copied_from_base",
+            "non_float_not_used",
+            "skipped",
+            "ignored_tied",
+        )
+        assert row["keys"] == len(stored) == sum(row[b] for b in buckets), row
+        assert row["averaged"] == len(base_keys)  # each averaged, none left at base weights
+    assert info["accounting"][2]["left_out"] == ["model.extra_buffer"]
+    assert info["accounting"][2]["skipped"] == 1
+    assert {"key": "model.extra_buffer", "input": extra, "reason": "not in the base"} in info["skipped_keys"]
+
+
+def test_a_plan_that_drops_a_key_is_refused(soup_work):
+    """The accounting check itself can fail: a plan that forgets a key of an input raises."""
+    inputs = [
+        soup.open_input(soup_work / BASE, "base"),
+        soup.open_input(soup_work / "runs/tiny/checkpoint-6", "checkpoint"),
+    ]
+    plan = soup.plan_keys(inputs, [1.0, 1.0], allow_partial=False)
+    dropped = next(k for k in plan.keys if ".mlp.experts." in k)
+    plan.sources[dropped] = plan.sources[dropped][:1]  # checkpoint-6's copy of the key silently unused
+    with pytest.raises(RuntimeError, match="not accounted for"):
+        soup.account_keys(inputs, plan)
+
+
+def test_hashes_come_from_the_merge_reads_and_equal_sha256_of_the_files(soup_work, monkeypatch):
+    # A sharded base with single-file checkpoints (reads jump around the shards' layouts), one input
+    # at weight 0 (never read by the merge: hashed on its own), chunks that split keys.
+    monkeypatch.setattr(soup, "CHUNK_ELEMS", 777)
+    out = _run_soup(
+        soup_work,
+        monkeypatch,
+        "soup.output_dir=models/soup-hashes",
+        "soup.base_dir=models/tiny-openseek-sharded",
+        "soup.weights=[1, 0, 1, 1]",
+        "soup.max_shard_size='60KB'",
+    )
+    info = json.loads((out / "merge_info.json").read_text())
+    for row in info["inputs"]:
+        files = sorted(p.name for p in Path(row["path"]).iterdir() if "safetensors" in p.name)
+        assert sorted(row["files"]) == files
+        assert row["files"] == {name: _sha256(Path(row["path"]) / name) for name in files}
+    written = sorted(p.name for p in out.iterdir() if "safetensors" in p.name)
+    assert len(written) > 3 and sorted(info["output_hashes"]) == written
+    assert info["output_hashes"] == {name: _sha256(out / name) for name in written}
+    prov = json.loads((out / "provenance.json").read_text())
+    assert all(prov["files"][name] == digest for name, digest in info["output_hashes"].items())
+    assert info["io"]["input_bytes"] == sum(
+        (Path(row["path"]) / name).stat().st_size for row in info["inputs"] for name in row["files"]
+    )
+
+
+def test_combine_is_the_one_seam_a_new_method_plugs_into(soup_work, monkeypatch):
+    x = [torch.arange(6, dtype=torch.bfloat16), torch.full((6,), 2.0), torch.ones(6, dtype=torch.float16)]
+    got = soup.combine("linear", iter(x), [1.0, 2.0, 1.0])
+    want = (x[0].float() + 2 * x[1] + x[2].float()) / 4
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+    with pytest.raises(soup.UserError, match="not one of linear"):
+        soup.combine("median-of-nothing", iter(x), [1.0, 1.0, 1.0])
+
+    # A method is a function in the registry: the I/O loop runs it unchanged.
+    def elementwise_max(chunks, weights, ws):
+        first = next(chunks)
+        acc = ws.acc(first.numel()).copy_(first)
+        for x in chunks:
+            torch.maximum(acc, ws.tmp(x.numel()).copy_(x), out=acc)
+        return acc
+
+    monkeypatch.setitem(soup.METHODS, "max", elementwise_max)
+    monkeypatch.setattr(soup, "METHOD", "max")
+    out = _run_soup(soup_work, monkeypatch, "soup.output_dir=models/soup-max", "soup.dtype=float32")
+    inputs = [_tensors(soup_work / BASE), *(_tensors(soup_work / f"runs/tiny/checkpoint-{s}") for s in STEPS)]
+    got = _tensors(out)
+    for key in got:
+        assert torch.equal(got[key], torch.stack([t[key].float() for t in inputs]).amax(0)), key
+
+
+def _llama_set(root: Path, n: int) -> list[Path]:
+    """A tiny llama-shaped base (bf16, untied lm_head) and n perturbed checkpoints, as save_pretrained writes."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, tie_word_embeddings=False,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    dirs = [root / "base", *(root / f"run/checkpoint-{10 * (i + 1)}" for i in range(n))]
+    for i, d in enumerate(dirs):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape) * 0.01 * i)
+        model.save_pretrained(d)
+    return dirs
+
+
+def test_a_llama_shaped_set_soups_exactly_without_importing_transformers(tmp_path):
+    dirs = _llama_set(tmp_path, 2)
+    ref = {}
+    per_input = [_tensors(d) for d in dirs]
+    for key in per_input[0]:
+        ref[key] = (sum(t[key].float() for t in per_input) / len(dirs)).to(torch.bfloat16)
+    (tmp_path / "soup.yaml").write_text(
+        json.dumps({"soup": {"base_dir": "base", "checkpoints": ["run/checkpoint-*"], "output_dir": "out"}})
+    )
+    code = (
+        "import sys; from openseek_cpt import cli; rc = cli.main(['soup', '--recipe', 'soup.yaml']); "
+        "print('IMPORTED', sorted(m for m in sys.modules if m.split('.')[0] == 'transformers')); sys.exit(rc)"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "IMPORTED []" in r.stdout, r.stdout  # the merge path never loads transformers
+    got = _tensors(tmp_path / "out")
+    assert sorted(got) == sorted(ref) and "lm_head.weight" in got
+    for key in ref:
+        assert got[key].dtype == torch.bfloat16 and torch.equal(got[key], ref[key]), key
+    model, info = AutoModelForCausalLM.from_pretrained(tmp_path / "out", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    merge_info = json.loads((tmp_path / "out/merge_info.json").read_text())
+    assert merge_info["fp32_keys"] == [] and merge_info["io"]["bytes_read_again_for_hashes"] == 0
+    assert merge_info["inputs"][1]["files"]["model.safetensors"] == _sha256(dirs[1] / "model.safetensors")

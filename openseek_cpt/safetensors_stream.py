@@ -1,0 +1,405 @@
+"""Streaming safetensors I/O: tensors' byte ranges read with pread, shards written without holding tensors.
+
+A leaf module (the soup uses it; it knows nothing of averaging). Guarantees:
+- each file's header is read and parsed once (`open_model`) and checked: known dtype, shape x
+  item size == the tensor's byte span, spans inside the file; the index (if any) must name
+  exactly the keys its shards hold;
+- reads go from the file straight into the caller's buffer (`os.preadv`): no mmap (pages of
+  files already read do not stay in the process), no new memory per read;
+- the sha256 of every input file comes from the same reads that feed the caller, fed to the hash
+  in file order (`Reader.read`): a read that lands past the hash's cursor first hashes the bytes it
+  skipped (reading them once more, counted in `Reader.rehashed_bytes`); a read behind the cursor
+  was hashed already; bytes never read (unused keys) are hashed by `Reader.finish`. Reads may come
+  from several threads; tickets (`Reader.ticket`, handed out in merge order) keep each file's
+  hash in order;
+- `ShardWriter` writes each shard's header (every key, dtype, shape and offset is known up front)
+  and then the tensors' bytes as they come, so the files are byte for byte what safetensors writes
+  for that layout; the sha256 of each output file is computed from the bytes as written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import struct
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from openseek_cpt.errors import UserError
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+# Bytes per element of each safetensors dtype.
+ITEMSIZE = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
+    "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1,
+}  # fmt: skip
+# Headers larger than this are not safetensors files (the format caps them at 100 MB).
+MAX_HEADER = 100_000_000
+# Bytes hashed per read when filling a gap or a tail (a fixed buffer, whatever the file size).
+HASH_BLOCK = 1 << 22
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor's bytes are: file name, absolute [start, end), as stored (dtype, shape)."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    file: str
+    start: int
+    end: int
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass
+class ModelFiles:
+    """The safetensors files of one model directory, their headers parsed once."""
+
+    path: Path
+    tensors: dict[str, TensorInfo]
+    # Weight files in name order, then the index (if any): the files whose hashes are recorded.
+    files: list[str]
+    index_file: str | None
+    sizes: dict[str, int]
+    # Bytes read while opening (headers, index), with the file they belong to: they start each hash.
+    opened_bytes: dict[str, bytes] = field(default_factory=dict, repr=False)
+
+
+def open_model(path: str | Path, field_name: str) -> ModelFiles:
+    """Parse the index and every shard header of a model directory; refuse anything but safetensors."""
+    p = Path(path)
+    if not p.is_dir():
+        raise UserError(
+            f"{field_name}: {str(path)!r} is not a directory; give a model or checkpoint-N directory"
+        )
+    opened: dict[str, bytes] = {}
+    if (p / INDEX_FILE).is_file():
+        raw = (p / INDEX_FILE).read_bytes()
+        try:
+            weight_map = json.loads(raw)["weight_map"]
+            key_file = {str(k): str(v) for k, v in dict(weight_map).items()}
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError):
+            raise UserError(
+                f"{field_name}: {p / INDEX_FILE} is not a safetensors index (no weight_map)"
+            ) from None
+        opened[INDEX_FILE] = raw
+        index_file: str | None = INDEX_FILE
+        names = sorted(set(key_file.values()))
+    elif (p / SINGLE_FILE).is_file():
+        key_file, index_file, names = None, None, [SINGLE_FILE]
+    else:
+        other = sorted(q.name for q in p.iterdir() if q.name.endswith((".bin", ".pt", ".pth", ".ckpt")))
+        found = f"it has {', '.join(other[:3])} but " if other else ""
+        raise UserError(
+            f"{field_name}: {p} has no {SINGLE_FILE} or {INDEX_FILE} ({found}the soup reads safetensors only); "
+            "re-save it with `model.save_pretrained(DIR)` (transformers writes safetensors)"
+        )
+    tensors: dict[str, TensorInfo] = {}
+    sizes: dict[str, int] = {}
+    for name in names:
+        if not (p / name).is_file():
+            raise UserError(
+                f"{field_name}: {p / INDEX_FILE} names {name}, which is missing; re-save the model"
+            )
+        header, raw, size = _read_header(p / name, field_name)
+        opened[name] = raw
+        sizes[name] = size
+        for key, info in header.items():
+            if key in tensors:
+                raise UserError(f"{field_name}: {key} is in two shards of {p}; re-save the model")
+            tensors[key] = info
+    if key_file is not None and (
+        set(key_file) != set(tensors) or any(tensors[k].file != v for k, v in key_file.items())
+    ):
+        raise UserError(f"{field_name}: {p / INDEX_FILE} does not match its shard files; re-save the model")
+    if index_file:
+        sizes[index_file] = len(opened[index_file])
+    return ModelFiles(p, tensors, [*names, *([index_file] if index_file else [])], index_file, sizes, opened)
+
+
+def _read_header(path: Path, field_name: str) -> tuple[dict[str, TensorInfo], bytes, int]:
+    """(key -> TensorInfo with absolute spans, the raw bytes read, the file size) of one file."""
+    size = path.stat().st_size
+
+    def bad(why: str) -> UserError:
+        return UserError(
+            f"{field_name}: {path} is not a readable safetensors file ({why}); re-save the model"
+        )
+
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise bad("shorter than 8 bytes")
+        (length,) = struct.unpack("<Q", head)
+        if length > min(MAX_HEADER, size - 8):
+            raise bad(f"header length {length} does not fit in {size} bytes")
+        blob = f.read(length)
+    try:
+        header = json.loads(blob)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise bad("header is not JSON") from None
+    if not isinstance(header, dict):
+        raise bad("header is not a JSON object")
+    start = 8 + length
+    out: dict[str, TensorInfo] = {}
+    for key, v in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            dtype, shape, (a, b) = v["dtype"], tuple(int(d) for d in v["shape"]), v["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise bad(f"entry {key!r} lacks dtype, shape or data_offsets") from None
+        if dtype not in ITEMSIZE:
+            raise bad(f"{key} has dtype {dtype!r}, not one of {', '.join(ITEMSIZE)}")
+        if not (isinstance(a, int) and isinstance(b, int) and 0 <= a <= b and start + b <= size):
+            raise bad(f"{key} spans bytes {a}..{b}, outside the file")
+        if math.prod(shape) * ITEMSIZE[dtype] != b - a:
+            raise bad(f"{key} has shape {list(shape)} {dtype} but {b - a} bytes")
+        out[key] = TensorInfo(dtype, shape, path.name, start + a, start + b)
+    return out, head + blob, size
+
+
+# --------------------------------------------------------------------------- reading
+
+
+class Turns:
+    """Turns taken in order 0, 1, 2, ... by any thread; `abort` wakes every waiter with an error."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._next = 0
+        self._aborted = False
+
+    def wait(self, turn: int) -> None:
+        with self._cond:
+            self._cond.wait_for(lambda: self._next == turn or self._aborted)
+            if self._aborted:
+                raise RuntimeError("aborted: another thread failed")
+
+    def done(self, turn: int) -> None:
+        with self._cond:
+            assert self._next == turn, (self._next, turn)
+            self._next += 1
+            self._cond.notify_all()
+
+    def abort(self) -> None:
+        with self._cond:
+            self._aborted = True
+            self._cond.notify_all()
+
+
+@dataclass(frozen=True)
+class Ticket:
+    """One read of `nbytes` at absolute `start` of `file`, the `turn`-th read of that file."""
+
+    file: str
+    start: int
+    nbytes: int
+    turn: int
+
+
+class _FileHash:
+    """The sha256 of one file, fed in file order; `cursor` = bytes hashed so far."""
+
+    def __init__(self, head: bytes) -> None:
+        self.sha = hashlib.sha256(head)
+        self.cursor = len(head)
+        self.turns = Turns()
+        self.issued = 0
+
+
+class Reader:
+    """Reads byte ranges of one model's tensors and hashes every file from those same reads."""
+
+    def __init__(self, model: ModelFiles) -> None:
+        self.model = model
+        self._fds: dict[str, int] = {}
+        self._hash = {name: _FileHash(model.opened_bytes.get(name, b"")) for name in model.files}
+        self._lock = threading.Lock()
+        self.rehashed_bytes = 0
+
+    def ticket(self, key: str, offset: int, nbytes: int) -> Ticket:
+        """Reserve the next read of `key` (bytes [offset, offset + nbytes) of its data).
+
+        Tickets must be taken in the order their hashes should be fed (the merge's order); the
+        reads themselves may then run on any thread.
+        """
+        info = self.model.tensors[key]
+        state = self._hash[info.file]
+        t = Ticket(info.file, info.start + offset, nbytes, state.issued)
+        state.issued += 1
+        return t
+
+    def read(self, t: Ticket, buf: bytearray, scratch: bytearray) -> memoryview:
+        """The ticket's bytes, read into `buf`; fed to the file's hash when its turn comes.
+
+        `scratch` (any size) receives skipped bytes when this read jumps ahead of the hash.
+        """
+        view = memoryview(buf)[: t.nbytes]
+        self._pread(t.file, view, t.start)
+        state = self._hash[t.file]
+        state.turns.wait(t.turn)
+        try:
+            if t.start > state.cursor:
+                self._hash_range(t.file, state, t.start, scratch)
+            if t.start == state.cursor:
+                state.sha.update(view)
+                state.cursor += t.nbytes
+            elif t.start + t.nbytes > state.cursor:
+                raise RuntimeError(f"overlapping reads of {self.model.path / t.file} at {t.start}")
+        finally:
+            state.turns.done(t.turn)
+        return view
+
+    def finish(self, scratch: bytearray) -> dict[str, str]:
+        """Hash what was never read, close the files; returns {file: sha256 hex} for every file."""
+        try:
+            for name, state in self._hash.items():
+                state.turns.wait(state.issued)
+                self._hash_range(name, state, self.model.sizes[name], scratch)
+            return {name: state.sha.hexdigest() for name, state in self._hash.items()}
+        finally:
+            self.close()
+
+    def abort(self) -> None:
+        for state in self._hash.values():
+            state.turns.abort()
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+    def _hash_range(self, name: str, state: _FileHash, end: int, scratch: bytearray) -> None:
+        """Read [cursor, end) of `name` into `scratch` block by block and hash it."""
+        block = memoryview(scratch)[: max(1, min(len(scratch), HASH_BLOCK))]
+        while state.cursor < end:
+            n = min(len(block), end - state.cursor)
+            self._pread(name, block[:n], state.cursor)
+            state.sha.update(block[:n])
+            state.cursor += n
+            with self._lock:
+                self.rehashed_bytes += n
+
+    def _fd(self, name: str) -> int:
+        with self._lock:
+            if name not in self._fds:
+                self._fds[name] = os.open(self.model.path / name, os.O_RDONLY)
+            return self._fds[name]
+
+    def _pread(self, name: str, view: memoryview, start: int) -> None:
+        fd, got = self._fd(name), 0
+        while got < len(view):
+            n = os.preadv(fd, [view[got:]], start + got)
+            if n <= 0:
+                raise UserError(
+                    f"{self.model.path / name} is truncated (reading at byte {start + got}); re-save it"
+                )
+            got += n
+
+
+# --------------------------------------------------------------------------- writing
+
+
+class ShardWriter:
+    """Writes safetensors shards tensor by tensor, holding none of them, hashing what it writes.
+
+    All keys, dtypes and shapes are known before the first byte, so each shard's header (with
+    every offset) is written first and the tensors are appended as they come. Shards are filled
+    in the given key order up to `max_shard_size` bytes (a bigger tensor gets a shard of its own),
+    named as transformers names them, with `model.safetensors.index.json` when there are several.
+    Calls must come in key order (one thread at a time; the caller orders them).
+    """
+
+    def __init__(self, out_dir: Path, entries: list[tuple[str, str, tuple[int, ...]]], max_shard_size: int):
+        self.out_dir = Path(out_dir)
+        shards: list[list[tuple[str, str, tuple[int, ...], int]]] = [[]]
+        size = 0
+        for key, dtype, shape in entries:
+            nbytes = math.prod(shape) * ITEMSIZE[dtype]
+            if shards[-1] and size + nbytes > max_shard_size:
+                shards.append([])
+                size = 0
+            shards[-1].append((key, dtype, shape, nbytes))
+            size += nbytes
+        n = len(shards)
+        self.names = (
+            [SINGLE_FILE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        )
+        self.shards = shards
+        self.total_size = sum(e[3] for shard in shards for e in shard)
+        self.hashes: dict[str, str] = {}
+        self._pos = (0, 0)  # (shard, entry) to be written next
+        self._done = 0  # bytes of that entry written so far
+        self._fd: int | None = None
+        self._sha: Any = None
+
+    def write_bytes(self, key: str, data: memoryview) -> None:
+        """Append the next bytes of `key` (a whole tensor or the next chunk of it)."""
+        shard, entry = self._pos
+        want_key, _, _, nbytes = self.shards[shard][entry]
+        if key != want_key or self._done + len(data) > nbytes:
+            raise RuntimeError(
+                f"shard writer expected {want_key} ({nbytes - self._done} bytes left), got {key}"
+            )
+        if entry == 0 and self._done == 0:
+            self._fd = os.open(self.out_dir / self.names[shard], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            self._sha = hashlib.sha256()
+            self._write(memoryview(self._header(self.shards[shard])))
+        self._write(data)
+        self._done += len(data)
+        if self._done < nbytes:
+            return
+        self._done = 0
+        if entry + 1 == len(self.shards[shard]):
+            os.close(self._fd)
+            self._fd = None
+            self.hashes[self.names[shard]] = self._sha.hexdigest()
+            self._pos = (shard + 1, 0)
+        else:
+            self._pos = (shard, entry + 1)
+
+    def finish(self) -> dict[str, str]:
+        """Write the index (if several shards); returns {file: sha256 hex} of every file written."""
+        if self._pos != (len(self.shards), 0):
+            raise RuntimeError(f"shard writer finished early at {self._pos}")
+        if len(self.names) > 1:
+            weight_map = {
+                e[0]: name for name, shard in zip(self.names, self.shards, strict=True) for e in shard
+            }
+            index = {"metadata": {"total_size": self.total_size}, "weight_map": weight_map}
+            blob = (json.dumps(index, indent=2, sort_keys=True) + "\n").encode()
+            (self.out_dir / INDEX_FILE).write_bytes(blob)
+            self.hashes[INDEX_FILE] = hashlib.sha256(blob).hexdigest()
+        return dict(self.hashes)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def _write(self, data: memoryview) -> None:
+        self._sha.update(data)
+        done = 0
+        while done < len(data):
+            done += os.write(self._fd, data[done:])
+
+    @staticmethod
+    def _header(shard: list[tuple[str, str, tuple[int, ...], int]]) -> bytes:
+        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for key, dtype, shape, nbytes in shard:
+            header[key] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)  # safetensors pads the header to 8-byte alignment
+        return struct.pack("<Q", len(blob)) + blob
