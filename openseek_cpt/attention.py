@@ -24,10 +24,12 @@ GPUs: `flash_attention_2` when the flash-attn package is installed, else `flex_a
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from openseek_cpt.errors import UserError
+
+if TYPE_CHECKING:  # the recipe imports this table: no torch import at load
+    import torch
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,8 @@ class Implementation:
 IMPLEMENTATIONS: dict[str, Implementation] = {
     i.name: i
     for i in (
+        Implementation("sdpa", "mask", "dense (B,1,S,S) document mask; all S^2 scores computed"),
+        Implementation("eager", "mask", "dense document mask, unfused matmul + softmax (reference)"),
         Implementation(
             "flex_attention", "mask", "block mask from position resets; skips cross-document blocks"
         ),
@@ -50,8 +54,6 @@ IMPLEMENTATIONS: dict[str, Implementation] = {
         Implementation(
             "flash_attention_3", "varlen", "flash-attn 3 (Hopper) varlen kernel on per-document cu_seq_lens"
         ),
-        Implementation("sdpa", "mask", "dense (B,1,S,S) document mask; all S^2 scores computed"),
-        Implementation("eager", "mask", "dense document mask, unfused matmul + softmax (reference)"),
     )
 }
 NAMES = tuple(IMPLEMENTATIONS)
@@ -79,6 +81,8 @@ def varlen_fields(position_ids: torch.Tensor) -> dict[str, torch.Tensor | int]:
     A document starts wherever its position id is 0 (the collator resets positions per document,
     padding included, and every row starts at 0), so rows never join across the batch.
     """
+    import torch
+
     flat = position_ids.reshape(-1)
     starts = (flat == 0).nonzero().view(-1)
     cu = torch.cat([starts, torch.tensor([flat.numel()], device=flat.device)]).to(torch.int32)

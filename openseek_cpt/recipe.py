@@ -28,26 +28,28 @@ from typing import Any
 
 import yaml
 
-from openseek_cpt import packing
+from openseek_cpt import attention, packing
 from openseek_cpt.errors import UserError, first_line
 from openseek_cpt.fileio import canonical_hash
 
 PACKING_CHOICES = packing.NAMES
 SOURCE_TYPES = ("auto", "hub", "disk", "json", "parquet", "text", "megatron")
 PRECISIONS = ("bf16-mixed", "bf16-pure", "fp32")
-# What transformers 5 accepts besides a hub kernel "org/repo[@rev][:fn]" (tests check against its registry).
-ATTN_IMPLEMENTATIONS = (
-    "sdpa",
+# Only the transformers attention implementations proven to keep packed documents apart
+# (attention.py; others, hub kernels included, are refused at load: fail closed).
+ATTN_IMPLEMENTATIONS = attention.NAMES
+# transformers' experts implementations + ours (experts.py: grouped_mm in bf16 under autocast).
+EXPERTS_IMPLEMENTATIONS = (
     "eager",
-    "flash_attention_2",
-    "flash_attention_3",
-    "flash_attention_4",
-    "flex_attention",
-    "paged|eager",
+    "grouped_mm",
+    "batched_mm",
+    "deepgemm",
+    "deepgemm_megamoe",
+    "sonicmoe",
+    "grouped_mm_autocast",
 )
-EXPERTS_IMPLEMENTATIONS = ("eager", "grouped_mm", "batched_mm", "deepgemm", "deepgemm_megamoe", "sonicmoe")
+LOSS_IMPLEMENTATIONS = ("chunked", "liger", "hf")  # loss.IMPLEMENTATIONS (loss.py imports torch)
 SOUP_DTYPES = ("bfloat16", "float16", "float32")
-_HUB_KERNEL = re.compile(r"^[^/:]+/[^/:]+(?:@[^/:]+)?(?::[^/:]+)?$")
 
 # TrainingArguments keys the train stage derives from the recipe -> the recipe key to set instead.
 DERIVED_ARGS = {
@@ -228,12 +230,28 @@ class TrainConfig:
         choices=PRECISIONS,
     )
     attn_implementation: str = setting(
-        "sdpa", "Attention implementation, or a hub kernel 'org/repo'.", choices=ATTN_IMPLEMENTATIONS
+        "sdpa",
+        "Attention implementation; only ones that keep packed documents apart. GPUs: flash_attention_2 "
+        "(varlen, needs flash-attn) or flex_attention (block mask); sdpa/eager build a dense mask.",
+        choices=ATTN_IMPLEMENTATIONS,
     )
     experts_implementation: str | None = setting(
         None,
-        "MoE experts implementation (transformers' experts_implementation); null = model default.",
+        "MoE experts implementation (transformers' experts_implementation); null = model default "
+        "(grouped_mm; under bf16-mixed grouped_mm_autocast, which runs the experts in bf16).",
         choices=EXPERTS_IMPLEMENTATIONS,
+    )
+    loss: str = setting(
+        "chunked",
+        "Causal-LM loss: chunked (no full-vocab logits, any device), liger (fused Triton kernel, GPU, "
+        "needs the [gpu] extra), hf (stock: materialises all logits).",
+        choices=LOSS_IMPLEMENTATIONS,
+    )
+    router_bias_update_rate: float = setting(
+        1e-3,
+        "Aux-loss-free MoE balancing (noaux_tc): per step, router bias += rate * sign(mean load - load); "
+        "0 freezes the bias (DeepSeek-V3 default 0.001).",
+        at_least=0,
     )
     gradient_checkpointing: bool = setting(False, "Recompute activations in backward to save memory.")
     allow_missing_keys: bool = setting(
@@ -585,10 +603,9 @@ def _check_field(where: str, f: dataclasses.Field, value: Any) -> None:
         raise UserError(f"recipe: {where} is empty; give a value ({meta['doc']})")
     choices = meta.get("choices") or ()
     if choices and value is not None and value not in choices:
-        if where == "train.attn_implementation" and _HUB_KERNEL.match(value):
-            return
-        extra = " or a hub kernel 'org/repo'" if where == "train.attn_implementation" else ""
-        raise UserError(f"recipe: {where}={value!r} is not one of {', '.join(choices)}{extra}")
+        if where == "train.attn_implementation":
+            attention.check(value, where)  # one line: why it is refused and what to use
+        raise UserError(f"recipe: {where}={value!r} is not one of {', '.join(choices)}")
     numbers = value if isinstance(value, list) else [value]
     for number in (n for n in numbers if isinstance(n, (int, float)) and not isinstance(n, bool)):
         if meta.get("above") is not None and not number > meta["above"]:

@@ -158,8 +158,9 @@ def test_recipe_hash_is_the_canonical_hash_of_the_settings():
     r = load_recipe(TINY_RECIPE)
     assert r.hash() == canonical_hash(r.to_dict())
     assert set(r.to_dict()) == {"seed", "assets", "data", "train", "soup"}
-    # The defaults' hash as computed before the fields carried their docs (json.dumps(sort_keys, default=str)).
-    assert load_recipe(None).hash() == "cbc47b93cfeb10915ec0c527eebfd45f05cb990a9c82446a0e9891e931a04bc7"
+    # The defaults' hash as computed before the fields carried their docs (json.dumps(sort_keys, default=str)),
+    # since train.loss and train.router_bias_update_rate were added (issue 10).
+    assert load_recipe(None).hash() == "a425744aa5b8462f1ffb6a318addfed96bafc8ea21ffdb20abda73f7043678ba"
 
 
 # ---- --set values are read as their key's type ------------------------------------------------------
@@ -222,7 +223,7 @@ def test_conflicting_keys_are_an_error_naming_both(tmp_path):
 
 BAD = [
     ("soup.dtype=bf16", "soup.dtype='bf16' is not one of bfloat16, float16, float32"),
-    ("train.attn_implementation=fastest", "train.attn_implementation='fastest' is not one of sdpa"),
+    ("train.attn_implementation=fastest", "train.attn_implementation='fastest' cannot be shown to keep packed"),
     ("train.experts_implementation=fast", "train.experts_implementation='fast' is not one of eager"),
     ("train.args.save_steps=-5", "train.args.save_steps=-5 must be > 0"),
     ("train.args.max_steps=0", "train.args.max_steps=0 must be > 0 (or -1)"),
@@ -290,14 +291,17 @@ def test_choices_are_those_transformers_and_the_soup_accept():
 
     from openseek_cpt import soup
 
-    assert set(recipe_module.ATTN_IMPLEMENTATIONS) == {"eager", *ALL_ATTENTION_FUNCTIONS.valid_keys()}
+    # only the document-isolating ones (attention.py), all of them transformers' own names
+    assert set(recipe_module.ATTN_IMPLEMENTATIONS) <= {"eager", *ALL_ATTENTION_FUNCTIONS.valid_keys()}
     assert set(recipe_module.EXPERTS_IMPLEMENTATIONS) == {
         "eager",
         *ALL_EXPERTS_FUNCTIONS,
         *ALL_FP8_EXPERTS_FUNCTIONS,
+        "grouped_mm_autocast",  # experts.py registers it when a bf16-mixed model loads
     }
     assert set(recipe_module.SOUP_DTYPES) == set(soup.OUTPUT_DTYPES)
-    assert load_recipe(TINY_RECIPE, ["train.attn_implementation=kernels-community/flash-attn3"])
+    with pytest.raises(UserError, match="cannot be shown to keep packed documents apart"):
+        load_recipe(TINY_RECIPE, ["train.attn_implementation=kernels-community/flash-attn3"])
 
 
 def test_loading_a_recipe_without_train_args_does_not_import_transformers(tmp_path):
