@@ -370,15 +370,27 @@ def largest_remainder(ratios: list[float], total: int) -> list[int]:
 
 
 def sample_rows(
-    available: int, n_train: int, n_eval: int, rng: np.random.Generator, where: str
+    available: int,
+    n_train: int,
+    n_eval: int,
+    rng: np.random.Generator,
+    where: str,
+    max_repetition: float = math.inf,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(train, eval) row indices: eval first, disjoint; train upsampled (whole repeats + random rest) if short."""
+    """(train, eval) row indices: eval first, disjoint; train upsampled (whole repeats + random rest) if
+    short, at most `max_repetition` times."""
     order = rng.permutation(available)
     evals, pool = order[:n_eval], order[n_eval:]
     if n_train and len(pool) == 0:
         raise UserError(
             f"{where}: the source packs into only {available} rows, all needed for its {n_eval} eval rows; "
             "lower data.eval_size or add data"
+        )
+    if n_train > max_repetition * len(pool):
+        raise UserError(
+            f"{where}: its share needs {n_train} train rows but the whole source packs into {len(pool)} "
+            f"(+{n_eval} eval): it would be repeated {n_train / len(pool):.1f}x > data.max_repetition="
+            f"{max_repetition:g}; add data to it, lower its ratio, or raise data.max_repetition"
         )
     if n_train <= len(pool):
         return pool[:n_train], evals
@@ -406,12 +418,14 @@ def sample_and_save(
         src, rows = p.source, p.rows
         available = len(rows)
         rng = np.random.default_rng([recipe.seed, src.index, 1])
-        tr, ev = sample_rows(available, t, e, rng, src.where)
+        where = f"{src.where} ({src.label}, {src.config.path})"
+        tr, ev = sample_rows(available, t, e, rng, where, d.max_repetition)
         lengths = pc.list_value_length(rows.data.column("input_ids")).to_numpy().astype(np.int64)
         n_docs = rows.data.column("n_docs").to_numpy()
         unique = np.unique(np.concatenate([tr, ev]))
         pool = available - e
         used = int(lengths[tr].sum() + lengths[ev].sum())
+        repeated = used - int(lengths[unique].sum())  # tokens trained more than once
         per_source.append(
             {
                 "label": src.label,
@@ -431,6 +445,7 @@ def sample_and_save(
                 "tokens_used": used,
                 "tokens_dropped": p.tokens_dropped,
                 "times_repeated": round(t / pool, 4) if t > pool else 1.0,
+                "tokens_repeated": repeated,
                 "upsampled": bool(t > pool),
                 "padding_fraction": 1 - used / max(1, (len(tr) + len(ev)) * d.max_length),
             }
@@ -465,6 +480,7 @@ def sample_and_save(
             "tokens_used": total_used,
             "tokens_read": sum(s["tokens_read"] for s in per_source),
             "tokens_dropped": sum(s["tokens_dropped"] for s in per_source),
+            "tokens_repeated": sum(s["tokens_repeated"] for s in per_source),
             "documents_with_special_text": sum(s["documents_with_special_text"] for s in per_source),
         },
         "padding_fraction": 1 - total_used / ((n_train + n_eval) * d.max_length),
@@ -482,7 +498,8 @@ def print_summary(manifest: dict[str, Any]) -> None:
             f"{s['label']}: ratio {s['requested_ratio']:.4f} -> {s['realized_ratio']:.4f} "
             f"({s['train_rows']} train + {s['eval_rows']} eval rows), documents {s['documents']} "
             f"(read {s['documents_read']} of {s['documents_in_source']}), tokens {s['tokens_used']}, "
-            f"dropped {s['tokens_dropped']}, repeated x{s['times_repeated']:g}"
+            f"dropped {s['tokens_dropped']}, repeated x{s['times_repeated']:g} ({s['tokens_repeated']} tokens), "
+            f"documents with special-token text {s['documents_with_special_text']}"
         )
     t = manifest["totals"]
     log.info(

@@ -267,15 +267,45 @@ def test_short_source_is_upsampled_with_whole_repeats_and_reported(tiny_workdir,
     from datasets import Dataset, load_from_disk
 
     monkeypatch.chdir(tiny_workdir)
-    Dataset.from_dict({"text": [f"tiny doc {i}" for i in range(5)]}).save_to_disk("few")
+    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa"]
+    texts = [f"doc {i}: " + " ".join(words[(i + k) % 10] for k in range(60)) + f" doc {i}" for i in range(12)]
+    Dataset.from_dict({"text": texts}).save_to_disk("few")
     recipe = _recipe(tiny_workdir, "data.sources.1={path: few, ratio: 0.3}", "data.eval_size=0")
     manifest = json.loads((data.run(recipe) / "manifest.json").read_text())
     few = manifest["sources"][1]
-    assert few["upsampled"] and few["rows_available"] == 1 and few["train_rows"] == 58
-    assert few["times_repeated"] == 58 and few["realized_ratio"] == 58 / 192
+    available = few["rows_available"]
+    assert few["upsampled"] and few["train_rows"] == 58 and 58 / 4 <= available < 58
+    assert few["times_repeated"] == round(58 / available, 4) and few["realized_ratio"] == 58 / 192
     train = load_from_disk("datasets/tiny-mix")["train"]
     counts = Counter(tuple(r) for r in train["input_ids"])
-    assert counts.most_common(1)[0][1] == 58
+    # whole repeats first, then a random rest without replacement: each row 58 // available or one more
+    assert {n for row, n in counts.items() if n > 1} <= {58 // available, 58 // available + 1}
+    # tokens trained more than once: the split's tokens minus those of its distinct rows (only `few` repeats)
+    repeated = sum(len(r) * n for r, n in counts.items()) - sum(len(r) for r in counts)
+    assert few["tokens_repeated"] == manifest["totals"]["tokens_repeated"] == repeated > 0
+
+
+def test_a_source_repeated_more_than_max_repetition_is_a_one_line_error(tiny_workdir, monkeypatch):
+    """Acceptance 5: 5 tiny documents cannot fill 58 rows without repeating one row 58 times."""
+    from datasets import Dataset
+
+    monkeypatch.chdir(tiny_workdir)
+    Dataset.from_dict({"text": [f"tiny doc {i}" for i in range(5)]}).save_to_disk("few")
+    with pytest.raises(UserError) as info:
+        data.run(_recipe(tiny_workdir, "data.sources.1={path: few, ratio: 0.3}", "data.eval_size=0"))
+    message = str(info.value)
+    assert "\n" not in message and "data.sources.1 (few, few)" in message
+    assert (
+        "58 train rows" in message
+        and "packs into 1" in message
+        and "58.0x > data.max_repetition=4" in message
+    )
+    assert not Path("datasets/tiny-mix").exists()
+    # raising the limit is the user's explicit choice
+    recipe = _recipe(
+        tiny_workdir, "data.sources.1={path: few, ratio: 0.3}", "data.eval_size=0", "data.max_repetition=60"
+    )
+    assert json.loads((data.run(recipe) / "manifest.json").read_text())["sources"][1]["times_repeated"] == 58
 
 
 def _bad(workdir: Path, *args: str):
