@@ -199,6 +199,12 @@ class DataConfig:
     read_margin: float = setting(
         0.2, "Documents read per source beyond the estimate of what its share needs (fraction).", at_least=0
     )
+    max_repetition: float = setting(
+        4.0,
+        "Most times a source short of its share may be repeated (train rows / rows it packs into); "
+        "more is an error naming the source: add data or lower its ratio.",
+        at_least=1,
+    )
     megatron_prefix: str | None = setting(
         None, "Also write a Megatron PREFIX.bin/.idx of the train split at the end of the stage."
     )
