@@ -1,165 +1,215 @@
-"""Training throughput (tokens/s) and MFU of one device, OpenSeek-Small-v1 sizes, random init.
+"""Training throughput (tokens/s), MFU and where a step goes, measured through the train stage.
 
-    python bench/train_throughput.py [--steps 6] [--batch 1] [--seq 4096]
+    python bench/train_throughput.py [--steps 6] [--warmup 2] [--seq N] [--per-device N]
 
-On a GPU: the real OpenSeek-Small-v1 configuration (deepseek_v3, 1.39B total / 0.40B active,
-seq 4096), bf16-mixed as the train stage runs it (fp32 master weights, bf16 autocast, fused AdamW),
-packed rows with document-reset position_ids, sdpa. On CPU it runs a scaled-down config of the same
-family (and says so): the figures then only show relative costs.
+The model, collator and Trainer are the ones `openseek-cpt train` builds: `train.setup_run` and
+`train.main` on a recipe (so TrainingArguments, precision, the fused optimizer, the collator's
+document resets and the stage's callbacks are exactly the stage's), then `trainer.train()`. Only
+the inputs are synthetic: random packed rows (documents 64..seq/2 tokens) in a prepared-dataset
+directory, and, when the recipe's model is not on disk, a random-init model of its architecture.
 
-Prints, for the baseline (the train stage's defaults) and variants measured in the same run:
-tokens/s, MFU (openseek_cpt.flops: 6 x N_active + MLA attention, against the device's bf16 peak)
-and the ratio to the baseline, plus where one baseline step goes (forward, backward, optimizer).
+On a GPU: recipes/openseek/config.yaml (OpenSeek-Small-v1: deepseek_v3, 1.39B total / 0.40B
+active, seq 4096, bf16-mixed); on CPU: recipes/tiny/config.yaml with the tiny model (the figures
+then only show relative costs). Prints, for the baseline (the recipe as is) and variants measured
+in the same run: tokens/s, MFU (openseek_cpt.flops against the device's bf16 peak) and the ratio
+to the baseline, plus the baseline step breakdown (data + logging, forward, backward + clip,
+optimizer), timed by callbacks and forward hooks on the stage's own Trainer.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import shutil
+import tempfile
 import time
+from pathlib import Path
 
 import torch
-from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+from transformers import TrainerCallback
 
-from openseek_cpt import flops
-from openseek_cpt.collator import PackedCollator
+from openseek_cpt import flops, train
+from openseek_cpt.errors import first_line
+from openseek_cpt.recipe import load_recipe
+
+REPO = Path(__file__).resolve().parents[1]
 
 
-def openseek_small_config(**over) -> DeepseekV3Config:
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+class StepTimer(TrainerCallback):
+    """Wall time of each optimizer step, split at the Trainer's own callback points."""
+
+    def __init__(self, warmup: int):
+        self.warmup = warmup
+        self.parts = {"data+log": 0.0, "forward": 0.0, "backward+clip": 0.0, "optimizer": 0.0}
+        self.total = 0.0
+        self.steps = 0
+        self._last_end = None
+        self._forward = 0.0
+
+    def attach(self, model) -> None:
+        def pre(module, args, kwargs):
+            sync()
+            self._t_fwd = time.perf_counter()
+
+        def post(module, args, kwargs, output):
+            sync()
+            self._forward += time.perf_counter() - self._t_fwd
+
+        model.register_forward_pre_hook(pre, with_kwargs=True)
+        model.register_forward_hook(post, with_kwargs=True)
+
+    def on_step_begin(self, args, state, control, **kw):
+        sync()
+        self._begin = time.perf_counter()
+        self._forward = 0.0
+
+    def on_pre_optimizer_step(self, args, state, control, **kw):
+        sync()
+        self._pre_opt = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kw):
+        sync()
+        end = time.perf_counter()
+        if state.global_step > self.warmup:
+            data = self._begin - self._last_end
+            self.parts["data+log"] += data
+            self.parts["forward"] += self._forward
+            self.parts["backward+clip"] += self._pre_opt - self._begin - self._forward
+            self.parts["optimizer"] += end - self._pre_opt
+            self.total += end - self._last_end
+            self.steps += 1
+        self._last_end = end
+
+
+def synthetic_dataset(out: Path, rows: int, seq: int, vocab: int, eos: int) -> Path:
+    """A prepared-dataset directory (train split + manifest) of random packed rows."""
+    from datasets import Dataset, DatasetDict
+
+    g = torch.Generator().manual_seed(0)
+    data = {"input_ids": [], "seq_lengths": []}
+    for _ in range(rows):
+        lengths, left = [], seq
+        while left > 0:
+            n = min(left, int(torch.randint(64, max(seq // 2, 65), (1,), generator=g)))
+            lengths.append(n)
+            left -= n
+        data["input_ids"].append(torch.randint(1, vocab, (seq,), generator=g).tolist())
+        data["seq_lengths"].append(lengths)
+    DatasetDict({"train": Dataset.from_dict(data)}).save_to_disk(str(out))
+    manifest = {"vocab_size": vocab, "max_length": seq, "eos_token_id": eos, "pad_token_id": eos}
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return out
+
+
+def model_dir_for(recipe_path: Path, work: Path) -> Path:
+    """The recipe's model if it is on disk, else a random-init model of its architecture."""
+    recipe = load_recipe(recipe_path)
+    if Path(recipe.train_model_dir, "config.json").is_file():
+        return Path(recipe.train_model_dir)
+    if torch.cuda.is_available():
+        from transformers import DeepseekV3ForCausalLM
+
+        config = openseek_small_config()
+        out = work / "model"
+        DeepseekV3ForCausalLM(config).save_pretrained(out)
+        print(f"random-init OpenSeek-Small-v1 architecture saved to {out} ({recipe.train_model_dir} absent)")
+        return out
+    from openseek_cpt import tiny_assets
+
+    return tiny_assets.build_tiny_hub(work / "model", seed=233)
+
+
+def openseek_small_config():
     """BAAI/OpenSeek-Small-v1's architecture (DESIGN.md facts)."""
-    cfg = dict(
+    from transformers import DeepseekV3Config
+
+    return DeepseekV3Config(
         vocab_size=151851, hidden_size=1280, intermediate_size=7168, moe_intermediate_size=896,
         num_hidden_layers=6, first_k_dense_replace=1, num_attention_heads=10, num_key_value_heads=10,
         n_shared_experts=2, n_routed_experts=64, num_experts_per_tok=6, n_group=1, topk_group=1,
         kv_lora_rank=512, q_lora_rank=None, qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128,
         max_position_embeddings=4096, tie_word_embeddings=True, use_cache=False,
         rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
-    )  # fmt: skip
-    cfg.update(over)
-    return DeepseekV3Config(**cfg)
-
-
-def cpu_scaled_config() -> DeepseekV3Config:
-    """Same family, ~1/20 of the width, so a CPU step takes seconds."""
-    return openseek_small_config(
-        vocab_size=8192, hidden_size=256, intermediate_size=1024, moe_intermediate_size=128,
-        num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=16,
-        num_experts_per_tok=4, n_shared_experts=1, kv_lora_rank=64, qk_rope_head_dim=16,
-        qk_nope_head_dim=32, v_head_dim=32, max_position_embeddings=1024,
+        pad_token_id=151643, eos_token_id=151850,
     )  # fmt: skip
 
 
-def packed_batch(batch: int, seq: int, vocab: int, device: str, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Rows of random documents (lengths 64..seq/2) packed back to back, collated as in training."""
-    g = torch.Generator().manual_seed(seed)
-    rows = []
-    for _ in range(batch):
-        lengths, left = [], seq
-        while left > 0:
-            n = min(left, int(torch.randint(64, max(seq // 2, 65), (1,), generator=g)))
-            lengths.append(n)
-            left -= n
-        rows.append(
-            {"input_ids": torch.randint(1, vocab, (seq,), generator=g).tolist(), "seq_lengths": lengths}
-        )
-    return {k: v.to(device) for k, v in PackedCollator(pad_token_id=0)(rows).items()}
-
-
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def measure(config, args, device: str, experts: str | None, label: str) -> dict[str, float]:
-    torch.manual_seed(0)
-    if experts:
-        config._experts_implementation = experts
-    model = DeepseekV3ForCausalLM(config).to(device)  # fp32 master weights
-    model.train()
-    opt = torch.optim.AdamW(
-        model.parameters(), lr=2e-5, betas=(0.9, 0.95), weight_decay=0.01, fused=device == "cuda"
-    )
-    batch = packed_batch(args.batch, args.seq, config.vocab_size, device)
-    parts = {"forward": 0.0, "backward": 0.0, "optimizer": 0.0}
-    total = 0.0
-    for step in range(args.warmup + args.steps):
-        sync(device)
-        t0 = time.perf_counter()
-        with torch.autocast(device, dtype=torch.bfloat16):
-            loss = model(**batch).loss
-        sync(device)
-        t1 = time.perf_counter()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        sync(device)
-        t2 = time.perf_counter()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        sync(device)
-        t3 = time.perf_counter()
-        if step >= args.warmup:
-            parts["forward"] += t1 - t0
-            parts["backward"] += t2 - t1
-            parts["optimizer"] += t3 - t2
-            total += t3 - t0
-    tokens = args.batch * args.seq * args.steps
-    peak, name = flops.device_peak_flops()
-    tps = tokens / total
-    mfu = flops.training_flops_per_token(config, args.seq) * tps / peak if peak else float("nan")
-    del model, opt
-    if device == "cuda":
+def measure(recipe_path: Path, overrides: list[str], args, label: str) -> dict:
+    """Build the Trainer exactly as `openseek-cpt train` does and time `trainer.train()`."""
+    recipe = load_recipe(recipe_path, overrides)
+    setup = train.setup_run(recipe)
+    trainer = train.main(recipe, setup)
+    timer = StepTimer(args.warmup)
+    timer.attach(trainer.model)
+    trainer.add_callback(timer)
+    trainer.train()
+    seq = setup.manifest["max_length"]
+    tokens = timer.steps * recipe.train.global_batch_size * seq
+    tps = tokens / timer.total
+    peak, device = flops.device_peak_flops()
+    config = trainer.accelerator.unwrap_model(trainer.model).config
+    mfu = flops.training_flops_per_token(config, seq) * tps / peak if peak else float("nan")
+    del trainer
+    if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    return {
-        "label": label,
-        "tps": tps,
-        "mfu": mfu,
-        "device": name,
-        **{k: v / total for k, v in parts.items()},
-    }
+    return {"label": label, "tps": tps, "mfu": mfu, "device": device,
+            **{k: v / timer.total for k, v in timer.parts.items()}}  # fmt: skip
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--recipe", default=None, help="default: openseek (GPU) or tiny (CPU)")
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--batch", type=int, default=None, help="sequences per step (default: 1 GPU, 2 CPU)")
-    p.add_argument("--seq", type=int, default=None, help="tokens per sequence (default: 4096 GPU, 512 CPU)")
+    p.add_argument("--per-device", type=int, default=None, help="sequences per step (default: the recipe's)")
+    p.add_argument("--seq", type=int, default=None, help="tokens per sequence (default: the recipe's)")
     args = p.parse_args()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        config = openseek_small_config()
-        args.batch, args.seq = args.batch or 1, args.seq or 4096
-        print("GPU: OpenSeek-Small-v1 configuration (random init, real sizes), bf16-mixed")
-    else:
-        config = cpu_scaled_config()
-        args.batch, args.seq = args.batch or 2, args.seq or 512
-        print(
-            "CPU: no GPU here, running a SCALED-DOWN deepseek_v3 config (hidden 256, 3 layers, 16 experts);"
-        )
-        print("     absolute figures are not OpenSeek-Small-v1's; MFU is against a nominal CPU peak")
-    n_active = flops.active_matmul_params(config)
-    print(
-        f"active matmul params {n_active / 1e6:.1f}M, batch {args.batch} x seq {args.seq}, {args.steps} steps"
-    )
-    variants = [(None, "baseline (model default experts)")]
-    for impl in ("batched_mm", "grouped_mm"):
-        variants.append((impl, f"experts_implementation={impl}"))
-    results = []
-    for experts, label in variants:
-        try:
-            results.append(measure(openseek_small_config() if device == "cuda" else cpu_scaled_config(),
-                                   args, device, experts, label))  # fmt: skip
-        except Exception as exc:  # a variant the device or version lacks: report, keep going
-            print(f"{label}: skipped ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})")
-    base = results[0]
-    print(f"device: {base['device']}")
+    gpu = torch.cuda.is_available()
+    recipe_path = Path(args.recipe or REPO / "recipes" / ("openseek" if gpu else "tiny") / "config.yaml")
+    base = load_recipe(recipe_path)
+    per_device = args.per_device or base.train.per_device_batch_size
+    seq = args.seq or base.data.max_length
+    print(f"{'GPU' if gpu else 'CPU'}: {recipe_path}, {per_device} x {seq} tokens per step, {args.steps} steps "
+          f"after {args.warmup} warmup; load average {os.getloadavg()[0]:.2f}")  # fmt: skip
+    work = Path(tempfile.mkdtemp(prefix="train-throughput-"))
+    try:
+        model_dir = model_dir_for(recipe_path, work)
+        vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+        eos = json.loads((model_dir / "config.json").read_text()).get("eos_token_id") or 0
+        dataset = synthetic_dataset(work / "data", (args.steps + args.warmup) * per_device, seq, vocab, eos)
+        common = [
+            f"train.model_dir={model_dir}", f"train.dataset_dir={dataset}",
+            f"train.output_dir={work / 'run'}", f"train.per_device_batch_size={per_device}",
+            f"train.global_batch_size={per_device}", f"train.args.max_steps={args.steps + args.warmup}",
+            "train.args.save_strategy='no'", "train.args.eval_strategy='no'", "train.args.report_to=none",
+            "train.args.logging_steps=1", "train.args.dataloader_num_workers=0",
+            "train.args.dataloader_pin_memory=false",
+        ]  # fmt: skip
+        variants = [([], "baseline (the recipe as is)")]
+        variants += [([f"train.experts_implementation={impl}"], f"experts_implementation={impl}")
+                     for impl in ("batched_mm", "grouped_mm")]  # fmt: skip
+        results = []
+        for extra, label in variants:
+            shutil.rmtree(work / "run", ignore_errors=True)
+            try:
+                results.append(measure(recipe_path, common + extra, args, label))
+            except Exception as exc:  # a variant the device or version lacks: report, keep going
+                print(f"{label}: skipped ({type(exc).__name__}: {first_line(exc)[:160]})")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    base_r = results[0]
+    print(f"device: {base_r['device']}; load average after {os.getloadavg()[0]:.2f}")
     for r in results:
-        print(
-            f"{r['label']:<40} {r['tps']:>10.0f} tokens/s  MFU {r['mfu']:.3f}  x{r['tps'] / base['tps']:.2f} vs baseline"
-        )
-    print(
-        f"baseline step: forward {base['forward']:.0%}, backward+clip {base['backward']:.0%}, "
-        f"optimizer {base['optimizer']:.0%}"
-    )
+        print(f"{r['label']:<40} {r['tps']:>10.0f} tokens/s  MFU {r['mfu']:.3f}  "
+              f"x{r['tps'] / base_r['tps']:.2f} vs baseline")  # fmt: skip
+    parts = ", ".join(f"{k} {base_r[k]:.0%}" for k in ("data+log", "forward", "backward+clip", "optimizer"))
+    print(f"baseline step: {parts}")
 
 
 if __name__ == "__main__":

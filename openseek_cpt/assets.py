@@ -61,7 +61,8 @@ def run(recipe: Recipe) -> Path:
     inputs = {"base_model": where}
     if is_local:
         inputs["base_model_fingerprint"] = directory_fingerprint(source)
-    with atomic_output_dir(a.model_dir) as tmp:
+    local = [source] if is_local else []
+    with atomic_output_dir(a.model_dir, stage="download", inputs=local, field="assets.model_dir") as tmp:
         tokenizer.save_pretrained(tmp)
         model.save_pretrained(tmp)
         write_provenance(tmp, stage="download", recipe=recipe, inputs=inputs)

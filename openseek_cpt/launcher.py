@@ -13,18 +13,21 @@ per node, e.g. `srun -N$NODES --ntasks-per-node=1 openseek-cpt launch --recipe R
 - `accelerate_command(recipe_path, overrides, world, config_file) -> list[str]`: the exact
   `accelerate launch --config_file C --num_machines .. --machine_rank .. --num_processes TOTAL
   --main_process_ip .. --main_process_port .. [--multi_gpu] -m openseek_cpt train --recipe R
-  --set ...` (`--multi_gpu` when TOTAL > 1; on a CPU-only machine it starts gloo DDP processes).
+  --set ...` (`--multi_gpu` when TOTAL > 1 and the config is not FSDP: the flag makes accelerate
+  ignore the config's distributed_type; on a CPU-only machine it starts gloo DDP processes).
   Rendezvous is `static` (machine ranks come from Slurm, so no c10d store is needed). The config
   is the recipe's `train.accelerate_config`: relative to the current directory, else to the checkout
   that holds this package (so the shipped recipes/accelerate_configs work from any workdir).
 - `launch_train(recipe_path, overrides=(), nproc=None) -> int`: runs it and returns its exit code.
   SIGTERM/SIGUSR1 received by the launcher are forwarded to the training ranks (the direct
   children of `accelerate launch`: the workers, not torch's elastic agent, which would otherwise
-  kill them after 30 s). Exit status: 0 when training finished; `cli.EXIT_PREEMPTED` (3) when a
+  kill them after 30 s). Exit status: 0 when training finished; `errors.EXIT_PREEMPTED` (3) when a
   preemption signal was forwarded and the run stopped (the ranks save at the end of the current
   step; `accelerate launch` reports any non-zero rank as 1, so the launcher relies on having
   forwarded the signal — resuming from the newest complete checkpoint is right either way);
-  otherwise the child's exit code.
+  otherwise the child's exit code. Killing the launcher (even with -9) ends its ranks: accelerate
+  launch gets a parent-death SIGKILL and each rank watches the launcher's PID
+  (OPENSEEK_LAUNCHER_PID), so no orphan trains on in the background.
 """
 
 from __future__ import annotations
@@ -37,12 +40,19 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from openseek_cpt.errors import UserError
+from openseek_cpt.errors import EXIT_FAILURE, EXIT_OK, EXIT_PREEMPTED, UserError
+from openseek_cpt.logs import get_logger
+from openseek_cpt.provenance import pid_alive
 
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+# The ranks read it (train.launcher_watchdog) and end themselves when this PID is gone.
+LAUNCHER_PID_ENV = "OPENSEEK_LAUNCHER_PID"
+log = get_logger("launch")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +69,6 @@ class World:
 
 def launch_train(recipe_path: str | Path, overrides: Sequence[str] = (), nproc: int | None = None) -> int:
     """Run `train` under `accelerate launch` for this node; returns its exit code (see module doc)."""
-    from openseek_cpt.cli import EXIT_PREEMPTED
     from openseek_cpt.recipe import load_recipe
 
     recipe = load_recipe(recipe_path, overrides)  # fail fast, before any process starts
@@ -73,14 +82,18 @@ def launch_train(recipe_path: str | Path, overrides: Sequence[str] = (), nproc: 
         )
     world = derive_world(nproc)
     cmd = accelerate_command(recipe_path, overrides, world, config_file)
-    print(f"[launch] {world}\n[launch] {' '.join(cmd)}", flush=True)
-    child = subprocess.Popen(cmd, start_new_session=True)  # own group: we decide who gets signals
+    log.info(f"{world}")
+    log.info(" ".join(cmd))
+    # Own session: we decide who gets signals. The ranks learn our PID and exit when we are gone
+    # (kill -9 forwards nothing); `accelerate launch` itself gets SIGKILL when we die.
+    env = {**os.environ, LAUNCHER_PID_ENV: str(os.getpid())}
+    child = subprocess.Popen(cmd, start_new_session=True, env=env, preexec_fn=_die_with_parent)
     forwarded: list[int] = []
 
     def forward(signum, frame):
         forwarded.append(signum)
         targets = _children(child.pid) or [child.pid]
-        print(f"[launch] signal {signum}: forwarding to training ranks {targets}", flush=True)
+        log.info(f"signal {signum}: forwarding to training ranks {targets}")
         for pid in targets:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signum)
@@ -96,7 +109,7 @@ def launch_train(recipe_path: str | Path, overrides: Sequence[str] = (), nproc: 
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    if forwarded and code != 0:
+    if forwarded and code != EXIT_OK:
         return EXIT_PREEMPTED
     return code
 
@@ -163,12 +176,53 @@ def accelerate_command(
         "--main_process_port", str(world.main_port),
         "--rdzv_backend", "static",
     ]  # fmt: skip
-    if world.num_processes > 1:
+    if world.num_processes > 1 and config_distributed_type(config_file) != "FSDP":
+        # --multi_gpu makes accelerate ignore the config's distributed_type: only for DDP configs.
         cmd.append("--multi_gpu")
     cmd += ["-m", "openseek_cpt", "train", "--recipe", str(recipe_path)]
     for item in overrides:
         cmd += ["--set", item]
     return cmd
+
+
+def exit_with_launcher(interval: float = 1.0) -> None:
+    """Under `openseek-cpt launch`: exit when the launcher is gone (killed with -9, no forwarding).
+
+    `accelerate launch` dies with the launcher (parent-death signal), but its workers would be
+    orphans training on; each rank checks the launcher's PID and ends itself.
+    """
+    pid = int(os.environ.get(LAUNCHER_PID_ENV, "0") or 0)
+    if pid <= 0:
+        return
+
+    def watch() -> None:
+        while pid_alive(pid):
+            time.sleep(interval)
+        os.write(2, f"[train] launcher {pid} is gone; this rank exits\n".encode())
+        os._exit(EXIT_FAILURE)
+
+    threading.Thread(target=watch, name="launcher-watchdog", daemon=True).start()
+
+
+def config_distributed_type(config_file: str | Path) -> str:
+    """The `distributed_type` of an Accelerate config file (e.g. MULTI_GPU, FSDP)."""
+    import yaml
+
+    try:
+        config = yaml.safe_load(Path(config_file).read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise UserError(
+            f"train.accelerate_config: cannot read {str(config_file)!r} ({exc}); fix the file"
+        ) from None
+    return str(config.get("distributed_type", "NO")).upper()
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGKILL when the launcher dies (Linux prctl PR_SET_PDEATHSIG)."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
 
 
 def _children(pid: int) -> list[int]:

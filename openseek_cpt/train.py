@@ -14,15 +14,16 @@ What it guarantees, and where the HF stack needed help (each marked where it is 
 - the global batch is in sequences; gradient accumulation = global / (world x per_device);
 - data order is a fixed permutation per epoch seeded by (seed, epoch), so a resumed run (Trainer
   skips the batches already seen) gets exactly the batches an uninterrupted one would;
-- a checkpoint is complete only once `openseek_checkpoint.json` (written last, atomically, by
-  rank 0 after a barrier) lists its files with their sizes; resume picks the newest complete one
+- a checkpoint is complete only once its marker (`checkpoints.write_marker`: written last,
+  atomically, by rank 0 after a barrier) lists its files with their sizes; resume picks the newest complete one
   and removes incomplete ones; it records the dataset fingerprint and recipe hash and refuses
   another dataset unless `train.force_resume`;
 - resume loads the model weights through `from_pretrained` (the stock resume leaves the fused MoE
   experts of native deepseek_v3 random: per-expert keys on disk, fused tensors in memory);
-- SIGTERM/SIGUSR1 -> save at the end of the current optimizer step, return EXIT_PREEMPTED.
+- SIGTERM/SIGUSR1 -> save at the end of the current optimizer step, raise `errors.Preempted`
+  (the CLI exits EXIT_PREEMPTED).
 
-`train.args` goes to `transformers.TrainingArguments`, except the keys in DERIVED_ARGS, which the
+`train.args` goes to `transformers.TrainingArguments`, except the keys in recipe.DERIVED_ARGS, which the
 stage sets from the recipe (giving one is a UserError naming the recipe key to use instead), and
 `overwrite_output_dir: true` (not a TrainingArguments field in transformers 5), which means: delete
 the checkpoints in output_dir and start from the base model.
@@ -31,9 +32,6 @@ the checkpoints in output_dir and start from the base model.
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import json
-import logging
 import math
 import os
 import shutil
@@ -45,56 +43,44 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback
 
-from openseek_cpt import flops
+from openseek_cpt import attention, checkpoints, experts, flops, prepared, router_balance
+from openseek_cpt import loss as lm_loss
 from openseek_cpt.collator import PackedCollator
-from openseek_cpt.errors import UserError
+from openseek_cpt.errors import Preempted, UserError, first_line
+from openseek_cpt.launcher import exit_with_launcher
+from openseek_cpt.logs import get_logger
 from openseek_cpt.provenance import (
-    CHECKPOINT_MARKER,
     atomic_output_dir,
-    checkpoint_mismatches,
+    check_output_dir,
     directory_fingerprint,
+    sweep_leftovers,
     write_provenance,
 )
 from openseek_cpt.recipe import Recipe
 
-# The exit status after a SIGTERM/SIGUSR1 save is cli.EXIT_PREEMPTED (defined once, there).
-CHECKPOINT_PREFIX = "checkpoint-"
 TENSORBOARD_SUBDIR = "tensorboard"
 FINAL_SUBDIR = "final"
 
-# TrainingArguments keys the stage derives from the recipe -> the recipe key to set instead.
-DERIVED_ARGS = {
-    "output_dir": "train.output_dir",
-    "per_device_train_batch_size": "train.per_device_batch_size",
-    "per_device_eval_batch_size": "train.per_device_batch_size",
-    "gradient_accumulation_steps": "train.global_batch_size",
-    "seed": "seed",
-    "data_seed": "seed",
-    "bf16": "train.precision",
-    "fp16": "train.precision",
-    "bf16_full_eval": "train.precision",
-    "fp16_full_eval": "train.precision",
-    "use_cpu": "train.precision",
-    "gradient_checkpointing": "train.gradient_checkpointing",
-    "activation_checkpointing": "train.gradient_checkpointing",
-    "resume_from_checkpoint": "train.output_dir (resume is automatic)",
-    "remove_unused_columns": "nothing (the collator needs seq_lengths)",
-}
-STAGE_ARGS = ("overwrite_output_dir",)
-
-log = logging.getLogger("openseek_cpt.train")
+log = get_logger("train")
 
 
-def run(recipe: Recipe) -> int:
-    """Train on this process's rank; returns 0, or EXIT_PREEMPTED after a signal-triggered save."""
-    from openseek_cpt.cli import EXIT_PREEMPTED
+def run(recipe: Recipe) -> Path:
+    """Train on this process's rank; returns the run's output dir (with `final/`).
 
-    # force: under `accelerate launch` a handler is already installed and would swallow these lines
-    logging.basicConfig(level=logging.INFO, format="[train] %(message)s", force=True)
+    Raises `errors.Preempted(checkpoint)` after a signal-triggered save (the CLI maps it to
+    EXIT_PREEMPTED, the requeue code).
+    """
+    exit_with_launcher()  # under `openseek-cpt launch`: no orphan rank if the launcher is killed
     setup = setup_run(recipe)
-    trainer = main(recipe, setup)
-    preempted = fit(recipe, setup, trainer)
-    return EXIT_PREEMPTED if preempted else 0
+    try:
+        trainer = main(recipe, setup)
+        saved = fit(recipe, setup, trainer)
+    finally:
+        if setup.lock is not None:
+            setup.lock.release()
+    if saved is not None:
+        raise Preempted(str(saved))
+    return setup.output_dir
 
 
 @dataclasses.dataclass
@@ -110,65 +96,102 @@ class Setup:
     args: Any  # transformers.TrainingArguments
     resume_from: Path | None
     manifest: dict[str, Any]
+    keep: int | None = None  # train.args.save_total_limit: rotation is the stage's (after the marker)
+    lock: RunLock | None = None  # rank 0 holds output_dir while it runs
 
 
 def setup_run(recipe: Recipe) -> Setup:
     """Validate the recipe against the environment, build TrainingArguments, find the resume point."""
     t = recipe.train
     dataset_dir = Path(recipe.train_dataset_dir)
-    if not (dataset_dir / "dataset_dict.json").is_file():
+    if not prepared.is_prepared(dataset_dir):
         raise UserError(
             f"train.dataset_dir: {str(dataset_dir)!r} is not a prepared dataset (no dataset_dict.json); "
             "run `openseek-cpt data` first or point train.dataset_dir at its output"
         )
-    manifest = _read_json(dataset_dir / "manifest.json") or {}
+    manifest = prepared.read_manifest(dataset_dir)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     grad_accum = gradient_accumulation(t.global_batch_size, world_size, t.per_device_batch_size)
     user_args = dict(t.args)
     overwrite = bool(user_args.pop("overwrite_output_dir", False))
-    check_training_args(user_args)
+    # Deviation: Trainer rotates inside _save_checkpoint, before our marker makes the new checkpoint
+    # complete (a kill there can leave none complete); the stage rotates after the marker instead.
+    keep = user_args.pop("save_total_limit", None)
+    if keep is not None and (not isinstance(keep, int) or isinstance(keep, bool) or keep < 1):
+        raise UserError(
+            f"train.args.save_total_limit={keep!r} must be an integer >= 1 (or null to keep every checkpoint)"
+        )
     output_dir = Path(t.output_dir)
+    check_output_dir(
+        output_dir, stage=None, inputs=[dataset_dir, recipe.train_model_dir], field="train.output_dir"
+    )
     args = build_training_args(recipe, user_args, grad_accum)
     fingerprint = directory_fingerprint(dataset_dir)
+    lock = None
+    if rank == 0:  # before anything in output_dir is touched: a running run's files are not ours
+        lock = RunLock.acquire(output_dir)
+        swept = sweep_leftovers(output_dir)
+        for ckpt in checkpoints.list_checkpoints(output_dir):
+            swept += sweep_leftovers(ckpt)
+        if swept:
+            log.info(
+                f"removed {len(swept)} leftover(s) of killed writers: {', '.join(p.name for p in swept[:4])}"
+            )
     resume_from = None
     if overwrite:
         if rank == 0:
-            for ckpt in _checkpoint_dirs(output_dir):
+            for ckpt in checkpoints.list_checkpoints(output_dir):
                 shutil.rmtree(ckpt, ignore_errors=True)
     else:
         resume_from = find_resume_checkpoint(output_dir, cleanup=rank == 0)
         if resume_from is not None:
             check_resume(resume_from, fingerprint, recipe)
     return Setup(
-        output_dir, dataset_dir, fingerprint, world_size, rank, grad_accum, args, resume_from, manifest
+        output_dir,
+        dataset_dir,
+        fingerprint,
+        world_size,
+        rank,
+        grad_accum,
+        args,
+        resume_from,
+        manifest,
+        keep,
+        lock,
     )
 
 
 def main(recipe: Recipe, setup: Setup):
     """Model, data and the Trainer, built exactly as training uses them."""
-    from datasets import load_from_disk
-
     model = load_model(recipe)
     check_vocab(recipe, model, setup.manifest, setup.dataset_dir)
-    data = load_from_disk(str(setup.dataset_dir))
-    if "train" not in data:
-        raise UserError(f"train.dataset_dir: {setup.dataset_dir} has no 'train' split (has {list(data)})")
-    eval_data = data["eval"] if "eval" in data and len(data["eval"]) > 0 else None
+    train_data = prepared.load_split(setup.dataset_dir, "train", "train.dataset_dir")
     strategy = getattr(setup.args.eval_strategy, "value", setup.args.eval_strategy)
-    if eval_data is None and strategy != "no":
-        raise UserError(
-            f"train.args.eval_strategy={strategy!r} but {setup.dataset_dir} has no eval "
-            "split; set data.eval_size > 0 or train.args.eval_strategy: 'no'"
-        )
-    collator = PackedCollator(pad_token_id=_pad_id(setup.manifest, model))
+    eval_data = None
+    if strategy != "no":
+        eval_data = prepared.load_split(setup.dataset_dir, "eval", "train.dataset_dir")
+        if len(eval_data) == 0:
+            raise UserError(
+                f"train.args.eval_strategy={strategy!r} but the eval split of {setup.dataset_dir} is "
+                "empty; set data.eval_size > 0 or train.args.eval_strategy: 'no'"
+            )
+    log_epoch_plan(recipe, setup, len(train_data))
+    collator = PackedCollator(
+        pad_token_id=prepared.pad_token_id(setup.manifest, model.config),
+        varlen=attention.needs_varlen(recipe.train.attn_implementation),
+    )
     trainer = CPTTrainer(
         model=model,
         args=setup.args,
-        train_dataset=data["train"],
+        train_dataset=train_data,
         eval_dataset=eval_data,
         data_collator=collator,
-        callbacks=[ThroughputCallback(), PreemptionCallback()],
+        callbacks=[
+            ThroughputCallback(),
+            PreemptionCallback(),
+            router_balance.RouterBalanceCallback(model, recipe.train.router_bias_update_rate),
+        ],
         openseek=setup,
         recipe=recipe,
     )
@@ -182,23 +205,37 @@ def main(recipe: Recipe, setup: Setup):
     return trainer
 
 
-def fit(recipe: Recipe, setup: Setup, trainer) -> bool:
-    """Train (resuming if a checkpoint exists); save the final model unless preempted. Returns preempted."""
+def fit(recipe: Recipe, setup: Setup, trainer) -> Path | None:
+    """Train (resuming if a checkpoint exists); save the final model unless preempted.
+
+    Returns None when training finished, else the checkpoint saved on the preemption signal.
+    """
     if setup.resume_from is not None:
         log.info(f"resuming from {setup.resume_from}")
     preemption = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, PreemptionCallback))
-    preemption.install()
+    preemption.install()  # until the final save is written: a signal then lets it finish
     try:
-        trainer.train(resume_from_checkpoint=str(setup.resume_from) if setup.resume_from else None)
+        return _train_and_save_final(recipe, setup, trainer, preemption)
     finally:
         preemption.uninstall()
+
+
+def _train_and_save_final(recipe: Recipe, setup: Setup, trainer, preemption) -> Path | None:
+    trainer.train(resume_from_checkpoint=str(setup.resume_from) if setup.resume_from else None)
     if preemption.triggered:
+        saved = setup.output_dir / checkpoints.name_for(trainer.state.global_step)
         log.info(f"preempted: checkpoint at step {trainer.state.global_step} saved; exiting for requeue")
-        return True
+        return saved
+    # Every rank takes part in gathering the weights (FSDP: an all-gather per tensor; a rank that
+    # skipped it would leave rank 0 waiting forever); rank 0 alone writes them.
+    state_dict = full_state_dict(trainer)
     if trainer.is_world_process_zero():
         model = trainer.accelerator.unwrap_model(trainer.model)
-        with atomic_output_dir(setup.output_dir / FINAL_SUBDIR) as tmp:
-            model.save_pretrained(tmp)
+        inputs = [setup.dataset_dir, recipe.train_model_dir]
+        with atomic_output_dir(
+            setup.output_dir / FINAL_SUBDIR, stage="train", inputs=inputs, field="train.output_dir"
+        ) as tmp:
+            model.save_pretrained(tmp, state_dict=state_dict)
             write_provenance(
                 tmp,
                 stage="train",
@@ -207,10 +244,77 @@ def fit(recipe: Recipe, setup: Setup, trainer) -> bool:
                 extra={"global_step": trainer.state.global_step},
             )
     trainer.accelerator.wait_for_everyone()
-    return False
+    return None
 
 
 # ---- setup helpers -------------------------------------------------------------------------
+
+
+def log_epoch_plan(recipe: Recipe, setup: Setup, rows: int) -> float:
+    """Log how many sequences and epochs the run will see; more than one epoch is a warning."""
+    args = setup.args
+    global_batch = recipe.train.global_batch_size
+    steps = args.max_steps if args.max_steps > 0 else math.ceil(rows / global_batch) * args.num_train_epochs
+    seen = int(steps * global_batch)
+    epochs = seen / rows
+    unseen = max(rows - seen, 0)
+    log.info(
+        f"the run sees {seen} sequences ({steps} steps x {global_batch}) of {rows} prepared rows: "
+        f"{epochs:.3f} epochs; {unseen} rows ({unseen / rows:.1%}) never seen"
+    )
+    if epochs > 1:
+        log.warning(
+            f"the run repeats the data {epochs:.2f}x (each epoch a new permutation of the same {rows} rows); "
+            f"for one epoch set data.total_sample_size >= {seen} and rerun `openseek-cpt data`"
+        )
+    prepared_rows = (setup.manifest.get("totals") or {}).get("train_rows")
+    if prepared_rows is not None and recipe.data.total_sample_size != prepared_rows:
+        log.warning(
+            f"data.total_sample_size={recipe.data.total_sample_size} but {setup.dataset_dir} holds "
+            f"{prepared_rows} train rows (prepared with another recipe)"
+        )
+    return epochs
+
+
+class RunLock:
+    """An exclusive lock on a run's output_dir (POSIX record lock: released when the process dies).
+
+    The lock file names its holder (host, pid, Slurm job) so a refused second writer can say who.
+    """
+
+    NAME = ".openseek_train.lock"
+
+    def __init__(self, path: Path, fd: int):
+        self.path, self.fd = path, fd
+
+    @classmethod
+    def acquire(cls, output_dir: Path) -> RunLock:
+        import fcntl
+        import json
+        import socket
+
+        output_dir.mkdir(parents=True, exist_ok=True)
+        path = output_dir / cls.NAME
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 4096).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise UserError(
+                f"train.output_dir: {str(output_dir)!r} is in use by another training run ({holder}); "
+                "wait for it to end, stop it, or choose another train.output_dir"
+            ) from None
+        holder = {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job": os.environ.get("SLURM_JOB_ID"),
+                  "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}  # fmt: skip
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(holder).encode(), 0)
+        return cls(path, fd)
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)  # closing drops the lock; the file stays (deleting it would race)
+            self.fd = -1
 
 
 def gradient_accumulation(global_batch: int, world_size: int, per_device: int) -> int:
@@ -222,22 +326,6 @@ def gradient_accumulation(global_batch: int, world_size: int, per_device: int) -
             f"{world_size * per_device}"
         )
     return global_batch // (world_size * per_device)
-
-
-def check_training_args(args: dict[str, Any]) -> None:
-    """Every key must be a TrainingArguments field, and not one the stage derives itself."""
-    from transformers import TrainingArguments
-
-    fields = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
-    for key in args:
-        if key in DERIVED_ARGS:
-            raise UserError(
-                f"train.args.{key} is set by the train stage; remove it and set {DERIVED_ARGS[key]} instead"
-            )
-        if key not in fields:
-            close = difflib.get_close_matches(key, sorted(fields), n=1)
-            hint = f"; did you mean train.args.{close[0]}?" if close else ""
-            raise UserError(f"train.args.{key} is not a transformers.TrainingArguments field{hint}")
 
 
 def bf16_supported() -> bool:
@@ -276,49 +364,57 @@ def build_training_args(recipe: Recipe, user_args: dict[str, Any], grad_accum: i
     }
     # Deviation: DDP's unused-parameter search is off (native MoE experts are fused tensors, all used).
     user_args.setdefault("ddp_find_unused_parameters", False)
+    # tf32 for what stays fp32 under bf16-mixed (the router's fp32 linear, fp32 paths); Ampere+ only.
+    if torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0):
+        user_args.setdefault("tf32", True)
     if t.gradient_checkpointing:
         user_args.setdefault("activation_checkpointing_kwargs", {"use_reentrant": False})
     try:
         return TrainingArguments(**derived, **user_args)
     except (ValueError, TypeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"train.args: {first}") from None
+        raise UserError(f"train.args: {first_line(exc)}") from None
 
 
 # ---- checkpoints ---------------------------------------------------------------------------
 
 
-def _checkpoint_dirs(output_dir: Path) -> list[Path]:
-    """checkpoint-N directories, oldest step first."""
-    if not output_dir.is_dir():
-        return []
-    found = []
-    for p in output_dir.iterdir():
-        suffix = p.name[len(CHECKPOINT_PREFIX) :]
-        if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX) and suffix.isdigit():
-            found.append((int(suffix), p))
-    return [p for _, p in sorted(found)]
-
-
-def checkpoint_is_complete(ckpt: Path) -> bool:
-    """Complete = the marker (written last) exists and every file it lists is there at its size."""
-    return checkpoint_mismatches(ckpt) == []
-
-
 def find_resume_checkpoint(output_dir: Path, cleanup: bool) -> Path | None:
     """The newest complete checkpoint; incomplete ones (cut off mid-write) are removed when cleanup."""
     newest = None
-    for ckpt in _checkpoint_dirs(output_dir):
-        if checkpoint_is_complete(ckpt):
+    for ckpt in checkpoints.list_checkpoints(output_dir):
+        state = checkpoints.status(ckpt)
+        if state.complete:
             newest = ckpt
         elif cleanup:
-            log.warning(f"removing incomplete checkpoint {ckpt} (no complete {CHECKPOINT_MARKER})")
+            why = f"damaged: {', '.join(state.files[:3])}" if state.files else f"no {checkpoints.MARKER}"
+            log.warning(f"removing incomplete checkpoint {ckpt} ({why})")
             shutil.rmtree(ckpt, ignore_errors=True)
     return newest
 
 
+def rotate_checkpoints(output_dir: Path, keep: int | None, protect: list[Path] = ()) -> list[Path]:
+    """Delete complete checkpoints older than the newest `keep` complete ones (never `protect`).
+
+    Runs after the new checkpoint's marker, so the newest complete checkpoint always survives; a
+    checkpoint is first renamed to `.checkpoint-N.work-PID` (atomic), so a kill mid-delete leaves a
+    leftover the next start sweeps, never a damaged checkpoint-N.
+    """
+    if keep is None:
+        return []
+    complete = [c for c in checkpoints.list_checkpoints(output_dir) if checkpoints.status(c).complete]
+    removed = []
+    for old in complete[:-keep]:
+        if any(old.resolve() == p.resolve() for p in protect if p.exists()):
+            continue
+        trash = old.with_name(f".{old.name}.work-{os.getpid()}")
+        old.rename(trash)
+        shutil.rmtree(trash, ignore_errors=True)
+        removed.append(old)
+    return removed
+
+
 def check_resume(ckpt: Path, fingerprint: str, recipe: Recipe) -> None:
-    marker = _read_json(ckpt / CHECKPOINT_MARKER) or {}
+    marker = checkpoints.read_marker(ckpt) or {}
     if marker.get("dataset_fingerprint") != fingerprint and not recipe.train.force_resume:
         raise UserError(
             f"train: {ckpt} was trained on dataset {str(marker.get('dataset_fingerprint'))[:12]} but "
@@ -329,38 +425,18 @@ def check_resume(ckpt: Path, fingerprint: str, recipe: Recipe) -> None:
         log.warning(f"{ckpt} was written with another recipe (hash {str(marker.get('recipe_hash'))[:12]})")
 
 
-def write_checkpoint_marker(ckpt: Path, step: int, setup: Setup, recipe: Recipe) -> None:
-    """Write the completion marker atomically (tmp + fsync + rename); the checkpoint is then complete."""
-    files = {
-        p.relative_to(ckpt).as_posix(): p.stat().st_size
-        for p in sorted(ckpt.rglob("*"))
-        if p.is_file() and p.name != CHECKPOINT_MARKER and not p.name.startswith(".")
-    }
-    for p in ckpt.rglob("*"):  # data on disk before the marker says so
-        if p.is_file():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
-    body = {
+def marker_info(step: int, setup: Setup, recipe: Recipe, distributed_type: str) -> dict[str, Any]:
+    """What a checkpoint's marker records beside its file list (checkpoints.write_marker adds it)."""
+    return {
         "step": step,
         "dataset_dir": str(setup.dataset_dir),
         "dataset_fingerprint": setup.dataset_fingerprint,
         "recipe_hash": recipe.hash(),
         "world_size": setup.world_size,
+        "distributed_type": distributed_type,
         "global_batch_size": recipe.train.global_batch_size,
         "precision": recipe.train.precision,
-        "files": files,
     }
-    tmp = ckpt / f".{CHECKPOINT_MARKER}.tmp"
-    with open(tmp, "w") as f:
-        f.write(json.dumps(body, indent=2, sort_keys=True) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, ckpt / CHECKPOINT_MARKER)
-    fd = os.open(ckpt, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # ---- model and data ------------------------------------------------------------------------
@@ -382,8 +458,10 @@ def load_model(recipe: Recipe, model_dir: str | None = None):
         "dtype": torch.bfloat16 if t.precision == "bf16-pure" else torch.float32,
         "output_loading_info": True,
     }
-    if t.experts_implementation:
-        kwargs["experts_implementation"] = t.experts_implementation
+    # Deviation: under bf16-mixed the routed experts' grouped_mm gets bf16 operands (experts.py).
+    experts_implementation = experts.resolve(t.experts_implementation, t.precision)
+    if experts_implementation:
+        kwargs["experts_implementation"] = experts_implementation
     model, info = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
     problems = {k: sorted(info.get(k) or []) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
     problems = {k: v for k, v in problems.items() if v}
@@ -400,13 +478,13 @@ def load_model(recipe: Recipe, model_dir: str | None = None):
     # Deviation from the checkpoint config: with use_cache=True a cache is built even in training,
     # and transformers then ignores the per-document position resets (documents see each other).
     model.config.use_cache = False
-    return model
+    # Deviation: the loss from hidden states and the LM head in chunks, no full-vocab logits (loss.py).
+    return lm_loss.install(model, t.loss)
 
 
 def check_vocab(recipe: Recipe, model, manifest: dict[str, Any], dataset_dir: Path) -> None:
     """The dataset's tokenizer must be the model's (same vocabulary size and eos)."""
-    tok = manifest.get("tokenizer") if isinstance(manifest.get("tokenizer"), dict) else {}
-    data_vocab = tok.get("vocab_size", manifest.get("vocab_size"))
+    data_vocab = manifest.get("vocab_size")
     model_vocab = model.config.vocab_size
     if data_vocab is None:
         log.warning(f"{dataset_dir}/manifest.json records no tokenizer vocab size; vocabulary not checked")
@@ -429,21 +507,6 @@ def check_vocab(recipe: Recipe, model, manifest: dict[str, Any], dataset_dir: Pa
         )
 
 
-def _pad_id(manifest: dict[str, Any], model) -> int:
-    tok = manifest.get("tokenizer") if isinstance(manifest.get("tokenizer"), dict) else {}
-    for value in (
-        tok.get("pad_token_id"),
-        manifest.get("pad_token_id"),
-        tok.get("eos_token_id"),
-        manifest.get("eos_token_id"),
-        model.config.pad_token_id,
-        model.config.eos_token_id,
-    ):
-        if isinstance(value, int):
-            return value
-    return 0
-
-
 def document_logits(
     recipe: Recipe, rows: list[dict[str, Any]], model=None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -454,13 +517,16 @@ def document_logits(
     """
     model = model if model is not None else load_model(recipe)
     model.train()
-    batch = PackedCollator(pad_token_id=model.config.eos_token_id or 0)(rows)
+    batch = PackedCollator(
+        pad_token_id=prepared.pad_token_id({}, model.config),
+        varlen=attention.needs_varlen(recipe.train.attn_implementation),
+    )(rows)
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     model.to(device_type)
-    batch = {k: v.to(device_type) for k, v in batch.items()}
+    batch = {k: v.to(device_type) if torch.is_tensor(v) else v for k, v in batch.items()}
     autocast = recipe.train.precision == "bf16-mixed"
     with torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast):
-        out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"])
+        out = model(**{k: v for k, v in batch.items() if k != "labels"})  # + varlen fields if any
     logits = out.logits.float()
     shift_logits = logits[:, :-1]
     shift_labels = batch["labels"][:, 1:]
@@ -474,6 +540,33 @@ def document_logits(
 
 
 # ---- Trainer and callbacks -----------------------------------------------------------------
+
+
+def is_fsdp(trainer) -> bool:
+    return bool(getattr(trainer, "is_fsdp_enabled", False))
+
+
+def full_state_dict(trainer) -> dict[str, torch.Tensor] | None:
+    """The model's full state dict, as `save_pretrained` writes it (tied copies dropped).
+
+    FSDP: gathered by every rank (a collective), held on rank 0 only. DDP/single: None (the
+    unwrapped model saves itself, as before).
+    """
+    if not is_fsdp(trainer):
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    # full + cpu_offload: gathered tensor by tensor into rank 0's host memory (others get {})
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    state = get_model_state_dict(trainer.model, options=options)
+    if not trainer.is_world_process_zero():
+        return None
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    # The gathered copies no longer share storage, so save_pretrained cannot see the tie: drop
+    # the tied targets (e.g. lm_head.weight = embed_tokens.weight) like a DDP save does.
+    for target in getattr(model, "all_tied_weights_keys", None) or {}:
+        state.pop(target, None)
+    return state
 
 
 class CPTTrainer(Trainer):
@@ -503,10 +596,15 @@ class CPTTrainer(Trainer):
 
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
-        ckpt = Path(self.args.output_dir) / f"{CHECKPOINT_PREFIX}{self.state.global_step}"
+        ckpt = Path(self.args.output_dir) / checkpoints.name_for(self.state.global_step)
         self.accelerator.wait_for_everyone()  # every rank's files (rng_state_N.pth) are written
         if self.is_world_process_zero():
-            write_checkpoint_marker(ckpt, self.state.global_step, self.openseek, self.recipe)
+            kind = "FSDP" if is_fsdp(self) else str(self.accelerator.distributed_type).rsplit(".", 1)[-1]
+            checkpoints.write_marker(
+                ckpt, marker_info(self.state.global_step, self.openseek, self.recipe, kind)
+            )
+            protect = [Path(self.state.best_model_checkpoint)] if self.state.best_model_checkpoint else []
+            rotate_checkpoints(Path(self.args.output_dir), self.openseek.keep, protect)
         self.accelerator.wait_for_everyone()
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
@@ -514,13 +612,61 @@ class CPTTrainer(Trainer):
         # deepseek_v3's fused experts random; from_pretrained converts per-expert keys correctly.
         model = model if model is not None else self.model
         loaded = load_model(self.recipe, model_dir=resume_from_checkpoint)
-        result = model.load_state_dict(loaded.state_dict(), strict=True)
+        if is_fsdp(self):
+            # FSDP2 parameters are DTensors: each rank keeps its shard of the full tensors.
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+            result = set_model_state_dict(
+                model, loaded.state_dict(), options=StateDictOptions(full_state_dict=True, strict=True)
+            )
+        else:
+            result = model.load_state_dict(loaded.state_dict(), strict=True)
         del loaded
         log.info(f"model weights restored from {resume_from_checkpoint} ({result})")
+
+    def create_accelerator_and_postprocess(self):
+        super().create_accelerator_and_postprocess()
+        from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+        state = self.accelerator.state
+        wants_fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+        if wants_fsdp and state.distributed_type == DistributedType.MULTI_CPU:
+            # Deviation: `accelerate launch` with an FSDP config sets ACCELERATE_USE_FSDP and the
+            # FSDP_* settings, but AcceleratorState turns FSDP on only for GPU-type backends
+            # (state.py: MULTI_CPU never becomes FSDP), so on CPU the run would silently be DDP.
+            # torch's FSDP2 (fully_shard) runs on gloo; give the state the plugin that the same
+            # environment describes, so CPU runs the FSDP code path the GPUs run.
+            state.fsdp_plugin = FullyShardedDataParallelPlugin()
+            state.distributed_type = DistributedType.FSDP
+            self.is_fsdp_enabled = True
+
+    def _save_optimizer_and_scheduler(self, output_dir):
+        if not is_fsdp(self):
+            return super()._save_optimizer_and_scheduler(output_dir)
+        # Deviation: Trainer's FSDP path also writes pytorch_model_fsdp.bin, a second full copy of
+        # the weights beside model.safetensors; resume reads model.safetensors (as for DDP), so only
+        # the optimizer state (gathered: one optimizer.bin, any world size) is written here.
+        from accelerate.utils import save_fsdp_optimizer
+        from transformers.trainer import SCHEDULER_NAME
+
+        save_fsdp_optimizer(
+            self.accelerator.state.fsdp_plugin, self.accelerator, self.optimizer, self.model, output_dir
+        )
+        if self.args.should_save:
+            torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
+
+    def save_model(self, output_dir=None, _internal_call=False):
+        if not is_fsdp(self):
+            return super().save_model(output_dir, _internal_call)
+        # FSDP: every rank joins the gather, rank 0 writes model.safetensors as a DDP save would.
+        state_dict = full_state_dict(self)
+        if self.args.should_save:
+            self._save(output_dir or self.args.output_dir, state_dict=state_dict)
 
     def log(self, logs, start_time=None):
         if "loss" in logs:
             logs.update(self._throughput())
+            logs.update(router_balance.take_metrics(self.callback_handler.callbacks))
         if "eval_loss" in logs:
             logs["eval_perplexity"] = math.exp(min(logs["eval_loss"], 50.0))
         super().log(logs, start_time)
@@ -614,22 +760,30 @@ class PreemptionCallback(TrainerCallback):
 
     def _handle(self, signum, frame) -> None:
         self.requested = True
-        print(f"[train] received signal {signum}: saving at the end of this step", flush=True)
+        # os.write, not logging/print: a handler may interrupt a write to the same stream
+        os.write(1, f"[train] received signal {signum}: saving at the end of this step\n".encode())
 
-    def on_step_end(self, args, state, control, **kw):
+    def _agreed(self, args) -> bool:
         flag = torch.tensor([1.0 if self.requested else 0.0], device=args.device)
         # A signal may reach only some ranks: agree, or the others would wait in a collective forever.
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        if flag.item() > 0:
+        return flag.item() > 0
+
+    def on_step_end(self, args, state, control, **kw):
+        if not self.triggered and self._agreed(args):
             self.triggered = True
             control.should_save = True
             control.should_training_stop = True
         return control
 
+    def on_evaluate(self, args, state, control, **kw):
+        # A signal during a (long) evaluation: save right after it, before another step.
+        return self.on_step_end(args, state, control)
 
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
+    def on_save(self, args, state, control, **kw):
+        # A signal while a checkpoint was written: that checkpoint is the preemption save; stop.
+        if not self.triggered and self._agreed(args):
+            self.triggered = True
+            control.should_training_stop = True
+        return control

@@ -23,6 +23,8 @@ import torch
 from conftest import REPO, TINY_RECIPE, copy_workdir, run_cli
 from safetensors.torch import load_file
 
+from openseek_cpt.errors import EXIT_PREEMPTED
+
 DDP_CONFIG = str(REPO / "recipes" / "accelerate_configs" / "ddp.yaml")
 STEPS = 12
 BASE = [
@@ -218,8 +220,6 @@ def test_kill_9_at_random_moments_then_restart_ends_bitwise_identical(reference,
 def test_sigterm_saves_at_the_current_step_exits_3_and_the_restart_ends_identical(
     reference, prepared, tmp_path
 ):
-    from openseek_cpt.cli import EXIT_PREEMPTED
-
     work = fresh(prepared, tmp_path)
     run = work / "runs" / "tiny"
     no_periodic = ("--set", "train.args.save_steps=100")
@@ -241,8 +241,6 @@ def test_sigterm_saves_at_the_current_step_exits_3_and_the_restart_ends_identica
 
 
 def test_launcher_forwards_sigterm_to_both_ranks_and_returns_the_preempted_status(prepared, tmp_path):
-    from openseek_cpt.cli import EXIT_PREEMPTED
-
     work = fresh(prepared, tmp_path)
     cmd = [sys.executable, "-m", "openseek_cpt", "launch", "--recipe", str(TINY_RECIPE), "--nproc", "2",
            *BASE, "--set", "train.args.save_steps=100", "--set", "train.args.max_steps=200"]  # fmt: skip

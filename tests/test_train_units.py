@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_RECIPE, copy_workdir, run_cli
+from conftest import REPO, TINY_RECIPE, copy_workdir, run_cli
 from safetensors.torch import load_file
 
 from openseek_cpt import flops, launcher, train
@@ -181,7 +181,8 @@ def test_launcher_derives_the_world_from_slurm_or_this_machine():
     assert launcher.derive_world(env={"CUDA_VISIBLE_DEVICES": "0,1,3"}).num_processes == 3
     local = launcher.derive_world(nproc=2, env={})
     assert (local.num_machines, local.num_processes, local.main_address) == (1, 2, "127.0.0.1")
-    cmd = launcher.accelerate_command("r.yaml", ["train.args.max_steps=3"], local, "ddp.yaml")
+    configs = REPO / "recipes" / "accelerate_configs"
+    cmd = launcher.accelerate_command("r.yaml", ["train.args.max_steps=3"], local, configs / "ddp.yaml")
     joined = " ".join(cmd)
     assert "--num_processes 2" in joined and "--multi_gpu" in cmd and "--machine_rank 0" in joined
     assert cmd[cmd.index("-m") :] == [
@@ -193,8 +194,13 @@ def test_launcher_derives_the_world_from_slurm_or_this_machine():
         "--set",
         "train.args.max_steps=3",
     ]
-    single = launcher.accelerate_command("r.yaml", [], launcher.derive_world(nproc=1, env={}), "ddp.yaml")
+    single = launcher.accelerate_command(
+        "r.yaml", [], launcher.derive_world(nproc=1, env={}), configs / "ddp.yaml"
+    )
     assert "--multi_gpu" not in single
+    # --multi_gpu would make accelerate ignore the config's distributed_type: never with FSDP
+    fsdp = launcher.accelerate_command("r.yaml", [], local, configs / "fsdp.yaml")
+    assert "--multi_gpu" not in fsdp and "--num_processes" in fsdp
 
 
 def test_flops_count_openseek_small_active_parameters_and_mla_attention():
@@ -212,3 +218,30 @@ def test_flops_count_openseek_small_active_parameters_and_mla_attention():
     assert flops.attention_head_dims(cfg) == (10, 192, 128)
     attention = flops.training_flops_per_token(cfg, 4096) - 6 * active
     assert attention == pytest.approx(3 * 6 * 2 * 10 * (192 + 128) * 2048)
+
+
+def test_the_sbatch_requeue_code_is_the_python_preemption_code():
+    from openseek_cpt.errors import EXIT_PREEMPTED
+
+    script = (REPO / "slurm" / "train.sbatch").read_text()
+    code = [ln for ln in script.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    values = [ln.split("=", 1)[1].split()[0] for ln in code if ln.startswith("EXIT_PREEMPTED=")]
+    assert values == [str(EXIT_PREEMPTED)], values
+    assert any('"$EXIT_PREEMPTED"' in ln for ln in code), "the script must test the variable, not a literal"
+
+
+def test_train_and_launcher_import_no_stage_and_not_the_cli():
+    import ast
+
+    stages = {"cli", "assets", "data", "train", "soup", "interop", "tiny"}
+    for module in ("train", "launcher"):
+        tree = ast.parse((REPO / "openseek_cpt" / f"{module}.py").read_text())
+        imported = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("openseek_cpt"):
+                imported.add(node.module.removeprefix("openseek_cpt").lstrip("."))
+                if node.module == "openseek_cpt":
+                    imported |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.Import):
+                imported |= {a.name.removeprefix("openseek_cpt.") for a in node.names}
+        assert not (imported & (stages - {module})), (module, sorted(imported & stages))
