@@ -153,3 +153,118 @@ def _stdlib_functions(max_files: int = 120) -> list[str]:
 def format_title_body(example: dict) -> str:
     """Formatting function of the tiny recipe's text source: `title` then `body`."""
     return f"{example['title']}\n\n{example['body']}".strip()
+
+
+# ---------------------------------------------------------------- the real-shape fixture
+
+# OpenSeek-Small-v1's tokenizer vocabulary: the Qwen BPE ranks ship inside this PyPI wheel (pinned
+# by version and by the ranks file's hash); 151,643 ranks + 208 specials = 151,851 ids.
+QWEN_RANKS_WHEEL = "dashscope==2.0.2"
+QWEN_RANKS_MEMBER = "dashscope/resources/qwen.tiktoken"
+QWEN_RANKS_SHA256 = "b2b1b8dfb5cc5f024bafc373121c6aba3f66f9a5a0269e243470a1de16a33186"
+REAL_VOCAB = 151_851
+REAL_LAYERS = 2  # the real model has 6: one dense layer + one MoE layer keep every per-layer shape
+
+
+def cache_dir() -> Path:
+    """Where fetched fixture files live: $OPENSEEK_CPT_CACHE, else ~/.cache/openseek-cpt."""
+    import os
+
+    return Path(os.environ.get("OPENSEEK_CPT_CACHE") or Path.home() / ".cache" / "openseek-cpt")
+
+
+def qwen_ranks() -> Path:
+    """The Qwen BPE ranks file, from the cache; fetched once (`pip download` of the wheel) if absent."""
+    import hashlib
+    import subprocess
+    import sys
+    import zipfile
+
+    root = cache_dir()
+    ranks = root / "qwen.tiktoken"
+    if ranks.is_file() and hashlib.sha256(ranks.read_bytes()).hexdigest() == QWEN_RANKS_SHA256:
+        return ranks
+    root.mkdir(parents=True, exist_ok=True)
+    wheels = sorted(root.glob("dashscope-*.whl"))
+    if not wheels:
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "-q", "--no-deps", QWEN_RANKS_WHEEL, "-d", str(root)],
+            check=True,
+        )
+        wheels = sorted(root.glob("dashscope-*.whl"))
+    data = zipfile.ZipFile(wheels[-1]).read(QWEN_RANKS_MEMBER)
+    if hashlib.sha256(data).hexdigest() != QWEN_RANKS_SHA256:
+        raise RuntimeError(f"{wheels[-1]}:{QWEN_RANKS_MEMBER} is not the expected Qwen ranks file")
+    tmp = ranks.with_name(f".{ranks.name}.tmp")
+    tmp.write_bytes(data)
+    tmp.replace(ranks)
+    return ranks
+
+
+def write_qwen_tokenizer(out_dir: str | Path) -> Path:
+    """OpenSeek's kind of tokenizer into `out_dir`: remote code over tiktoken + the Qwen ranks."""
+    import shutil
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(qwen_ranks(), out / "qwen.tiktoken")
+    code = Path(__file__).with_name("tokenization_qwen_tiktoken.py")
+    shutil.copyfile(code, out / code.name)
+    config = {
+        "tokenizer_class": "QWenTiktokenTokenizer",
+        "auto_map": {"AutoTokenizer": ["tokenization_qwen_tiktoken.QWenTiktokenTokenizer", None]},
+        "eos_token": "<|extra_204|>",
+        "pad_token": "<|endoftext|>",
+        "model_max_length": 4096,
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return out
+
+
+def real_shape_config(num_layers: int = REAL_LAYERS):
+    """OpenSeek-Small-v1's config (DESIGN.md) with `num_layers` layers: every tensor keeps its real shape."""
+    from transformers import DeepseekV3Config
+
+    return DeepseekV3Config(
+        vocab_size=REAL_VOCAB,
+        hidden_size=1280,
+        intermediate_size=7168,
+        moe_intermediate_size=896,
+        num_hidden_layers=num_layers,
+        first_k_dense_replace=1,
+        num_attention_heads=10,
+        num_key_value_heads=10,
+        n_shared_experts=2,
+        n_routed_experts=64,
+        num_experts_per_tok=6,
+        n_group=1,
+        topk_group=1,
+        routed_scaling_factor=1.0,
+        kv_lora_rank=512,
+        q_lora_rank=None,
+        qk_rope_head_dim=64,
+        qk_nope_head_dim=128,
+        v_head_dim=128,
+        max_position_embeddings=4096,
+        rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
+        tie_word_embeddings=True,
+        use_cache=False,
+        bos_token_id=None,
+        eos_token_id=151850,
+        pad_token_id=151643,
+    )
+
+
+def build_real_shape_hub(out_dir: str | Path, seed: int = 233, num_layers: int = REAL_LAYERS) -> Path:
+    """A local "hub" repo shaped like BAAI/OpenSeek-Small-v1: its tiktoken remote-code tokenizer
+    (151,851 ids) and a random bf16 deepseek_v3 with its per-layer shapes, `num_layers` deep."""
+    import torch
+    from transformers import DeepseekV3ForCausalLM
+
+    torch.manual_seed(seed)
+    model = DeepseekV3ForCausalLM(real_shape_config(num_layers)).to(torch.bfloat16)
+    with atomic_output_dir(out_dir) as tmp:
+        write_qwen_tokenizer(tmp)
+        model.save_pretrained(tmp)
+        write_provenance(tmp, stage="real-shape-assets", extra={"seed": seed, "layers": num_layers})
+    return Path(out_dir)
