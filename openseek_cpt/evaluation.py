@@ -38,6 +38,7 @@ def eval_loss(
     import torch
     from transformers import AutoModelForCausalLM
 
+    from openseek_cpt import loss as lm_loss
     from openseek_cpt.collator import IGNORE_INDEX, PackedCollator
 
     rows = load_split(dataset_dir, split, field)
@@ -53,25 +54,25 @@ def eval_loss(
         str(model_dir), dtype=dtype, trust_remote_code=trust_remote_code
     ).to(device)
     model.eval()
+    # The loss as training computes it (loss.py: chunks from the hidden states, no full-vocab logits).
+    lm_loss.install(model, "chunked")
     collate = PackedCollator(pad_token_id=pad_token_id(read_manifest(dataset_dir), model.config))
     total, tokens = 0.0, 0
     with torch.inference_mode():
         for start in range(0, len(rows), batch_size):
             batch = collate(list(rows.select(range(start, min(start + batch_size, len(rows))))))
             batch = {k: v.to(device) for k, v in batch.items()}
-            logits = model(
-                input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False
-            ).logits
-            labels = batch["labels"][:, 1:]
+            # num_items_in_batch=1: the summed loss of the batch's scored tokens
             total += float(
-                torch.nn.functional.cross_entropy(
-                    logits[:, :-1].float().flatten(0, 1),
-                    labels.flatten(),
-                    ignore_index=IGNORE_INDEX,
-                    reduction="sum",
-                )
+                model(
+                    input_ids=batch["input_ids"],
+                    position_ids=batch["position_ids"],
+                    labels=batch["labels"],
+                    num_items_in_batch=1,
+                    use_cache=False,
+                ).loss
             )
-            tokens += int((labels != IGNORE_INDEX).sum())
+            tokens += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
     if tokens == 0:
         raise UserError(f"{field}: split {split!r} of {dataset_dir} has no token to score")
     loss = total / tokens

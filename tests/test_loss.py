@@ -134,3 +134,40 @@ def test_no_tensor_of_full_vocabulary_logits_is_ever_made():
 def test_unknown_implementation_is_rejected():
     with pytest.raises(ValueError, match="not one of"):
         loss.install(object(), "fast")
+
+
+def test_eval_loss_of_the_evaluation_module_equals_the_stock_logits_loss(tmp_path):
+    """evaluation.eval_loss (chunked, like training) == cross-entropy of the stock full logits."""
+    from datasets import Dataset, DatasetDict
+
+    from openseek_cpt.collator import PackedCollator
+    from openseek_cpt.evaluation import eval_loss
+
+    reference, _ = tiny_pair()
+    reference.save_pretrained(tmp_path / "model")
+    g = torch.Generator().manual_seed(7)
+    rows = {"input_ids": [torch.randint(3, VOCAB, (40,), generator=g).tolist() for _ in range(3)],
+            "seq_lengths": [[12, 28], [40], [5, 20, 15]]}  # fmt: skip
+    DatasetDict({"eval": Dataset.from_dict(rows)}).save_to_disk(str(tmp_path / "data"))
+    got = eval_loss(tmp_path / "model", tmp_path / "data", batch_size=2)
+    batch = PackedCollator(pad_token_id=0)(
+        [dict(zip(rows, r, strict=True)) for r in zip(*rows.values(), strict=True)]
+    )
+    reference.eval()
+    with torch.no_grad():
+        logits = reference(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+    labels = batch["labels"][:, 1:]
+    expected = (
+        torch.nn.functional.cross_entropy(
+            logits[:, :-1].float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum"
+        )
+        / (labels != -100).sum()
+    )
+    assert got["tokens"] == int((labels != -100).sum())
+    assert got["loss"] == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_the_recipe_offers_exactly_the_implementations_loss_py_has():
+    from openseek_cpt import recipe
+
+    assert recipe.LOSS_IMPLEMENTATIONS == loss.IMPLEMENTATIONS
