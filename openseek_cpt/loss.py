@@ -129,7 +129,9 @@ def linear_cross_entropy(
     if implementation == "liger":
         from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
 
-        lce = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="sum")
+        lce = LigerFusedLinearCrossEntropyLoss(
+            ignore_index=IGNORE_INDEX, reduction="sum", accum_dtype=torch.float32
+        )
         return lce(weight.to(dtype), hidden.to(dtype), targets).float() / denominator
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         return _LinearCrossEntropy.apply(hidden, weight, targets, denominator, chunk_tokens, dtype)

@@ -137,3 +137,105 @@ def test_bias_after_3_steps_is_bitwise_the_same_on_1_rank_and_on_2_gloo_ranks(tm
     assert any(b.abs().sum() > 0 for b in single)
     for got in (rank0, rank1):  # every rank holds the same bias, so DDP's buffer broadcast changes nothing
         assert all(torch.equal(a, b) for a, b in zip(single, got, strict=True))
+
+
+# ---- through the train stage (tiny recipe, real Trainer / accelerate launch, CPU) -------------------
+
+STAGE = [
+    "--set", "train.args.max_steps=6",
+    "--set", "train.args.save_steps=3",
+    "--set", "train.args.eval_strategy='no'",
+    "--set", "train.router_bias_update_rate=0.001",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def stage_reference(tiny_prepared_dir, tmp_path_factory):
+    """One uninterrupted single-process run of 6 steps (global batch 8 = 1 x 4 x accumulation 2)."""
+    from conftest import TINY_RECIPE, copy_workdir, run_cli
+
+    work = copy_workdir(tiny_prepared_dir, tmp_path_factory, "router-ref")
+    r = run_cli("train", "--recipe", str(TINY_RECIPE), *STAGE, cwd=work)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return work / "runs" / "tiny"
+
+
+def biases(run_dir) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    weights = load_file(run_dir / "final" / "model.safetensors")
+    return {k: v for k, v in weights.items() if k.endswith(router_balance.BIAS_NAME)}
+
+
+def test_the_stage_moves_the_bias_saves_it_and_logs_imbalance_and_bias_norm(stage_reference):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    found = biases(stage_reference)
+    assert found and all(b.dtype == torch.float32 for b in found.values())
+    for name, bias in found.items():  # 6 steps of +-0.001 (or 0 when an expert sits exactly at the mean)
+        assert bias.abs().max() > 0, name
+        assert bias.abs().max() <= 6 * 0.001 + 1e-7, name
+    acc = EventAccumulator(str(stage_reference / "tensorboard"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    layers = sorted(int(k.split(".")[2]) for k in found)
+    for layer in layers:
+        imbalance = [e.value for e in acc.Scalars(f"train/moe/layer{layer}_load_imbalance")]
+        norms = [e.value for e in acc.Scalars(f"train/moe/layer{layer}_bias_norm")]
+        assert len(imbalance) == len(norms) == 6, sorted(tags)
+        assert all(v >= 1.0 for v in imbalance)  # max/mean
+        assert norms[-1] == pytest.approx(
+            float(found[f"model.layers.{layer}.mlp.gate.e_score_correction_bias"].norm()), rel=1e-5
+        )
+
+
+def test_two_gloo_ranks_end_with_the_bitwise_same_bias_as_one_rank(
+    stage_reference, tiny_prepared_dir, tmp_path
+):
+    from conftest import TINY_RECIPE, run_cli
+
+    work = tmp_path / "work"
+    import shutil
+
+    shutil.copytree(tiny_prepared_dir, work, symlinks=True)
+    r = run_cli("launch", "--recipe", str(TINY_RECIPE), "--nproc", "2", *STAGE, cwd=work)
+    assert r.returncode == 0, r.stderr[-3000:]
+    one, two = biases(stage_reference), biases(work / "runs" / "tiny")
+    assert one.keys() == two.keys()
+    for name in one:
+        assert torch.equal(one[name], two[name]), (name, one[name], two[name])
+
+
+def test_kill_9_after_a_checkpoint_then_restart_ends_with_the_bitwise_same_bias_and_weights(
+    stage_reference, tiny_prepared_dir, tmp_path
+):
+    import shutil
+    import subprocess
+    import sys
+    import time
+
+    from conftest import TINY_RECIPE
+    from safetensors.torch import load_file
+
+    work = tmp_path / "work"
+    shutil.copytree(tiny_prepared_dir, work, symlinks=True)
+    cmd = [sys.executable, "-m", "openseek_cpt", "train", "--recipe", str(TINY_RECIPE), *STAGE]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    marker = work / "runs" / "tiny" / "checkpoint-3" / "openseek_checkpoint.json"
+    proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    end = time.monotonic() + 600
+    while not marker.is_file() and proc.poll() is None and time.monotonic() < end:
+        time.sleep(0.01)
+    proc.kill()  # SIGKILL: no handler, no save
+    proc.wait()
+    assert marker.is_file() and not (work / "runs" / "tiny" / "final").exists()
+    saved = load_file(marker.parent / "model.safetensors")
+    assert any(v.abs().sum() > 0 for k, v in saved.items() if k.endswith(router_balance.BIAS_NAME))
+    r = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resuming from runs/tiny/checkpoint-" in r.stdout + r.stderr
+    ref = load_file(stage_reference / "final" / "model.safetensors")
+    got = load_file(work / "runs" / "tiny" / "final" / "model.safetensors")
+    assert ref.keys() == got.keys()
+    different = [k for k in ref if not torch.equal(ref[k], got[k])]
+    assert not different, different[:5]
