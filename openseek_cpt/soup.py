@@ -117,7 +117,8 @@ def run(recipe: Recipe) -> Path:
     for line in plan.warnings():
         log.warning(line)
 
-    with atomic_output_dir(s.output_dir) as tmp:
+    read = [inp.path for inp in inputs] + ([eval_dir] if s.evaluate else [])
+    with atomic_output_dir(s.output_dir, stage="soup", inputs=read, field="soup.output_dir") as tmp:
         result = merge(inputs, plan, out_code, tmp, max_shard_size)
         _copy_side_files(base.path, tmp, s.dtype)
         evaluation = _evaluate(recipe, inputs, tmp) if s.evaluate else None
@@ -132,6 +133,7 @@ def run(recipe: Recipe) -> Path:
                 for inp, hashes in zip(inputs, result.input_hashes, strict=True)
                 for name, digest in hashes.items()
             },
+            known_hashes=result.output_hashes,  # hashed as written: the shards are not read again
         )
     if evaluation:
         from openseek_cpt.evaluation import format_eval_table
