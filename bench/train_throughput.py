@@ -10,10 +10,12 @@ directory, and, when the recipe's model is not on disk, a random-init model of i
 
 On a GPU: recipes/openseek/config.yaml (OpenSeek-Small-v1: deepseek_v3, 1.39B total / 0.40B
 active, seq 4096, bf16-mixed); on CPU: recipes/tiny/config.yaml with the tiny model (the figures
-then only show relative costs). Prints, for the baseline (the recipe as is) and variants measured
-in the same run: tokens/s, MFU (openseek_cpt.flops against the device's bf16 peak) and the ratio
-to the baseline, plus the baseline step breakdown (data + logging, forward, backward + clip,
-optimizer), timed by callbacks and forward hooks on the stage's own Trainer.
+then only show relative costs). Prints, for the recipe as is and the ablation rows measured in the
+same run (stock stack -> bf16 experts -> fused CE -> flex/varlen attention -> torch.compile, each
+adding one lever; see `ablation`): tokens/s per device, MFU (openseek_cpt.flops against the
+device's bf16 peak), peak GPU memory and the ratio to the first row, plus the first row's step
+breakdown (data + logging, forward, backward + clip, optimizer), timed by callbacks and forward
+hooks on the stage's own Trainer.
 """
 
 from __future__ import annotations
@@ -148,7 +150,10 @@ def measure(recipe_path: Path, overrides: list[str], args, label: str) -> dict:
     timer = StepTimer(args.warmup)
     timer.attach(trainer.model)
     trainer.add_callback(timer)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
     trainer.train()
+    peak_mem = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
     seq = setup.manifest["max_length"]
     tokens = timer.steps * recipe.train.global_batch_size * seq
     tps = tokens / timer.total
@@ -158,8 +163,37 @@ def measure(recipe_path: Path, overrides: list[str], args, label: str) -> dict:
     del trainer
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    return {"label": label, "tps": tps, "mfu": mfu, "device": device,
+    return {"label": label, "tps": tps, "mfu": mfu, "device": device, "peak_gib": peak_mem,
             **{k: v / timer.total for k, v in timer.parts.items()}}  # fmt: skip
+
+
+def ablation(gpu: bool) -> list[tuple[list[str], str]]:
+    """Issue 10's ablation, each row adding one lever to the previous: stock stack -> bf16 experts
+    -> fused CE -> mask-free packed attention -> torch.compile. Rows whose kernel is not installed
+    are left out (flash-attn, liger); on CPU only the rows that run there (no flex backward on CPU)."""
+    import importlib.util
+
+    stock = ["train.loss=hf", "train.experts_implementation=grouped_mm", "train.attn_implementation=sdpa"]
+    rows = [(stock, "baseline: stock (fp32 experts, full logits, sdpa)")]
+    bf16 = [
+        "train.loss=hf",
+        "train.experts_implementation=grouped_mm_autocast",
+        "train.attn_implementation=sdpa",
+    ]
+    rows.append((bf16, "+ bf16 experts (grouped_mm_autocast)"))
+    fused = ["train.loss=chunked", *bf16[1:]]
+    rows.append((fused, "+ fused CE (chunked)"))
+    if gpu and importlib.util.find_spec("liger_kernel"):
+        rows.append((["train.loss=liger", *bf16[1:]], "+ fused CE (liger)"))
+    attn = fused
+    if gpu:
+        attn = [*fused[:2], "train.attn_implementation=flex_attention"]
+        rows.append((attn, "+ flex_attention (block mask)"))
+        if importlib.util.find_spec("flash_attn"):
+            attn = [*fused[:2], "train.attn_implementation=flash_attention_2"]
+            rows.append((attn, "+ flash_attention_2 varlen"))
+        rows.append(([*attn, "train.args.torch_compile=true"], "+ torch.compile"))
+    return rows
 
 
 def main() -> None:
@@ -191,9 +225,7 @@ def main() -> None:
             "train.args.logging_steps=1", "train.args.dataloader_num_workers=0",
             "train.args.dataloader_pin_memory=false",
         ]  # fmt: skip
-        variants = [([], "baseline (the recipe as is)")]
-        variants += [([f"train.experts_implementation={impl}"], f"experts_implementation={impl}")
-                     for impl in ("batched_mm", "grouped_mm")]  # fmt: skip
+        variants = ablation(gpu)  # the recipe's own defaults are the "+ fused CE (chunked)" row
         results = []
         for extra, label in variants:
             shutil.rmtree(work / "run", ignore_errors=True)
@@ -205,9 +237,10 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
     base_r = results[0]
     print(f"device: {base_r['device']}; load average after {os.getloadavg()[0]:.2f}")
+    print(f"{'variant':<52} {'tokens/s/dev':>12} {'MFU':>6} {'peak GiB':>9}  vs first")
     for r in results:
-        print(f"{r['label']:<40} {r['tps']:>10.0f} tokens/s  MFU {r['mfu']:.3f}  "
-              f"x{r['tps'] / base_r['tps']:.2f} vs baseline")  # fmt: skip
+        print(f"{r['label']:<52} {r['tps']:>12.0f} {r['mfu']:>6.3f} {r['peak_gib']:>9.1f}  "
+              f"x{r['tps'] / base_r['tps']:.2f}")  # fmt: skip
     parts = ", ".join(f"{k} {base_r[k]:.0%}" for k in ("data+log", "forward", "backward+clip", "optimizer"))
     print(f"baseline step: {parts}")
 
