@@ -9,7 +9,7 @@ Guarantees:
 - The ids are those of `tokenizer(texts, split_special_tokens=True)`. A faster path is used only
   after it gave the same ids on the estimate sample (`choose_path`): `tiktoken`, the tiktoken
   `Encoding` inside a tokenizer's remote code (OpenSeek's, Qwen's) called as
-  `encode_ordinary_batch`, or `rust`, the Rust backend's `encode_batch_fast` for HF fast
+  `encode_ordinary` (what `encode_ordinary_batch` runs per text, without its thread pool), or `rust`, the Rust backend's `encode_batch_fast` for HF fast
   tokenizers. A path that disagrees is logged and left off; `tokenizer` (the tokenizer's own
   `__call__`) is always correct. Which path ran is in the log and in the manifest.
 """
@@ -153,7 +153,10 @@ class Encoder:
                     t if unicodedata.is_normalized("NFC", t) else unicodedata.normalize("NFC", t)
                     for t in texts
                 ]
-            return self.encoding.encode_ordinary_batch(texts, num_threads=1)
+            # One call per text: encode_ordinary_batch goes through a thread pool even with
+            # num_threads=1 (a future per text: ~40% slower here); workers are the parallelism.
+            encode = self.encoding.encode_ordinary
+            return [encode(t) for t in texts]
         backend = self.tokenizer._tokenizer
         backend.encode_special_tokens = True  # raw text is text (the state also travels to workers)
         return [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=True)]

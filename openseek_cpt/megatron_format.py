@@ -148,6 +148,16 @@ def write_documents(prefix: str | Path, documents: Iterable[np.ndarray], vocab_s
             writer.add(doc, np.array([doc.size], dtype=np.int64))
 
 
+def write_sequences(
+    prefix: str | Path, chunks: Iterable[tuple[np.ndarray, np.ndarray]], vocab_size: int
+) -> None:
+    """Write PREFIX.bin/.idx from (token ids, lengths of the consecutive sequences they form) chunks,
+    one document per sequence: big files without a Python call per document."""
+    with _Writer(prefix, vocab_size) as writer:
+        for values, lengths in chunks:
+            writer.add(np.asarray(values), np.asarray(lengths, dtype=np.int64))
+
+
 def token_dtype(vocab_size: int) -> type[np.number]:
     """Megatron's choice (`DType.optimal_dtype`): uint16 below 65,500 token ids, else int32."""
     return np.uint16 if vocab_size < 65500 else np.int32
