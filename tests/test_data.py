@@ -373,3 +373,58 @@ def test_megatron_prefix_is_a_source_and_an_export(tiny_workdir, monkeypatch):
     back = megatron_format.read_documents("meg/out")
     train = load_from_disk("datasets/tiny-mix")["train"]
     assert sum(len(x) for x in back["input_ids"]) == sum(len(x) for x in train["input_ids"])
+
+
+def test_megatron_source_is_read_in_place_and_the_same_recipe_is_byte_identical(tiny_workdir, monkeypatch):
+    """Acceptance 3: no copy of the shard in the datasets cache; two runs give the same bytes."""
+    import datasets
+    from datasets import load_from_disk
+
+    from openseek_cpt import megatron_format
+
+    monkeypatch.chdir(tiny_workdir)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tiny_workdir / "hf-cache")
+    code = load_from_disk("models/tiny/sources/code")
+    megatron_format.write_documents("meg/code", (np.asarray(x) for x in code["input_ids"]), 1024)
+    outs = [
+        data.run(_recipe(tiny_workdir, "data.sources.1.path=meg/code", f"data.output_dir=datasets/{name}"))
+        for name in ("a", "b")
+    ]
+    files = sorted(
+        p.relative_to(outs[0]) for p in outs[0].rglob("*") if p.is_file() and p.name != "provenance.json"
+    )
+    assert any(f.suffix == ".arrow" for f in files)
+    for f in files:
+        assert (outs[0] / f).read_bytes() == (outs[1] / f).read_bytes(), f
+    manifest = json.loads((outs[0] / "manifest.json").read_text())
+    meg = manifest["sources"][1]
+    assert meg["kind"] == "megatron" and meg["documents_read"] < meg["documents_in_source"]
+    cached = [p.relative_to(tiny_workdir / "hf-cache") for p in (tiny_workdir / "hf-cache").rglob("*.arrow")]
+    assert all(p.parts[0] == "json" for p in cached), cached  # only the jsonl source's builder cache
+    prov = json.loads((outs[0] / "provenance.json").read_text())
+    assert prov["inputs"]["source.code.fingerprint"] == f"megatron:{megatron_format.fingerprint('meg/code')}"
+
+
+def test_parquet_rows_read_only_the_row_groups_they_need_in_the_asked_order(tmp_path, monkeypatch):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from openseek_cpt.sources import ParquetRows
+
+    pq.write_table(
+        pa.table({"text": [f"row {i}" for i in range(100)], "n": list(range(100))}),
+        tmp_path / "a.parquet",
+        row_group_size=10,
+    )
+    pq.write_table(pa.table({"text": ["last"], "n": [100]}), tmp_path / "b.parquet")
+    rows = ParquetRows([tmp_path / "a.parquet", tmp_path / "b.parquet"])
+    assert len(rows) == 101 and rows.column_names == ["text", "n"]
+    read = []
+    original = pq.ParquetFile.read_row_group
+    monkeypatch.setattr(
+        pq.ParquetFile, "read_row_group", lambda self, i, **kw: read.append(i) or original(self, i, **kw)
+    )
+    table = rows.take([100, 95, 3, 3], ["text"])
+    assert table.column_names == ["text"]
+    assert table.column("text").to_pylist() == ["last", "row 95", "row 3", "row 3"]
+    assert sorted(read) == [0, 0, 9]  # row groups 0 and 9 of a.parquet, 0 of b.parquet; not the other 8
