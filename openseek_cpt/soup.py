@@ -521,7 +521,7 @@ def merge(
     readers = [Reader(inp.files) for inp in inputs]
     steps = _StepQueue(_steps(inputs, readers, plan))
     out_turns = Turns()
-    widest = max(ITEMSIZE[dtype] for inp in inputs for dtype, _ in inp.meta.values())
+    widest = max((ITEMSIZE[dtype] for inp in inputs for dtype, _ in inp.meta.values()), default=1)
     out_dtype = getattr(torch, FLOAT_DTYPES[out_code])
     failures: list[BaseException] = []
 
