@@ -83,11 +83,8 @@ def test_a_tiktoken_path_that_disagrees_is_not_used_and_ids_stay_correct(tokeniz
             self.enc = enc
             self.special_tokens_set = enc.special_tokens_set
 
-        def encode_ordinary_batch(self, batch, num_threads=1):
-            return [ids[:-1] for ids in self.enc.encode_ordinary_batch(batch, num_threads=num_threads)]
-
         def encode_ordinary(self, text):
-            return self.enc.encode_ordinary(text)
+            return self.enc.encode_ordinary(text)[:-1]
 
     encoder = Encoder(tok)
     encoder.encoding = OffByOne(encoder.encoding)
