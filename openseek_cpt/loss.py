@@ -41,6 +41,8 @@ def install(model: Any, implementation: str = "chunked", chunk_tokens: int = CHU
         raise ValueError(f"loss implementation {implementation!r} is not one of {IMPLEMENTATIONS}")
     if implementation == "hf":
         return model
+    if implementation == "liger":
+        check_liger()
     if not hasattr(model, "lm_head") or not hasattr(model, "model"):
         raise ValueError(f"{type(model).__name__} has no lm_head/model: cannot fuse its loss")
     stock_forward = type(model).forward
@@ -89,6 +91,20 @@ def install(model: Any, implementation: str = "chunked", chunk_tokens: int = CHU
     model.forward = types.MethodType(forward, model)
     model.openseek_loss = implementation
     return model
+
+
+def check_liger() -> None:
+    """Liger's kernels are Triton: CUDA and the liger-kernel package, or a one-line UserError."""
+    import importlib.util
+
+    from openseek_cpt.errors import UserError
+
+    if importlib.util.find_spec("liger_kernel") is None:
+        raise UserError(
+            "train.loss='liger' but liger-kernel is not installed; pip install '.[gpu]' or use 'chunked'"
+        )
+    if not torch.cuda.is_available():
+        raise UserError("train.loss='liger' needs a CUDA GPU (Triton kernels); use train.loss='chunked' here")
 
 
 def causal_lm_loss(

@@ -171,3 +171,13 @@ def test_the_recipe_offers_exactly_the_implementations_loss_py_has():
     from openseek_cpt import recipe
 
     assert recipe.LOSS_IMPLEMENTATIONS == loss.IMPLEMENTATIONS
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_liger_without_its_package_or_a_gpu_is_a_one_line_user_error():
+    from openseek_cpt.errors import UserError
+
+    _, model = tiny_pair()
+    with pytest.raises(UserError, match=r"train\.loss='liger'") as exc:
+        loss.install(model, "liger")
+    assert "\n" not in str(exc.value)
