@@ -15,13 +15,21 @@ What it guarantees, and where the HF stack needed help (each marked where it is 
 - data order is a fixed permutation per epoch seeded by (seed, epoch), so a resumed run (Trainer
   skips the batches already seen) gets exactly the batches an uninterrupted one would;
 - a checkpoint is complete only once its marker (`checkpoints.write_marker`: written last,
-  atomically, by rank 0 after a barrier) lists its files with their sizes; resume picks the newest complete one
-  and removes incomplete ones; it records the dataset fingerprint and recipe hash and refuses
-  another dataset unless `train.force_resume`;
+  atomically, by rank 0 after a barrier) lists its files with their sizes; resume picks the newest
+  complete one and removes incomplete ones; the marker records the dataset fingerprint, recipe
+  hash, distributed type and world size; another dataset is refused unless `train.force_resume`,
+  FSDP <-> DDP is refused (their optimizer files differ), another world size is fine;
+- the lifecycle is the stage's: `save_total_limit` rotation runs after the new marker and deletes
+  only older complete checkpoints (the newest complete one always survives); rank 0 holds a lock
+  on output_dir (a second writer is refused, naming the holder) and sweeps dead writers' leftovers;
 - resume loads the model weights through `from_pretrained` (the stock resume leaves the fused MoE
   experts of native deepseek_v3 random: per-expert keys on disk, fused tensors in memory);
-- SIGTERM/SIGUSR1 -> save at the end of the current optimizer step, raise `errors.Preempted`
-  (the CLI exits EXIT_PREEMPTED).
+- FSDP2 (the recipe's accelerate config): one copy of the weights per checkpoint, in the DDP
+  layout (`model.safetensors`), the optimizer state gathered (`optimizer.bin`); final save and
+  checkpoints gather on every rank; on CPU the FSDP plugin is given to accelerate's state by hand;
+- SIGTERM/SIGUSR1 -> save at the end of the current optimizer step (or right after the running
+  evaluation; a save in progress is the preemption save), raise `errors.Preempted` (the CLI exits
+  EXIT_PREEMPTED). Under `openseek-cpt launch`, a rank exits when the launcher is gone.
 
 `train.args` goes to `transformers.TrainingArguments`, except the keys in recipe.DERIVED_ARGS, which the
 stage sets from the recipe (giving one is a UserError naming the recipe key to use instead), and
@@ -146,7 +154,7 @@ def setup_run(recipe: Recipe) -> Setup:
     else:
         resume_from = find_resume_checkpoint(output_dir, cleanup=rank == 0)
         if resume_from is not None:
-            check_resume(resume_from, fingerprint, recipe)
+            check_resume(resume_from, fingerprint, recipe, world_size)
     return Setup(
         output_dir,
         dataset_dir,
@@ -190,6 +198,7 @@ def main(recipe: Recipe, setup: Setup):
         callbacks=[
             ThroughputCallback(),
             PreemptionCallback(),
+            ShardingReport(),
             router_balance.RouterBalanceCallback(model, recipe.train.router_bias_update_rate),
         ],
         openseek=setup,
@@ -413,8 +422,22 @@ def rotate_checkpoints(output_dir: Path, keep: int | None, protect: list[Path] =
     return removed
 
 
-def check_resume(ckpt: Path, fingerprint: str, recipe: Recipe) -> None:
+def check_resume(ckpt: Path, fingerprint: str, recipe: Recipe, world_size: int = 1) -> None:
+    """Refuse a checkpoint of another dataset, or of another kind of run (FSDP vs DDP optimizer files).
+
+    Another world size is fine: weights and optimizer state are saved whole, whatever the world.
+    """
     marker = checkpoints.read_marker(ckpt) or {}
+    was = marker.get("distributed_type")
+    now = "FSDP" if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" else "DDP"
+    if was is not None and (was == "FSDP") != (now == "FSDP"):
+        raise UserError(
+            f"train: {ckpt} was written by a {was} run (world size {marker.get('world_size')}) but this run "
+            f"is {now} (train.accelerate_config={recipe.train.accelerate_config}); their optimizer files "
+            "differ: resume with the config it was written with, or start another train.output_dir"
+        )
+    if marker.get("world_size") not in (None, world_size):
+        log.info(f"{ckpt} was written at world size {marker['world_size']}; resuming at {world_size}")
     if marker.get("dataset_fingerprint") != fingerprint and not recipe.train.force_resume:
         raise UserError(
             f"train: {ckpt} was trained on dataset {str(marker.get('dataset_fingerprint'))[:12]} but "
@@ -639,6 +662,24 @@ class CPTTrainer(Trainer):
             state.fsdp_plugin = FullyShardedDataParallelPlugin()
             state.distributed_type = DistributedType.FSDP
             self.is_fsdp_enabled = True
+        if is_fsdp(self) and self.args.bf16:
+            # Deviation: accelerate's FSDP2 path runs mixed precision through a MixedPrecisionPolicy
+            # (bf16 parameters everywhere: norms and the fp32 router too) and never autocasts. The
+            # recipe's bf16-mixed means fp32 weights under bf16 autocast, as DDP runs it: keep the
+            # parameters fp32 and wrap the forward in autocast the way accelerate does for DDP, so
+            # FSDP and DDP compute the same numbers (and the same loss curve).
+            from types import MethodType
+
+            from accelerate.utils import convert_outputs_to_fp32
+
+            state.fsdp_plugin.mixed_precision_policy = None
+            autocast = torch.autocast(device_type=self.accelerator.device.type, dtype=torch.bfloat16)
+            model = self.model
+            forward = getattr(model.forward, "__func__", None)
+            if forward is not None:
+                model.forward = MethodType(convert_outputs_to_fp32(autocast(forward)), model)
+            else:
+                model.forward = convert_outputs_to_fp32(autocast(model.forward))
 
     def _save_optimizer_and_scheduler(self, output_dir):
         if not is_fsdp(self):
@@ -708,6 +749,24 @@ class EpochPermutationSampler(torch.utils.data.Sampler):
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         return iter(torch.randperm(self.n, generator=g).tolist())
+
+
+class ShardingReport(TrainerCallback):
+    """Each rank says, once the model is prepared, how its parameters are distributed (FSDP: DTensors)."""
+
+    def on_train_begin(self, args, state, control, model=None, **kw):
+        from torch.distributed.tensor import DTensor
+
+        params = list(model.parameters()) if model is not None else []
+        sharded = [p for p in params if isinstance(p, DTensor)]
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        if sharded:
+            mesh = sharded[0].device_mesh.size()
+            log.info(
+                f"rank {rank}: FSDP2, {len(sharded)} of {len(params)} parameters are DTensors over {mesh} ranks"
+            )
+        else:
+            log.info(f"rank {rank}: {len(params)} parameters, each held whole (not sharded)")
 
 
 class ThroughputCallback(TrainerCallback):
