@@ -14,7 +14,8 @@ A leaf module (the soup uses it; it knows nothing of averaging). Guarantees:
   hash in order;
 - `ShardWriter` writes each shard's header (every key, dtype, shape and offset is known up front)
   and then the tensors' bytes as they come, so the files are byte for byte what safetensors writes
-  for that layout; the sha256 of each output file is computed from the bytes as written.
+  for that layout; the sha256 of each output file is computed from the bytes as written, and each
+  finished shard is fsynced in the background while the next is written.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import math
 import os
 import struct
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +44,8 @@ ITEMSIZE = {
 MAX_HEADER = 100_000_000
 # Bytes hashed per read when filling a gap or a tail (a fixed buffer, whatever the file size).
 HASH_BLOCK = 1 << 22
+# Bytes written between two background fdatasync calls of the shard being written.
+SYNC_EVERY = 256 << 20
 
 
 @dataclass(frozen=True)
@@ -310,6 +314,13 @@ class Reader:
 # --------------------------------------------------------------------------- writing
 
 
+def _fsync_close(fd: int) -> None:
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class ShardWriter:
     """Writes safetensors shards tensor by tensor, holding none of them, hashing what it writes.
 
@@ -342,6 +353,11 @@ class ShardWriter:
         self._done = 0  # bytes of that entry written so far
         self._fd: int | None = None
         self._sha: Any = None
+        # A finished shard is fsynced on this thread while the next one is computed (the fsync
+        # policy of fileio: data on disk before the directory is renamed into place).
+        self._syncer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-fsync")
+        self._synced: list[Future] = []
+        self._unsynced = 0
 
     def write_bytes(self, key: str, data: memoryview) -> None:
         """Append the next bytes of `key` (a whole tensor or the next chunk of it)."""
@@ -361,7 +377,7 @@ class ShardWriter:
             return
         self._done = 0
         if entry + 1 == len(self.shards[shard]):
-            os.close(self._fd)
+            self._synced.append(self._syncer.submit(_fsync_close, self._fd))
             self._fd = None
             self.hashes[self.names[shard]] = self._sha.hexdigest()
             self._pos = (shard + 1, 0)
@@ -372,6 +388,8 @@ class ShardWriter:
         """Write the index (if several shards); returns {file: sha256 hex} of every file written."""
         if self._pos != (len(self.shards), 0):
             raise RuntimeError(f"shard writer finished early at {self._pos}")
+        for done in self._synced:
+            done.result()
         if len(self.names) > 1:
             weight_map = {
                 e[0]: name for name, shard in zip(self.names, self.shards, strict=True) for e in shard
@@ -386,12 +404,17 @@ class ShardWriter:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+        self._syncer.shutdown(wait=True)
 
     def _write(self, data: memoryview) -> None:
         self._sha.update(data)
         done = 0
         while done < len(data):
             done += os.write(self._fd, data[done:])
+        self._unsynced += len(data)
+        if self._unsynced >= SYNC_EVERY:  # start the disk writes now, not all at the end
+            self._synced.append(self._syncer.submit(os.fdatasync, self._fd))
+            self._unsynced = 0
 
     @staticmethod
     def _header(shard: list[tuple[str, str, tuple[int, ...], int]]) -> bytes:

@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from openseek_cpt import safetensors_stream
 from openseek_cpt.errors import UserError
 from openseek_cpt.safetensors_stream import INDEX_FILE, SINGLE_FILE, Reader, ShardWriter, open_model
 
@@ -68,7 +69,8 @@ def test_in_order_reads_hash_without_reading_anything_twice(tmp_path):
     assert reader.rehashed_bytes == 0
 
 
-def test_shard_writer_writes_what_safetensors_reads_back_with_an_index_and_hashes(tmp_path):
+def test_shard_writer_writes_what_safetensors_reads_back_with_an_index_and_hashes(tmp_path, monkeypatch):
+    monkeypatch.setattr(safetensors_stream, "SYNC_EVERY", 500)  # background fdatasync mid-shard too
     tensors = _model(tmp_path / "m")
     entries = [(k, {torch.bfloat16: "BF16", torch.float32: "F32", torch.int64: "I64", torch.float16: "F16"}[t.dtype],
                 tuple(t.shape)) for k, t in sorted(tensors.items())]  # fmt: skip
