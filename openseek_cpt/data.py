@@ -30,7 +30,7 @@ from openseek_cpt.fileio import canonical_hash, read_json
 from openseek_cpt.logs import get_logger
 from openseek_cpt.provenance import atomic_output_dir, directory_fingerprint, write_provenance
 from openseek_cpt.recipe import Recipe
-from openseek_cpt.sources import OpenSource, open_sources
+from openseek_cpt.sources import DatasetRows, OpenSource, open_sources
 
 # Documents tokenized in-process to estimate tokens per document of a source.
 ESTIMATE_DOCS = 256
@@ -304,12 +304,16 @@ def tokenize_and_pack(
 
 
 def read_rows(src: OpenSource, indices: np.ndarray, path: Path, fingerprint: str) -> Any:
-    """The rows `indices` of `src` (only the columns documents need) written in bounded batches to
-    one Arrow file in the work dir and memory-mapped: memory stays flat, and workers get the file."""
+    """The rows `indices` of `src` (only the columns documents need) as a Dataset: an indices mapping
+    over an Arrow source, else written in bounded batches to one Arrow file in the work dir and
+    memory-mapped (Megatron, parquet): memory stays flat, and workers get the file."""
     import pyarrow as pa
     from datasets import Dataset
     from datasets.table import MemoryMappedTable
 
+    if isinstance(src.rows, DatasetRows):  # memory-mapped Arrow already: an indices mapping, no copy
+        ds = src.rows.dataset.select_columns(src.columns) if src.columns else src.rows.dataset
+        return ds.select(indices, keep_in_memory=True, new_fingerprint=fingerprint)
     batch = 1 << 14
     writer = None
     try:
