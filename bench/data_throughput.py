@@ -59,6 +59,22 @@ sys.exit(rc)
 """
 
 
+def tiny_assets(workdir: Path) -> Path:
+    """The tiny assets in `workdir` (built once, no download); returns the tiny recipe."""
+    tiny = REPO / "recipes/tiny/config.yaml"
+    if not (workdir / "models/tiny-openseek").is_dir():
+        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+        for cmd in (["tiny-assets", "--out", "models/tiny"], ["download", "--recipe", str(tiny)]):
+            subprocess.run(
+                [sys.executable, "-m", "openseek_cpt", *cmd],
+                cwd=workdir,
+                env=env,
+                check=True,
+                capture_output=True,
+            )
+    return tiny
+
+
 def corpus(n_chars: int) -> list[str]:
     """Documents of 1-8k characters cut from the standard library's sources, repeated to n_chars."""
     files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
@@ -128,17 +144,7 @@ def main() -> None:
         return tiktoken_case(args, workdir, load_before)
     if args.case == "megatron":
         return megatron_case(args, workdir, load_before)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    tiny = REPO / "recipes/tiny/config.yaml"
-    if not (workdir / "models/tiny-openseek").is_dir():
-        for cmd in (["tiny-assets", "--out", "models/tiny"], ["download", "--recipe", str(tiny)]):
-            subprocess.run(
-                [sys.executable, "-m", "openseek_cpt", *cmd],
-                cwd=workdir,
-                env=env,
-                check=True,
-                capture_output=True,
-            )
+    tiny = tiny_assets(workdir)
 
     import datasets
     from datasets import Dataset
@@ -314,17 +320,7 @@ def megatron_case(args: argparse.Namespace, workdir: Path, load_before: float) -
 
     from openseek_cpt import megatron_format
 
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    tiny = REPO / "recipes/tiny/config.yaml"
-    if not (workdir / "models/tiny-openseek").is_dir():
-        for cmd in (["tiny-assets", "--out", "models/tiny"], ["download", "--recipe", str(tiny)]):
-            subprocess.run(
-                [sys.executable, "-m", "openseek_cpt", *cmd],
-                cwd=workdir,
-                env=env,
-                check=True,
-                capture_output=True,
-            )
+    tiny_assets(workdir)
     big_tokens = int(args.shard_tokens)
     shards = {"big": big_tokens, "small": big_tokens // 10}
     (workdir / "shards").mkdir(exist_ok=True)

@@ -59,35 +59,43 @@ def build_tokenizer(corpus: list[str]):
 
 def tiny_config(vocab_size: int, eos_token_id: int):
     """OpenSeek-Small-v1's architecture, shrunk (see DESIGN.md for the real sizes)."""
-    from transformers import DeepseekV3Config
-
-    return DeepseekV3Config(
+    return openseek_config(
         vocab_size=vocab_size,
         hidden_size=64,
         intermediate_size=128,
         moe_intermediate_size=32,
         num_hidden_layers=3,
-        first_k_dense_replace=1,
         num_attention_heads=4,
         num_key_value_heads=4,
         n_shared_experts=1,
         n_routed_experts=8,
         num_experts_per_tok=2,
-        n_group=1,
-        topk_group=1,
-        routed_scaling_factor=1.0,
         kv_lora_rank=32,
-        q_lora_rank=None,
         qk_rope_head_dim=8,
         qk_nope_head_dim=16,
         v_head_dim=16,
         max_position_embeddings=TINY_MAX_POSITIONS,
+        eos_token_id=eos_token_id,
+        pad_token_id=None,
+    )
+
+
+def openseek_config(**sizes):
+    """A DeepseekV3Config of OpenSeek-Small-v1's family: what every size shares (one dense first
+    layer, sigmoid router over one group, no q LoRA, rope theta 1e6, tied embeddings, no KV cache)."""
+    from transformers import DeepseekV3Config
+
+    return DeepseekV3Config(
+        first_k_dense_replace=1,
+        n_group=1,
+        topk_group=1,
+        routed_scaling_factor=1.0,
+        q_lora_rank=None,
         rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
         tie_word_embeddings=True,
         use_cache=False,
         bos_token_id=None,
-        eos_token_id=eos_token_id,
-        pad_token_id=None,
+        **sizes,
     )
 
 
@@ -223,33 +231,22 @@ def write_qwen_tokenizer(out_dir: str | Path) -> Path:
 
 def real_shape_config(num_layers: int = REAL_LAYERS):
     """OpenSeek-Small-v1's config (DESIGN.md) with `num_layers` layers: every tensor keeps its real shape."""
-    from transformers import DeepseekV3Config
-
-    return DeepseekV3Config(
+    return openseek_config(
         vocab_size=REAL_VOCAB,
         hidden_size=1280,
         intermediate_size=7168,
         moe_intermediate_size=896,
         num_hidden_layers=num_layers,
-        first_k_dense_replace=1,
         num_attention_heads=10,
         num_key_value_heads=10,
         n_shared_experts=2,
         n_routed_experts=64,
         num_experts_per_tok=6,
-        n_group=1,
-        topk_group=1,
-        routed_scaling_factor=1.0,
         kv_lora_rank=512,
-        q_lora_rank=None,
         qk_rope_head_dim=64,
         qk_nope_head_dim=128,
         v_head_dim=128,
         max_position_embeddings=4096,
-        rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
-        tie_word_embeddings=True,
-        use_cache=False,
-        bos_token_id=None,
         eos_token_id=151850,
         pad_token_id=151643,
     )
