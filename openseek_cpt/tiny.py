@@ -63,12 +63,12 @@ def _stage(name: str, args: list[str], workdir: Path, log_dir: Path) -> None:
     log_path = log_dir / f"{name}.log"
     t0 = time.perf_counter()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    with open(log_path, "w") as log:
+    with open(log_path, "w") as stage_log:
         proc = subprocess.run(
             [sys.executable, "-m", "openseek_cpt", name, *args],
             cwd=workdir,
             env=env,
-            stdout=log,
+            stdout=stage_log,
             stderr=subprocess.STDOUT,
         )
     log.info(f"{name:<11} {'done' if proc.returncode == 0 else 'FAILED'} in {time.perf_counter() - t0:.1f} s")
