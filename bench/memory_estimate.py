@@ -28,15 +28,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_throughput import openseek_small_config  # noqa: E402
+from openseek_cpt import experts, loss
+from openseek_cpt.tiny_assets import real_shape_config
 
-from openseek_cpt import experts, loss  # noqa: E402
+FULL_LAYERS = 6  # OpenSeek-Small-v1: 1 dense + 5 MoE layers
 
 GIB = 2**30
 PROBE = "openseek_memory_probe"
@@ -76,8 +74,7 @@ def saved_bytes(moe_layers: int, tokens: int, loss_impl: str = "chunked") -> int
     from transformers import AttentionInterface, DeepseekV3ForCausalLM
 
     AttentionInterface.register(PROBE, probe_attention)
-    config = openseek_small_config()
-    config.num_hidden_layers = 1 + moe_layers
+    config = real_shape_config(num_layers=1 + moe_layers)
     config._attn_implementation = PROBE
     config._experts_implementation = experts.resolve(None, "bf16-mixed")
     torch.manual_seed(0)
@@ -126,7 +123,7 @@ def parameter_count() -> int:
     from transformers import DeepseekV3ForCausalLM
 
     with torch.device("meta"):
-        model = DeepseekV3ForCausalLM(openseek_small_config())
+        model = DeepseekV3ForCausalLM(real_shape_config(num_layers=FULL_LAYERS))
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
@@ -138,7 +135,7 @@ def main() -> None:
     p.add_argument("--budget-gib", type=float, default=80.0)
     args = p.parse_args()
     torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
-    config = openseek_small_config()
+    config = real_shape_config(num_layers=FULL_LAYERS)
     moe_layers = config.num_hidden_layers - config.first_k_dense_replace
     tokens = args.batch * args.seq
     print(f"OpenSeek-Small-v1 shapes, {args.batch} x {args.seq} = {tokens} tokens per device, bf16-mixed; "
