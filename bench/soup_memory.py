@@ -191,14 +191,14 @@ def report_one(r: dict, largest: int, idle_soup: int, idle_mk: int) -> None:
         f"compute floor {r['compute']:.2f} s (sha256 {r['sha']:.2f} s + fma {r['fma']:.2f} s, / {CORES} cores)"
     )
     print(
-        f"[bench] N={n} soup: {soup['wall']:.2f} s wall ({r['soup_merge_s']:.2f} s merging), peak RSS "
+        f"[bench] N={n} soup: {soup['wall']:.2f} s wall ({r['soup_merge_s']:.2f} s merging, {soup['cpu']:.2f} s CPU), peak RSS "
         f"{soup['rss'] / 1e6:.0f} MB ({(soup['rss'] - idle_soup) / 1e6:.0f} MB above idle), exact: {r['soup_exact']}, "
         f"hashes = sha256 of the files: {r['hashes_ok']}, bytes read again for hashes: {r['soup_rehashed']}"
     )
     if "mergekit" in r:
         mk = r["mergekit"]
         print(
-            f"[bench] N={n} mergekit linear: {mk['wall']:.2f} s wall, peak RSS {mk['rss'] / 1e6:.0f} MB "
+            f"[bench] N={n} mergekit linear: {mk['wall']:.2f} s wall ({mk['cpu']:.2f} s CPU), peak RSS {mk['rss'] / 1e6:.0f} MB "
             f"({(mk['rss'] - idle_mk) / 1e6:.0f} MB above idle), exact: {r['mergekit_exact']}"
         )
 
@@ -261,7 +261,8 @@ pid = os.fork()
 if pid == 0:
     os.execvp(sys.argv[1], sys.argv[1:])
 _, status, usage = os.wait4(pid, 0)
-print("SPAWN", usage.ru_maxrss * 1024, time.perf_counter() - t0, file=sys.stderr)
+cpu = usage.ru_utime + usage.ru_stime
+print("SPAWN", usage.ru_maxrss * 1024, time.perf_counter() - t0, cpu, file=sys.stderr)
 sys.exit(os.waitstatus_to_exitcode(status))
 """
 
@@ -273,8 +274,8 @@ def child(cmd: list[str]) -> dict:
         raise SystemExit(
             f"[bench] {' '.join(cmd[:4])} ... failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}"
         )
-    _, rss, wall = proc.stderr.strip().splitlines()[-1].split()
-    return {"wall": float(wall), "rss": int(rss), "stdout": proc.stdout}
+    _, rss, wall, cpu = proc.stderr.strip().splitlines()[-1].split()
+    return {"wall": float(wall), "rss": int(rss), "cpu": float(cpu), "stdout": proc.stdout}
 
 
 def floor(files: list[Path], work: Path, out_bytes: int, evict: bool = False) -> dict:
