@@ -353,13 +353,13 @@ def keep_in_fp32(base: SoupInput, non_float: list[str], out_code: str) -> list[s
     dominant = max(weight, key=lambda d: (weight[d], d))
     if ITEMSIZE[dominant] < 4:
         return sorted(k for k, dtype in floats.items() if ITEMSIZE[dtype] >= 4)
-    if len(weight) > 1 or ITEMSIZE[dominant] <= ITEMSIZE[out_code]:
+    architectures = (read_json(base.path / "config.json") or {}).get("architectures") or []
+    if len(weight) > 1 or ITEMSIZE[dominant] <= ITEMSIZE[out_code] or not architectures:
         return []
     import transformers
 
-    config = read_json(base.path / "config.json") or {}
     patterns: set[str] = set()
-    for arch in config.get("architectures") or []:
+    for arch in architectures:
         cls = getattr(transformers, arch, None)
         for attr in ("_keep_in_fp32_modules", "_keep_in_fp32_modules_strict"):
             patterns.update(getattr(cls, attr, None) or [])
