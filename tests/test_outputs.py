@@ -1,0 +1,98 @@
+"""Outputs never destroy inputs: no stage replaces a directory it did not write, or one of its inputs.
+
+`provenance.atomic_output_dir(stage=, inputs=)` is the one guard every stage's output goes through;
+each case below is tried as a user would type it, and the thing it would have replaced is compared
+byte for byte afterwards.
+"""
+
+from __future__ import annotations
+
+import pytest
+from conftest import TINY_RECIPE, copy_workdir, run_cli
+
+from openseek_cpt.errors import UserError
+from openseek_cpt.provenance import atomic_output_dir, file_hashes, write_provenance
+
+
+@pytest.fixture(scope="module")
+def work(tiny_prepared_dir, tmp_path_factory):
+    """The tiny assets + dataset and a 2-step run with checkpoints 1 and 2 and final/."""
+    work = copy_workdir(tiny_prepared_dir, tmp_path_factory, "outputs")
+    r = run_cli("train", "--recipe", str(TINY_RECIPE), "--set", "train.args.max_steps=2",
+                "--set", "train.args.save_steps=1", "--set", "train.args.eval_strategy='no'", cwd=work)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    return work
+
+
+def _refused(r, *words: str) -> str:
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.startswith("openseek-cpt ")]
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    for word in words:
+        assert word in lines[0], lines[0]
+    return lines[0]
+
+
+def test_soup_into_one_of_its_input_checkpoints_is_refused_and_the_checkpoint_is_untouched(work):
+    ckpt = work / "runs" / "tiny" / "checkpoint-2"
+    before = file_hashes(ckpt)
+    r = run_cli("soup", "--recipe", str(TINY_RECIPE), "--set", "soup.output_dir=runs/tiny/checkpoint-2",
+                "--set", "soup.evaluate=false", cwd=work)  # fmt: skip
+    _refused(r, "soup.output_dir", "runs/tiny/checkpoint-2", "input")
+    assert file_hashes(ckpt) == before
+    # inside the run that holds the inputs: the same refusal
+    r = run_cli("soup", "--recipe", str(TINY_RECIPE), "--set", "soup.output_dir=runs/tiny",
+                "--set", "soup.evaluate=false", cwd=work)  # fmt: skip
+    _refused(r, "soup.output_dir", "contains the input")
+    assert file_hashes(ckpt) == before
+
+
+def test_download_onto_an_existing_file_is_refused_and_the_file_is_untouched(work):
+    notes = work / "notes.txt"
+    notes.write_text("my notes\n")
+    r = run_cli("download", "--recipe", str(TINY_RECIPE), "--set", "assets.model_dir=notes.txt", cwd=work)
+    _refused(r, "assets.model_dir", "notes.txt", "not a directory")
+    assert notes.read_text() == "my notes\n"
+
+
+def test_data_into_another_stages_directory_is_refused_and_it_is_untouched(work):
+    final = work / "runs" / "tiny" / "final"
+    before = file_hashes(final)
+    r = run_cli("data", "--recipe", str(TINY_RECIPE), "--set", "data.output_dir=runs/tiny/final", cwd=work)
+    _refused(r, "data.output_dir", "runs/tiny/final", "train stage")
+    assert file_hashes(final) == before
+
+
+def test_train_output_inside_its_base_model_is_refused(work):
+    model = work / "models" / "tiny-openseek"
+    before = file_hashes(model)
+    r = run_cli("train", "--recipe", str(TINY_RECIPE), "--set", "train.output_dir=models/tiny-openseek/run",
+                cwd=work)  # fmt: skip
+    _refused(r, "train.output_dir", "inside the input")
+    assert file_hashes(model) == before
+
+
+def test_a_stage_replaces_its_own_earlier_output_but_nothing_else(tmp_path):
+    target = tmp_path / "out"
+    for content in (b"old", b"new"):  # same stage twice: replaced (re-running a stage is expected)
+        with atomic_output_dir(target, stage="data") as tmp:
+            (tmp / "f").write_bytes(content)
+            write_provenance(tmp, stage="data")
+    assert (target / "f").read_bytes() == b"new"
+    with pytest.raises(UserError, match="output of the data stage"), atomic_output_dir(target, stage="soup"):
+        pass
+    plain = tmp_path / "mine"
+    plain.mkdir()
+    (plain / "thesis.tex").write_text("x")
+    with (
+        pytest.raises(UserError, match="not an openseek-cpt artifact"),
+        atomic_output_dir(plain, stage="data"),
+    ):
+        pass
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with atomic_output_dir(empty, stage="data") as tmp:  # an empty directory holds nothing to lose
+        (tmp / "f").write_bytes(b"1")
+    with pytest.raises(UserError, match="is the input"), atomic_output_dir(plain, stage="x", inputs=[plain]):
+        pass
+    assert (plain / "thesis.tex").read_text() == "x" and (target / "f").read_bytes() == b"new"
