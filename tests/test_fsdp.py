@@ -114,6 +114,22 @@ def test_fsdp_loss_curve_matches_ddp_within_the_ddp_tolerance(fsdp_run, prepared
         assert math.isclose(two[step], fsdp[step], rel_tol=DDP_LOSS_RTOL), (step, two[step], fsdp[step])
 
 
+def rank_processes(pid: int) -> list[psutil.Process]:
+    """accelerate launch and the ranks under launcher `pid` (processes may end while we look)."""
+    try:
+        children = psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+    found = []
+    for p in children:
+        try:
+            if "openseek_cpt" in " ".join(p.cmdline()):
+                found.append(p)
+        except psutil.NoSuchProcess:
+            continue
+    return found
+
+
 class Launch:
     """One `openseek-cpt launch` (2 FSDP ranks), output read in a thread."""
 
@@ -163,11 +179,7 @@ def test_kill_9_of_the_launcher_ends_its_ranks_and_restarts_end_bitwise_identica
         else:
             before = complete_count()
             hit = w.wait_for(lambda b=before: complete_count() > b)
-        ranks = [
-            p
-            for p in psutil.Process(w.proc.pid).children(recursive=True)
-            if "openseek_cpt" in " ".join(p.cmdline())
-        ]
+        ranks = rank_processes(w.proc.pid)
         if hit and w.proc.poll() is None:
             w.proc.send_signal(signal.SIGKILL)  # the launcher only: its ranks must follow by themselves
             kills += 1
