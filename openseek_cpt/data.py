@@ -269,16 +269,23 @@ def tokenize_and_pack(
     num_proc = max(1, min(d.num_proc, len(indices) // 1000 + 1))  # no worker pool for tiny chunks
     common = {"num_proc": num_proc if num_proc > 1 else None, "load_from_cache_file": False}
     docs = read_rows(src, indices, work / f"{tag}-rows-in.arrow", _hash([tag, "select"]))
+    # The tiktoken path encodes in this process on num_proc threads (tiktoken releases the GIL):
+    # no worker start-up, no tokenizer pickled into workers, one large batch per thread pool.
+    # The documents are the same either way; packing below still runs on num_proc workers.
+    in_process = encoder.path == "tiktoken" and src.content != "tokens" and num_proc > 1
+    encoder.threads = num_proc if in_process else 1
     docs = docs.with_format("arrow").map(
         encoder,
         batched=True,
+        batch_size=8192 if in_process else 1000,
         fn_kwargs={"content": src.content, "text_field": src.config.text_field, "formatting": src.formatting},
         remove_columns=docs.column_names,
         cache_file_name=str(work / f"{tag}-tok.arrow"),
         new_fingerprint=_hash([tag, "tok"]),
         desc=f"Tokenizing {src.label}",
-        **common,
+        **{**common, "num_proc": None} if in_process else common,
     )
+    encoder.threads = 1
     lengths = pc.list_value_length(docs.data.column("input_ids")).to_numpy()
     special = int(pc.sum(docs.data.column("special_text")).as_py() or 0)
     if src.content == "tokens":

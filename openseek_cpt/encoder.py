@@ -58,6 +58,8 @@ class Encoder:
         self.nfc = self.encoding is not None and self._probe_nfc()
         self.path = "tokenizer"
         self.path_note = "not checked yet"
+        # Threads of the tiktoken path's batch encoder (the data stage sets it when it encodes in-process).
+        self.threads = 1
 
     # ------------------------------------------------------------------ choosing the path
 
@@ -153,8 +155,10 @@ class Encoder:
                     t if unicodedata.is_normalized("NFC", t) else unicodedata.normalize("NFC", t)
                     for t in texts
                 ]
+            if self.threads > 1:  # tiktoken releases the GIL: threads in this process, no workers
+                return self.encoding.encode_ordinary_batch(texts, num_threads=self.threads)
             # One call per text: encode_ordinary_batch goes through a thread pool even with
-            # num_threads=1 (a future per text: ~40% slower here); workers are the parallelism.
+            # num_threads=1 (a future per text: ~40% slower here).
             encode = self.encoding.encode_ordinary
             return [encode(t) for t in texts]
         backend = self.tokenizer._tokenizer

@@ -57,6 +57,8 @@ def test_tiktoken_path_is_chosen_and_gives_the_tokenizers_own_ids(tokenizer_dir)
     assert reference == tok(texts)["input_ids"]  # no special strings in these texts
     assert encoder.encode(texts) == [ids + [tok.eos_token_id] for ids in reference]
     assert encoder.nfc  # the tokenizer NFC-normalizes; the fast path does too (decomposed text above)
+    encoder.threads = 2  # the data stage's in-process path: encode_ordinary_batch on threads
+    assert encoder.encode(texts) == [ids + [tok.eos_token_id] for ids in reference]
 
 
 def test_special_token_strings_in_text_are_encoded_as_text_on_every_path(tokenizer_dir):
