@@ -262,7 +262,7 @@ def tokenize_and_pack(
     import pyarrow.compute as pc
 
     d = recipe.data
-    # num_proc worker processes tokenize and pack. Each tokenizes single-threaded (tokenizers turns its
+    # num_proc worker processes tokenize (except the tiktoken path, below) and pack. Each tokenizes single-threaded (tokenizers turns its
     # Rust threads off in a fork once the parent used them); on 2 cores that measured ~10% faster than
     # one process on Rust threads, as the Python around the encoding (ids -> Arrow, cache files) runs
     # in parallel too.

@@ -9,7 +9,7 @@ Guarantees:
 - The ids are those of `tokenizer(texts, split_special_tokens=True)`. A faster path is used only
   after it gave the same ids on the estimate sample (`choose_path`): `tiktoken`, the tiktoken
   `Encoding` inside a tokenizer's remote code (OpenSeek's, Qwen's) called as
-  `encode_ordinary` (what `encode_ordinary_batch` runs per text, without its thread pool), or `rust`, the Rust backend's `encode_batch_fast` for HF fast
+  `encode_ordinary` per text, or `encode_ordinary_batch` on `threads` threads (same ids), or `rust`, the Rust backend's `encode_batch_fast` for HF fast
   tokenizers. A path that disagrees is logged and left off; `tokenizer` (the tokenizer's own
   `__call__`) is always correct. Which path ran is in the log and in the manifest.
 """
