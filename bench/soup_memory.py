@@ -44,7 +44,9 @@ HIDDEN, VOCAB, DENSE_FFN, EXPERT_FFN, EXPERTS, SHARED = 1280, 151_851, 7168, 896
 DEFAULT_VENV = Path.home() / ".cache" / "openseek-cpt" / "mergekit-venv"
 
 # Runs in each measured child: the time after the imports and the process's peak RSS.
-IDLE_SOUP = "import torch; from openseek_cpt import cli, soup, safetensors_stream"
+IDLE_SOUP = (
+    "from openseek_cpt import cli, soup, safetensors_stream"  # what `openseek-cpt soup` imports (no torch)
+)
 IDLE_MERGEKIT = "import torch, transformers; import mergekit.merge, mergekit.config"
 FLOOR = """
 import os, sys, time

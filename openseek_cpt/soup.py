@@ -8,7 +8,7 @@ a layout mismatch fall back to base weights without a word. Here:
   into a pre-planned shard. Memory is a few fixed chunks per worker thread, whatever the number or
   size of the models (bench/soup_memory.py measures it);
 - every input byte is read once: each file's sha256 comes from the reads that feed the merge, the
-  output's from the bytes as written; worker threads (pread, hashlib and torch release the GIL)
+  output's from the bytes as written; worker threads (pread, hashlib and numpy release the GIL)
   keep every core busy, each on its own chunk, and write in order;
 - any HF causal-LM checkpoint set whose keys match will do (llama-shaped as well as deepseek_v3):
   every key of the base must be in every input with the same shape, else the run stops and lists
@@ -25,8 +25,9 @@ a layout mismatch fall back to base weights without a word. Here:
 
 The mean of a key is sum_i(w_i * x_i) / sum_i(w_i), summed in fp32 in input order ([base,
 *checkpoints]); with the default uniform weights every w_i is 1, so the result is exactly the fp32
-sum divided by n, rounded once to the output dtype. The merge path imports torch but not
-transformers (only `evaluate`, and an fp32 base souped to a narrower dtype, need it).
+sum divided by n, rounded once to the output dtype (round to nearest even, bit for bit what
+torch's conversion gives). The merge path is numpy: it imports neither torch nor transformers
+(only `evaluate`, float8 inputs, and an fp32 base souped to a narrower dtype, need them).
 """
 
 from __future__ import annotations
@@ -43,7 +44,9 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+import numpy as np
 
 from openseek_cpt import checkpoints
 from openseek_cpt.errors import UserError
@@ -60,9 +63,6 @@ from openseek_cpt.safetensors_stream import (
     Turns,
     open_model,
 )
-
-if TYPE_CHECKING:
-    import torch
 
 log = get_logger("soup")
 
@@ -86,8 +86,9 @@ WEIGHT_SUFFIXES = (
     ".ckpt",
 )
 NOT_COPIED = {"provenance.json", MERGE_INFO, checkpoints.MARKER}
-# Elements per chunk of a key streamed through the fp32 accumulator (8 MB of fp32).
-CHUNK_ELEMS = 1 << 21
+# Elements per chunk of a key streamed through the fp32 accumulator (1 MB of fp32): a chunk read
+# is hashed and widened while it is still in the core's cache.
+CHUNK_ELEMS = 1 << 18
 # Worker threads of the merge: one per core (a third on 2 cores was slower on a quiet machine, measured).
 WORKERS = max(2, min(8, os.cpu_count() or 2))
 METHOD = "linear"
@@ -409,57 +410,57 @@ def account_keys(inputs: list[SoupInput], plan: KeyPlan) -> list[dict[str, Any]]
 
 
 class Workspace:
-    """Reused fp32 scratch of one worker: an accumulator and a conversion buffer."""
+    """Reused fp32 scratch of one worker: an accumulator, a conversion buffer and rounding bits."""
 
     def __init__(self, elems: int = 0) -> None:
-        self._acc: torch.Tensor | None = None
-        self._tmp: torch.Tensor | None = None
+        self._acc = np.empty(0, np.float32)
+        self._tmp = np.empty(0, np.float32)
+        self._bits = np.empty(0, np.uint32)
         self.reserve(elems)
 
     def reserve(self, elems: int) -> None:
-        import torch
+        if self._acc.size < elems:
+            self._acc = np.empty(elems, np.float32)
+            self._tmp = np.empty(elems, np.float32)
+            self._bits = np.empty(elems, np.uint32)
 
-        if self._acc is None or self._acc.numel() < elems:
-            self._acc = torch.empty(elems, dtype=torch.float32)
-            self._tmp = torch.empty(elems, dtype=torch.float32)
-
-    def acc(self, n: int) -> torch.Tensor:
+    def acc(self, n: int) -> np.ndarray:
         self.reserve(n)
         return self._acc[:n]
 
-    def tmp(self, n: int) -> torch.Tensor:
+    def tmp(self, n: int) -> np.ndarray:
         self.reserve(n)
         return self._tmp[:n]
 
+    def bits(self, n: int) -> np.ndarray:
+        self.reserve(n)
+        return self._bits[:n]
 
-# A method combines the inputs' chunks of one key (flat tensors as stored, in input order, each
-# valid until the next is drawn: a method that needs them all at once copies them) into fp32.
-Method = Callable[[Iterator["torch.Tensor"], Sequence[float], Workspace], "torch.Tensor"]
+
+# A method combines the inputs' chunks of one key (flat fp32 arrays, converted exactly from the
+# stored dtype, in input order, each valid until the next is drawn: a method that needs them all
+# at once copies them) into an fp32 array (usually ws.acc). The elements of every input's chunk
+# come in the same order, not necessarily the stored one (bf16 is de-interleaved, see to_fp32):
+# a method is elementwise.
+Method = Callable[[Iterator[np.ndarray], Sequence[float], Workspace], np.ndarray]
 
 
-def linear(chunks: Iterator[torch.Tensor], weights: Sequence[float], ws: Workspace) -> torch.Tensor:
+def linear(chunks: Iterator[np.ndarray], weights: Sequence[float], ws: Workspace) -> np.ndarray:
     """sum_i(w_i * x_i) / sum_i(w_i), accumulated in fp32 in input order; holds one chunk at a time."""
-    import torch
-
     a = None
     for x, w in zip(chunks, weights, strict=True):
-        n = x.numel()
-        if a is None:
-            a = ws.acc(n).copy_(x)  # = 0 + x; copy_ converts to fp32 exactly
-            if w != 1.0:
-                a.mul_(w)
-            continue
-        if x.dtype != torch.float32:
-            x = ws.tmp(n).copy_(x)  # exact conversion into a reused buffer (faster than a mixed add_)
         if w != 1.0:
-            a.add_(x, alpha=w)
+            x = np.multiply(x, np.float32(w), out=ws.tmp(x.size))
+        if a is None:
+            a = ws.acc(x.size)
+            np.copyto(a, x)
         else:
-            a.add_(x)
+            np.add(a, x, out=a)
     if a is None:
         raise ValueError("linear: no chunk to combine")
     total = sum(weights)
     if total != 1.0:
-        a.div_(total)
+        np.divide(a, np.float32(total), out=a)
     return a
 
 
@@ -467,12 +468,129 @@ METHODS: dict[str, Method] = {"linear": linear}
 
 
 def combine(
-    method: str, chunks: Iterable[torch.Tensor], weights: Sequence[float], ws: Workspace | None = None
-) -> torch.Tensor:
+    method: str, chunks: Iterable[np.ndarray], weights: Sequence[float], ws: Workspace | None = None
+) -> np.ndarray:
     """The fp32 combination of one chunk of every input: the one seam between I/O and arithmetic."""
     if method not in METHODS:
         raise UserError(f"soup: method {method!r} is not one of {', '.join(METHODS)}")
     return METHODS[method](iter(chunks), list(weights), ws or Workspace())
+
+
+def to_fp32(
+    raw: bytearray | memoryview, dtype: str, n: int, out: np.ndarray, split: bool = False
+) -> np.ndarray:
+    """The first n stored elements of `raw` as fp32, exactly (bf16/f16 widen; f64 rounds once).
+
+    bf16 is the top half of an fp32, so widening is bit moves. With `split` (n even) the result is
+    de-interleaved, even elements then odd: read as uint32 pairs, a pair's high half masked is the
+    odd element and its low half shifted up the even one, two cheap ops and no widening cast.
+    An F32 chunk (not split) is a view of `raw`; otherwise the result is `out`. Only float8 needs
+    torch (imported then).
+    """
+    h = n // 2
+    if dtype == "BF16" and split:
+        pairs = np.frombuffer(raw, np.uint32, count=h)
+        bits = out.view(np.uint32)
+        np.left_shift(pairs, 16, out=bits[:h])
+        np.bitwise_and(pairs, np.uint32(0xFFFF0000), out=bits[h:n])
+        return out[:n]
+    if dtype == "BF16":
+        bits = out.view(np.uint32)[:n]
+        np.copyto(bits, np.frombuffer(raw, np.uint16, count=n))
+        np.left_shift(bits, 16, out=bits)
+        return out[:n]
+    if dtype in ("F32", "F16", "F64"):
+        x = np.frombuffer(raw, {"F32": np.float32, "F16": np.float16, "F64": np.float64}[dtype], count=n)
+        if not split:
+            if dtype == "F32":
+                return x
+            np.copyto(out[:n], x, casting="same_kind")
+            return out[:n]
+    else:
+        import torch  # float8: numpy has no such dtype
+
+        src = torch.frombuffer(raw, dtype=getattr(torch, FLOAT_DTYPES[dtype]), count=n)
+        x = torch.empty(n, dtype=torch.float32).copy_(src).numpy()
+        if not split:
+            np.copyto(out[:n], x)
+            return out[:n]
+    np.copyto(out[:h], x[0::2], casting="same_kind")
+    np.copyto(out[h:n], x[1::2], casting="same_kind")
+    return out[:n]
+
+
+def _rounded_bits(a: np.ndarray, bits: np.ndarray) -> np.ndarray:
+    """fp32 bits + 0x7FFF + (bit 16): their high half is the bf16 rounded to nearest, ties to even."""
+    u = a.view(np.uint32)
+    np.right_shift(u, 16, out=bits)
+    np.bitwise_and(bits, 1, out=bits)
+    np.add(bits, 0x7FFF, out=bits)
+    np.add(bits, u, out=bits)
+    return bits
+
+
+def round_to_bf16(a: np.ndarray, out: np.ndarray, bits: np.ndarray) -> np.ndarray:
+    """fp32 -> bf16 bits (uint16), round to nearest even, the same bits as torch's `.to(torch.bfloat16)`.
+
+    Adding 0x7FFF plus the kept part's lowest bit and dropping the low half rounds to nearest,
+    ties to even; overflow carries into the exponent (max finite -> inf, as torch does); inf stays
+    inf. NaN is 0xFFFF, what torch's CPU conversion writes for every NaN (tests/test_soup.py).
+    """
+    r = _rounded_bits(a, bits[: a.size])
+    np.right_shift(r, 16, out=r)
+    np.copyto(out, r, casting="unsafe")
+    nan = np.isnan(a)
+    if nan.any():
+        out[nan] = 0xFFFF
+    return out
+
+
+def from_fp32(a: np.ndarray, code: str, out: np.ndarray, bits: np.ndarray, split: bool = False) -> np.ndarray:
+    """An fp32 chunk in the output dtype (bytes as safetensors stores them, in stored order), rounded once.
+
+    With `split`, `a` is de-interleaved (see to_fp32) and is interleaved back here. `out` holds
+    n elements of a 2-byte dtype (bytes), `bits` is uint32 scratch of n elements.
+    """
+    n = a.size
+    if not split:
+        if code == "F32":
+            return a
+        if code == "BF16":
+            return round_to_bf16(a, out[: 2 * n].view(np.uint16), bits)
+        return _to_f16(a, out[: 2 * n].view(np.float16))
+    h = n // 2
+    if code == "BF16":
+        r = _rounded_bits(a, bits[:n])
+        pairs = out[: 2 * n].view(np.uint32)
+        np.right_shift(r[:h], 16, out=pairs)  # even element: the low half of a pair
+        np.bitwise_and(r[h:], np.uint32(0xFFFF0000), out=r[h:])
+        np.bitwise_or(pairs, r[h:], out=pairs)
+        nan = np.isnan(a)
+        if nan.any():
+            halves = pairs.view(np.uint16)
+            halves[0::2][nan[:h]] = 0xFFFF
+            halves[1::2][nan[h:]] = 0xFFFF
+        return pairs
+    if code == "F16":
+        return _to_f16(
+            np.concatenate([a[:h, None], a[h:, None]], axis=1).ravel(), out[: 2 * n].view(np.float16)
+        )
+    dst = bits[:n].view(np.float32)  # F32 (router bias): `out` is sized for the narrower dtype
+    dst[0::2] = a[:h]
+    dst[1::2] = a[h:]
+    return dst
+
+
+def _to_f16(a: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    """fp32 -> f16 as torch rounds it: numpy's cast (nearest even, overflow to inf), NaN made quiet
+    with the payload's top bits kept, which is what torch writes and numpy does not."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        np.copyto(dst, a, casting="same_kind")
+    nan = np.isnan(a)
+    if nan.any():
+        u = a.view(np.uint32)[nan]
+        dst.view(np.uint16)[nan] = ((u >> 16) & 0x8000) | 0x7E00 | ((u >> 13) & 0x3FF)
+    return dst
 
 
 # --------------------------------------------------------------------------- merge
@@ -513,8 +631,6 @@ def merge(
     overlap on all cores. Chunking a key along its flat elements does not change any result (the
     mean is elementwise, each element summed in input order). Returns the files written.
     """
-    import torch
-
     started = time.perf_counter()
     base = inputs[0]
     entries = [(key, _stored_dtype(key, plan, base, out_code), base.meta[key][1]) for key in plan.keys]
@@ -523,17 +639,16 @@ def merge(
     steps = _StepQueue(_steps(inputs, readers, plan))
     out_turns = Turns()
     widest = max((ITEMSIZE[dtype] for inp in inputs for dtype, _ in inp.meta.values()), default=1)
-    out_dtype = getattr(torch, FLOAT_DTYPES[out_code])
     failures: list[BaseException] = []
 
     def work() -> None:
         raw = bytearray(CHUNK_ELEMS * widest)
         scratch = bytearray(1 << 20)
         ws = Workspace(CHUNK_ELEMS)
-        out = torch.empty(CHUNK_ELEMS, dtype=out_dtype)
+        out = np.empty(CHUNK_ELEMS * ITEMSIZE[out_code], np.uint8)
         try:
             while (step := steps.next()) is not None:
-                data = _run_step(step, readers, raw, scratch, ws, out, plan)
+                data = _run_step(step, readers, raw, scratch, ws, out, plan, out_code)
                 out_turns.wait(step.index)
                 try:
                     writer.write_bytes(step.key, data)
@@ -546,10 +661,6 @@ def merge(
                 r.abort()
             steps.close()
 
-    # One intra-op thread per op: the parallelism is across chunks (and OpenMP's spinning
-    # threads made elementwise ops 5-10x slower on a busy machine, measured).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     gc_was_on = gc.isenabled()
     gc.disable()  # the loop makes no garbage cycles; collections were 2% of its CPU (perf)
     try:
@@ -565,7 +676,6 @@ def merge(
     finally:
         if gc_was_on:
             gc.enable()
-        torch.set_num_threads(threads)
         writer.close()
         for r in readers:
             r.close()
@@ -623,26 +733,27 @@ def _run_step(
     raw: bytearray,
     scratch: bytearray,
     ws: Workspace,
-    out: torch.Tensor,
+    out: np.ndarray,
     plan: KeyPlan,
+    out_code: str,
 ) -> memoryview:
     """Read one chunk of every contributor and combine it; returns the output bytes of the chunk."""
-    import torch
-
     if step.n == 0:
         return memoryview(b"")
     if step.copy:  # non-float: the base's bytes as they are
         i, _, ticket = step.reads[0]
         return readers[i].read(ticket, raw, scratch)
 
-    def chunks() -> Iterator[torch.Tensor]:
+    split = step.n % 2 == 0  # every input's chunk de-interleaved alike (to_fp32); undone on output
+
+    def chunks() -> Iterator[np.ndarray]:
         for i, dtype, ticket in step.reads:
             readers[i].read(ticket, raw, scratch)
-            yield torch.frombuffer(raw, dtype=getattr(torch, FLOAT_DTYPES[dtype]), count=step.n)
+            yield to_fp32(raw, dtype, step.n, ws.tmp(step.n), split)
 
     a = combine(METHOD, chunks(), step.weights, ws)
-    result = a if step.key in plan.fp32_keys else out[: step.n].copy_(a)
-    return memoryview(result.view(torch.uint8).numpy())
+    code = "F32" if step.key in plan.fp32_keys else out_code
+    return memoryview(from_fp32(a, code, out, ws.bits(step.n), split).view(np.uint8))
 
 
 def _finish_readers(readers: list[Reader]) -> list[dict[str, str]]:

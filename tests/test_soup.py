@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import TINY_RECIPE, run_cli
@@ -413,19 +414,20 @@ def test_hashes_come_from_the_merge_reads_and_equal_sha256_of_the_files(soup_wor
 
 
 def test_combine_is_the_one_seam_a_new_method_plugs_into(soup_work, monkeypatch):
-    x = [torch.arange(6, dtype=torch.bfloat16), torch.full((6,), 2.0), torch.ones(6, dtype=torch.float16)]
+    x = [np.arange(6, dtype=np.float32), np.full(6, 2.0, np.float32), np.ones(6, np.float32)]
     got = soup.combine("linear", iter(x), [1.0, 2.0, 1.0])
-    want = (x[0].float() + 2 * x[1] + x[2].float()) / 4
-    assert got.dtype == torch.float32 and torch.equal(got, want)
+    want = (x[0] + 2 * x[1] + x[2]) / np.float32(4)
+    assert got.dtype == np.float32 and np.array_equal(got, want)
     with pytest.raises(soup.UserError, match="not one of linear"):
         soup.combine("median-of-nothing", iter(x), [1.0, 1.0, 1.0])
 
     # A method is a function in the registry: the I/O loop runs it unchanged.
     def elementwise_max(chunks, weights, ws):
         first = next(chunks)
-        acc = ws.acc(first.numel()).copy_(first)
+        acc = ws.acc(first.size)
+        np.copyto(acc, first)
         for x in chunks:
-            torch.maximum(acc, ws.tmp(x.numel()).copy_(x), out=acc)
+            np.maximum(acc, x, out=acc)
         return acc
 
     monkeypatch.setitem(soup.METHODS, "max", elementwise_max)
@@ -456,7 +458,7 @@ def _llama_set(root: Path, n: int) -> list[Path]:
     return dirs
 
 
-def test_a_llama_shaped_set_soups_exactly_without_importing_transformers(tmp_path):
+def test_a_llama_shaped_set_soups_exactly_without_importing_transformers_or_torch(tmp_path):
     dirs = _llama_set(tmp_path, 2)
     ref = {}
     per_input = [_tensors(d) for d in dirs]
@@ -467,13 +469,14 @@ def test_a_llama_shaped_set_soups_exactly_without_importing_transformers(tmp_pat
     )
     code = (
         "import sys; from openseek_cpt import cli; rc = cli.main(['soup', '--recipe', 'soup.yaml']); "
-        "print('IMPORTED', sorted(m for m in sys.modules if m.split('.')[0] == 'transformers')); sys.exit(rc)"
+        "print('IMPORTED', sorted(m for m in sys.modules if m.split('.')[0] in ('transformers', 'torch'))); "
+        "sys.exit(rc)"
     )
     r = subprocess.run(
         [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300
     )
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "IMPORTED []" in r.stdout, r.stdout  # the merge path never loads transformers
+    assert "IMPORTED []" in r.stdout, r.stdout  # the merge path loads neither transformers nor torch
     got = _tensors(tmp_path / "out")
     assert sorted(got) == sorted(ref) and "lm_head.weight" in got
     for key in ref:
@@ -483,3 +486,48 @@ def test_a_llama_shaped_set_soups_exactly_without_importing_transformers(tmp_pat
     merge_info = json.loads((tmp_path / "out/merge_info.json").read_text())
     assert merge_info["fp32_keys"] == [] and merge_info["io"]["bytes_read_again_for_hashes"] == 0
     assert merge_info["inputs"][1]["files"]["model.safetensors"] == _sha256(dirs[1] / "model.safetensors")
+
+
+# fp32 values whose bf16/f16 rounding is easy to get wrong: ties (to even, both ways), just above
+# and below a tie, subnormals, the largest finite (rounds to inf), infinities, NaNs of any sign
+# and payload, zeros of both signs.
+EDGE_BITS = [
+    0x3F808000, 0x3F818000, 0x3F808001, 0x3F807FFF, 0xBF808000, 0xBF818000,  # ties and neighbours
+    0x00000001, 0x00008000, 0x00018000, 0x007FFFFF, 0x80000001, 0x807F8000,  # subnormals
+    0x7F7FFFFF, 0xFF7FFFFF, 0x7F7F7FFF, 0x7F7F8000,  # max finite and its neighbours
+    0x7F800000, 0xFF800000, 0x7F800001, 0x7FC00000, 0xFFC00000, 0x7FFFFFFF, 0xFF800001,  # inf, nan
+    0x00000000, 0x80000000, 0x3F800000, 0x477FE000, 0x477FF000, 0x33800000, 0x33000001,  # zeros, f16 edges
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["stored-order", "de-interleaved"])
+@pytest.mark.parametrize("code", ["BF16", "F16", "F32"])
+def test_numpy_rounding_gives_the_bits_torch_gives_on_edge_values(code, split):
+    rng = np.random.default_rng(0)
+    bits = np.concatenate([np.array(EDGE_BITS, np.uint32), rng.integers(0, 2**32, 4000, dtype=np.uint32)])
+    bits = bits[: len(bits) // 2 * 2]
+    a = bits.view(np.float32)
+    torch_dtype = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}[code]
+    want = torch.from_numpy(a.copy()).to(torch_dtype).view(torch.uint8).numpy()
+    if split:  # what to_fp32 hands the method for an even-length chunk: even elements, then odd
+        a = np.concatenate([a[0::2], a[1::2]])
+    out = np.empty(a.size * 2, np.uint8)
+    got = soup.from_fp32(a, code, out, np.empty(a.size, np.uint32), split).view(np.uint8)
+    assert np.array_equal(got, want), np.flatnonzero(got != want)[:10]
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["stored-order", "de-interleaved"])
+@pytest.mark.parametrize("dtype", ["BF16", "F16", "F32", "F64"])
+def test_stored_chunks_widen_to_fp32_as_torch_widens_them(dtype, split):
+    torch_dtype = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}[
+        dtype
+    ]
+    rng = np.random.default_rng(1)
+    x = torch.from_numpy(rng.standard_normal(1000) * 1e3).to(torch_dtype)
+    x[:4] = torch.tensor([float("inf"), float("-inf"), float("nan"), -0.0], dtype=torch_dtype)
+    raw = bytearray(x.view(torch.uint8).numpy().tobytes())
+    got = soup.to_fp32(raw, dtype, x.numel(), np.empty(x.numel(), np.float32), split)
+    want = x.float().numpy()
+    if split:
+        want = np.concatenate([want[0::2], want[1::2]])
+    assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
