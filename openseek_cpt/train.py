@@ -607,6 +607,11 @@ class CPTTrainer(Trainer):
         return self.epoch_sampler
 
     def _run_epoch(self, *args, epoch, **kwargs):
+        if 0 < self.state.max_steps <= self.state.global_step:
+            # Deviation: Trainer checks max_steps only after a step, so a run resumed from its last
+            # checkpoint (0 steps left) trained one step more (checkpoint-13, a different final/).
+            self.control.should_training_stop = True
+            return None
         # Deviation: under DDP a resumed epoch's loader is SkipBatchSampler(BatchSamplerShard(...)),
         # which hides the sampler from every set_epoch path, so a run resumed after its first epoch
         # would replay epoch 0's order; set the epoch on the sampler itself.

@@ -114,6 +114,25 @@ def test_fsdp_loss_curve_matches_ddp_within_the_ddp_tolerance(fsdp_run, prepared
         assert math.isclose(two[step], fsdp[step], rel_tol=DDP_LOSS_RTOL), (step, two[step], fsdp[step])
 
 
+def test_a_run_restarted_after_its_last_checkpoint_writes_the_same_final_weights(fsdp_run, tmp_path):
+    # The finished run minus final/: a launch that died after checkpoint-12, restarted with 0 steps left.
+    work = tmp_path / "work"
+    shutil.copytree(fsdp_run[0].parent.parent, work, symlinks=True,
+                    ignore=shutil.ignore_patterns("final", ".*"))  # fmt: skip
+    run = work / "runs" / "tiny"
+    r = subprocess.run(launch_cmd(), cwd=work, env=ENV, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    assert f"resuming from runs/tiny/checkpoint-{STEPS}" in r.stdout + r.stderr
+    assert not (run / checkpoints.name_for(STEPS + 1)).exists(), "trained past max_steps"
+    ref, got = (
+        load_file(fsdp_run[0] / "final" / "model.safetensors"),
+        load_file(run / "final" / "model.safetensors"),
+    )
+    assert ref.keys() == got.keys()
+    different = [k for k in ref if not torch.equal(ref[k], got[k])]
+    assert not different, f"{len(different)} of {len(ref)} tensors differ, e.g. {different[:3]}"
+
+
 def rank_processes(pid: int) -> list[psutil.Process]:
     """accelerate launch and the ranks under launcher `pid` (processes may end while we look)."""
     try:

@@ -217,6 +217,20 @@ def test_kill_9_at_random_moments_then_restart_ends_bitwise_identical(reference,
     assert_same_weights(reference, run)
 
 
+def test_a_run_restarted_after_its_last_checkpoint_writes_the_same_final_weights(reference, tmp_path):
+    # The finished run minus final/: a kill after checkpoint-12 was complete, restarted with 0 steps left.
+    work = tmp_path / "work"
+    shutil.copytree(
+        reference.parent.parent, work, symlinks=True, ignore=shutil.ignore_patterns("final", ".*")
+    )
+    run = work / "runs" / "tiny"
+    w = Watcher(work)
+    assert w.finish() == 0, w.output[-3000:]
+    assert f"resuming from runs/tiny/checkpoint-{STEPS}" in w.output
+    assert checkpoint_steps(run) == [9, 12], "trained past max_steps"
+    assert_same_weights(reference, run)
+
+
 def test_sigterm_saves_at_the_current_step_exits_3_and_the_restart_ends_identical(
     reference, prepared, tmp_path
 ):
