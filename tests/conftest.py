@@ -6,6 +6,8 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -22,6 +24,44 @@ MAKE_EXPORTS = ("MAKEFLAGS", "MAKELEVEL", "MFLAGS", "RUNTIME", "IMAGE", "SIF", "
 def clean_make_env(env: dict[str, str]) -> dict[str, str]:
     """`env` without what an outer `make` exported, for tests that run `make` themselves."""
     return {k: v for k, v in env.items() if k not in MAKE_EXPORTS}
+
+
+class WatchedProcess:
+    """A real subprocess whose output a thread reads (lines, and `'loss'` log lines counted), so a
+    test can wait for a moment (a step, a checkpoint on disk) and kill it there with a real signal."""
+
+    def __init__(self, cmd: list[str], cwd: str | Path, env: dict[str, str] | None = None):
+        env = env or {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+        self.proc = subprocess.Popen(
+            cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        self.lines: list[str] = []
+        self.losses = 0
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line)
+            self.losses += line.count("'loss'")
+
+    def wait_for(self, predicate, timeout: float = 300) -> bool:
+        """True once `predicate()` holds while the process runs; False if it ends or time runs out."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end and self.proc.poll() is None:
+            if predicate():
+                return True
+            time.sleep(0.0005)
+        return False
+
+    def finish(self, timeout: float = 600) -> int:
+        rc = self.proc.wait(timeout=timeout)
+        self.thread.join(timeout=10)
+        return rc
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
 
 
 def run_cli(

@@ -9,12 +9,11 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
-from conftest import TINY_RECIPE, copy_workdir, run_cli
+from conftest import TINY_RECIPE, WatchedProcess, copy_workdir, run_cli
 
 from openseek_cpt import checkpoints, train
 from openseek_cpt.errors import EXIT_PREEMPTED
@@ -34,40 +33,12 @@ def fresh(prepared: Path, where: Path) -> Path:
     return work
 
 
-class Train:
-    """One `openseek-cpt train` process, output read line by line in a thread."""
+class Train(WatchedProcess):
+    """One `openseek-cpt train` of the tiny recipe with overrides, output read in a thread."""
 
     def __init__(self, work: Path, *sets: str):
         cmd = [sys.executable, "-m", "openseek_cpt", "train", "--recipe", str(TINY_RECIPE)]
-        cmd += [a for s in sets for a in ("--set", s)]
-        self.proc = subprocess.Popen(cmd, cwd=work, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     text=True)  # fmt: skip
-        self.lines: list[str] = []
-        self.losses = 0
-        self.thread = threading.Thread(target=self._read, daemon=True)
-        self.thread.start()
-
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            self.lines.append(line)
-            self.losses += line.count("'loss'")
-
-    def wait_for(self, predicate, timeout: float = 180) -> bool:
-        end = time.monotonic() + timeout
-        while time.monotonic() < end and self.proc.poll() is None:
-            if predicate():
-                return True
-            time.sleep(0.0005)
-        return False
-
-    def finish(self, timeout: float = 600) -> int:
-        rc = self.proc.wait(timeout=timeout)
-        self.thread.join(timeout=10)
-        return rc
-
-    @property
-    def output(self) -> str:
-        return "".join(self.lines)
+        super().__init__(cmd + [a for s in sets for a in ("--set", s)], work, ENV)
 
 
 def _fake_checkpoint(run: Path, step: int, complete: bool) -> Path:

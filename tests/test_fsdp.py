@@ -21,14 +21,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import psutil
 import pytest
 import torch
-from conftest import REPO, TINY_RECIPE, copy_workdir, run_cli
+from conftest import REPO, TINY_RECIPE, WatchedProcess, copy_workdir, run_cli
 from safetensors.torch import load_file
 from test_train_run import DDP_LOSS_RTOL
 
@@ -149,29 +147,11 @@ def rank_processes(pid: int) -> list[psutil.Process]:
     return found
 
 
-class Launch:
+class Launch(WatchedProcess):
     """One `openseek-cpt launch` (2 FSDP ranks), output read in a thread."""
 
     def __init__(self, work: Path):
-        self.proc = subprocess.Popen(launch_cmd(), cwd=work, env=ENV, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True)  # fmt: skip
-        self.lines: list[str] = []
-        self.losses = 0
-        self.thread = threading.Thread(target=self._read, daemon=True)
-        self.thread.start()
-
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            self.lines.append(line)
-            self.losses += line.count("'loss'")
-
-    def wait_for(self, predicate, timeout: float = 300) -> bool:
-        end = time.monotonic() + timeout
-        while time.monotonic() < end and self.proc.poll() is None:
-            if predicate():
-                return True
-            time.sleep(0.001)
-        return False
+        super().__init__(launch_cmd(), work, ENV)
 
 
 def test_kill_9_of_the_launcher_ends_its_ranks_and_restarts_end_bitwise_identical(

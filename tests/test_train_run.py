@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, TINY_RECIPE, copy_workdir, run_cli
+from conftest import REPO, TINY_RECIPE, WatchedProcess, copy_workdir, run_cli
 from safetensors.torch import load_file
 
 from openseek_cpt.errors import EXIT_PREEMPTED
@@ -128,40 +128,11 @@ def test_tensorboard_events_hold_every_metric_with_plausible_values(reference):
         assert ppl == pytest.approx(math.exp(loss), rel=1e-4)
 
 
-class Watcher:
-    """Run one training process, reading its output in a thread; kill it at a chosen moment."""
+class Watcher(WatchedProcess):
+    """One training process of the tiny recipe (see conftest.WatchedProcess)."""
 
     def __init__(self, work: Path, *extra: str):
-        self.proc = subprocess.Popen(
-            train_cmd(*extra), cwd=work, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            env={**__import__("os").environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"},
-        )  # fmt: skip
-        self.lines: list[str] = []
-        self.losses = 0
-        self.thread = threading.Thread(target=self._read, daemon=True)
-        self.thread.start()
-
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            self.lines.append(line)
-            self.losses += line.count("'loss'")
-
-    def wait_for(self, predicate, timeout: float = 120) -> bool:
-        end = time.monotonic() + timeout
-        while time.monotonic() < end and self.proc.poll() is None:
-            if predicate():
-                return True
-            time.sleep(0.0005)
-        return False
-
-    def finish(self, timeout: float = 300) -> int:
-        rc = self.proc.wait(timeout=timeout)
-        self.thread.join(timeout=10)
-        return rc
-
-    @property
-    def output(self) -> str:
-        return "".join(self.lines)
+        super().__init__(train_cmd(*extra), work)
 
 
 def test_kill_9_at_random_moments_then_restart_ends_bitwise_identical(reference, prepared, tmp_path):
