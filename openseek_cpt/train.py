@@ -83,6 +83,11 @@ def run(recipe: Recipe) -> Path:
     try:
         trainer = main(recipe, setup)
         saved = fit(recipe, setup, trainer)
+        # Deviation: Trainer leaves the process group alive; tearing gloo down at interpreter exit
+        # aborted a rank now and then ("terminate called without an active exception", exit -6).
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
     finally:
         if setup.lock is not None:
             setup.lock.release()
