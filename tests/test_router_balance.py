@@ -120,8 +120,13 @@ def _rank_main(rank: int, world: int, init_file: str, out_dir: str) -> None:
         torch.save(
             [r.e_score_correction_bias for _, r in cb.routers], os.path.join(out_dir, f"bias_{rank}.pt")
         )
+        torch.distributed.barrier()
     finally:
         torch.distributed.destroy_process_group()
+    # Skip interpreter finalization: gloo's worker threads torn down there aborted a rank now and
+    # then ("terminate called without an active exception", SIGABRT; 1 of ~10 CI runs, pytorch
+    # issues 190489 / PR 179291) after its result was saved. What this test checks is on disk.
+    os._exit(0)
 
 
 def spawn_run(world: int, where) -> list[list[torch.Tensor]]:
