@@ -43,6 +43,12 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+# The tiktoken case's default size: the stage's fixed start-up (~4.5 s: interpreter, datasets +
+# transformers + trl imports, exit) is then ~5% of the run, as it is (far less) in a real mix of
+# billions of tokens; the ratio "excluding start-up" is printed for any size.
+TIKTOKEN_TOKENS = 300e6
+# Texts per call of the ceiling's batch encoder (the stage's own in-process batch size).
+CEILING_BATCH = 8192
 # A fresh interpreter that runs `openseek-cpt data` and reports its start-up and stage times.
 CHILD = """
 import json, sys, time
@@ -129,7 +135,12 @@ def main() -> None:
     ap.add_argument("--case", choices=("tiny", "tiktoken", "megatron"), default="tiny")
     ap.add_argument("--shard-tokens", type=float, default=1e9, help="megatron case: tokens of the big shard")
     ap.add_argument("--shares", default="50e6,200e6", help="megatron case: tokens the mix takes")
-    ap.add_argument("--tokens", type=float, default=40e6, help="approximate tokens in the throughput corpus")
+    ap.add_argument(
+        "--tokens",
+        type=float,
+        default=None,
+        help=f"approximate tokens in the throughput corpus (default 40e6; tiktoken case {TIKTOKEN_TOKENS:.0e})",
+    )
     ap.add_argument("--scale-tokens", type=float, default=8e6, help="tokens in the work-scaling share")
     ap.add_argument("--num-proc", type=int, default=os.cpu_count(), help="data.num_proc (default: cores)")
     ap.add_argument("--max-length", type=int, default=256, help="<= the tiny model's 256 positions")
@@ -154,7 +165,7 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(str(workdir / "models/tiny-openseek"))
     tokenizer.model_max_length = int(1e30)
     chars_per_token = 2.5  # about right for the tiny tokenizer on this text; only sizes the corpora
-    texts = corpus(int(args.tokens * chars_per_token))
+    texts = corpus(int((args.tokens or 40e6) * chars_per_token))
     small = corpus(int(args.scale_tokens * chars_per_token))
     Dataset.from_dict({"text": texts}).save_to_disk(str(workdir / "corpus"))
     Dataset.from_dict({"text": small}).save_to_disk(str(workdir / "small"))
@@ -251,13 +262,17 @@ def tiktoken_case(args: argparse.Namespace, workdir: Path, load_before: float) -
     tok_dir = write_qwen_tokenizer(workdir / "qwen")
     tokenizer = AutoTokenizer.from_pretrained(str(tok_dir), trust_remote_code=True)
     encoding = Encoder(tokenizer).encoding
-    texts = corpus(int(args.tokens * 3.2))  # ~3.2 characters per Qwen token on Python source
+    tokens = args.tokens or TIKTOKEN_TOKENS
+    texts = corpus(int(tokens * 4.1))  # ~4.1 characters per Qwen token on Python source
     Dataset.from_dict({"text": texts}).save_to_disk(str(workdir / "corpus-qwen"))
     cores = os.cpu_count() or 1
 
     def ceiling() -> tuple[int, float]:
-        t0 = time.perf_counter()
-        n = sum(len(x) for x in encoding.encode_ordinary_batch(texts, num_threads=cores))
+        # In batches of the stage's size: one call over 10^8 tokens would hold them as Python ints (GBs).
+        t0, n = time.perf_counter(), 0
+        for i in range(0, len(texts), CEILING_BATCH):
+            batch = texts[i : i + CEILING_BATCH]
+            n += sum(len(x) for x in encoding.encode_ordinary_batch(batch, num_threads=cores))
         return n, time.perf_counter() - t0
 
     n_tokens, first = ceiling()

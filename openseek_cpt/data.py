@@ -38,6 +38,10 @@ ESTIMATE_DOCS = 256
 log = get_logger("data")
 
 
+# Tokens per packing worker below which packing stays in this process (see tokenize_and_pack).
+PACK_TOKENS_PER_WORKER = 32_000_000
+
+
 def run(recipe: Recipe) -> Path:
     """Build the prepared dataset at `recipe.data.output_dir`; returns that path."""
     started = time.perf_counter()
@@ -291,8 +295,12 @@ def tokenize_and_pack(
     if src.content == "tokens":
         check_token_ids(src, docs.data.column("input_ids"), len(encoder.tokenizer))
     docs = docs.remove_columns("special_text")
+    # Packing runs on worker processes only when each gets enough tokens to repay the pool's
+    # start (~0.5 s: fork, pickling); in this process TRL packs ~40 M tokens/s (measured, 2 cores).
+    pack_procs = max(1, min(num_proc, int(lengths.sum()) // PACK_TOKENS_PER_WORKER))
     kwargs = {
         **common,
+        "num_proc": pack_procs if pack_procs > 1 else None,
         "cache_file_name": str(work / f"{tag}-pack.arrow"),
         "new_fingerprint": _hash([tag, "pack"]),
         "desc": f"Packing {src.label} ({d.packing})",

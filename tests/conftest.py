@@ -107,6 +107,13 @@ def copy_workdir(src: Path, tmp_path_factory, name: str) -> Path:
     return work
 
 
+def fresh_workdir(prepared: Path, where: Path) -> Path:
+    """A copy of a prepared workdir without runs/ (a training run that starts from nothing)."""
+    work = where / "work"
+    shutil.copytree(prepared, work, symlinks=True, ignore=shutil.ignore_patterns("runs"))
+    return work
+
+
 @pytest.fixture()
 def tiny_workdir(tiny_assets_dir, tmp_path) -> Path:
     """A fresh copy of the tiny assets workdir for one test (tests may write datasets/ and runs/)."""

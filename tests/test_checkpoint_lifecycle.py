@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from conftest import TINY_RECIPE, WatchedProcess, copy_workdir, run_cli
+from conftest import fresh_workdir as fresh
 
 from openseek_cpt import checkpoints, train
 from openseek_cpt.errors import EXIT_PREEMPTED
@@ -25,12 +26,6 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "
 @pytest.fixture(scope="module")
 def prepared(tiny_prepared_dir, tmp_path_factory) -> Path:
     return copy_workdir(tiny_prepared_dir, tmp_path_factory, "lifecycle")
-
-
-def fresh(prepared: Path, where: Path) -> Path:
-    work = where / "work"
-    shutil.copytree(prepared, work, symlinks=True, ignore=shutil.ignore_patterns("runs"))
-    return work
 
 
 class Train(WatchedProcess):

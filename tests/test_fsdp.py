@@ -27,20 +27,14 @@ import psutil
 import pytest
 import torch
 from conftest import REPO, TINY_RECIPE, WatchedProcess, copy_workdir, run_cli
+from conftest import fresh_workdir as fresh
 from safetensors.torch import load_file
-from test_train_run import DDP_LOSS_RTOL
+from test_train_run import DDP_CONFIG, DDP_LOSS_RTOL, STEPS
+from test_train_run import RUN as BASE
 
 from openseek_cpt import checkpoints
 
 FSDP_CONFIG = str(REPO / "recipes" / "accelerate_configs" / "fsdp.yaml")
-DDP_CONFIG = str(REPO / "recipes" / "accelerate_configs" / "ddp.yaml")
-STEPS = 12
-BASE = [
-    "--set", f"train.args.max_steps={STEPS}",
-    "--set", "train.args.save_steps=3",
-    "--set", "train.args.save_total_limit=2",
-    "--set", "train.args.eval_steps=6",
-]  # fmt: skip
 FSDP = [*BASE, "--set", f"train.accelerate_config={FSDP_CONFIG}"]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
@@ -48,12 +42,6 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 @pytest.fixture(scope="module")
 def prepared(tiny_prepared_dir, tmp_path_factory) -> Path:
     return copy_workdir(tiny_prepared_dir, tmp_path_factory, "fsdp")
-
-
-def fresh(prepared: Path, where: Path) -> Path:
-    work = where / "work"
-    shutil.copytree(prepared, work, symlinks=True, ignore=shutil.ignore_patterns("runs"))
-    return work
 
 
 def launch_cmd(*extra: str) -> list[str]:

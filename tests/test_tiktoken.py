@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from openseek_cpt import data, megatron_format
-from openseek_cpt.encoder import Encoder
+from openseek_cpt.encoder import Encoder, with_one_eos
 from openseek_cpt.errors import UserError
 from openseek_cpt.recipe import load_recipe
 from openseek_cpt.tiny_assets import REAL_VOCAB, stdlib_docstrings, write_qwen_tokenizer
@@ -85,8 +85,8 @@ def test_a_tiktoken_path_that_disagrees_is_not_used_and_ids_stay_correct(tokeniz
             self.enc = enc
             self.special_tokens_set = enc.special_tokens_set
 
-        def encode_ordinary(self, text):
-            return self.enc.encode_ordinary(text)[:-1]
+        def encode_to_numpy(self, text, **kwargs):
+            return self.enc.encode_to_numpy(text, **kwargs)[:-1]
 
     encoder = Encoder(tok)
     encoder.encoding = OffByOne(encoder.encoding)
@@ -158,3 +158,16 @@ def test_megatron_source_with_ids_beyond_the_vocab_is_refused(tokenizer_dir, tmp
         "\n" not in message and f"token id {REAL_VOCAB + 48}" in message and f"[0, {REAL_VOCAB})" in message
     )
     assert not (tmp_path / "out").exists()
+
+
+def test_with_one_eos_on_arrays_gives_what_end_with_eos_gives_on_lists():
+    """The tiktoken path's numpy eos handling == the list one, trailing eos runs and empty docs included."""
+    rng = np.random.default_rng(0)
+    eos = 7
+    docs = [list(rng.integers(0, 9, size=int(n))) for n in rng.integers(0, 6, size=300)] + [[], [eos, eos]]
+    values = np.array([x for d in docs for x in d], dtype=np.int32)
+    got, lengths = with_one_eos(values, np.array([len(d) for d in docs]), eos)
+    encoder = Encoder.__new__(Encoder)  # end_with_eos needs only the eos id
+    encoder.eos = eos
+    want = encoder.end_with_eos([list(map(int, d)) for d in docs])
+    assert [part.tolist() for part in np.split(got, np.cumsum(lengths)[:-1])] == want

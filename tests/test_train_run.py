@@ -21,19 +21,21 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import REPO, TINY_RECIPE, WatchedProcess, copy_workdir, run_cli
+from conftest import fresh_workdir as fresh
 from safetensors.torch import load_file
 
 from openseek_cpt.errors import EXIT_PREEMPTED
 
 DDP_CONFIG = str(REPO / "recipes" / "accelerate_configs" / "ddp.yaml")
 STEPS = 12
-BASE = [
+# The short run every kill/resume test shares (test_fsdp too), and it under DDP.
+RUN = [
     "--set", f"train.args.max_steps={STEPS}",
     "--set", "train.args.save_steps=3",
     "--set", "train.args.save_total_limit=2",
     "--set", "train.args.eval_steps=6",
-    "--set", f"train.accelerate_config={DDP_CONFIG}",
 ]  # fmt: skip
+BASE = [*RUN, "--set", f"train.accelerate_config={DDP_CONFIG}"]
 # 1 process x grad accumulation 2 vs 2 gloo processes x 1: the same sequences in each step; the
 # gradient sum runs in another order (local accumulation vs all-reduce), so the curves may drift by
 # float rounding. Tolerance: 1e-4 relative per step (measured on CPU: identical, 0.0).
@@ -52,13 +54,6 @@ def reference(prepared) -> Path:
     r = run_cli("train", "--recipe", str(TINY_RECIPE), *BASE, cwd=prepared)
     assert r.returncode == 0, r.stderr[-3000:]
     return prepared / "runs" / "tiny"
-
-
-def fresh(prepared: Path, tmp_path: Path) -> Path:
-    """A copy of the prepared workdir without runs/."""
-    work = tmp_path / "work"
-    shutil.copytree(prepared, work, symlinks=True, ignore=shutil.ignore_patterns("runs"))
-    return work
 
 
 def step_losses(run_dir: Path) -> dict[int, float]:
