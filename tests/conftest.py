@@ -107,6 +107,16 @@ def copy_workdir(src: Path, tmp_path_factory, name: str) -> Path:
     return work
 
 
+def assert_same_final_weights(a: Path, b: Path) -> None:
+    """The `final` weights of two run dirs are bitwise equal, key by key."""
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(a / "final" / "model.safetensors"), load_file(b / "final" / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    different = [k for k in wa if not wa[k].equal(wb[k])]
+    assert not different, f"{len(different)} of {len(wa)} tensors differ, e.g. {different[:3]}"
+
+
 def fresh_workdir(prepared: Path, where: Path) -> Path:
     """A copy of a prepared workdir without runs/ (a training run that starts from nothing)."""
     work = where / "work"

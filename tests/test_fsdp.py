@@ -26,7 +26,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from conftest import REPO, TINY_RECIPE, WatchedProcess, copy_workdir, run_cli
+from conftest import REPO, TINY_RECIPE, WatchedProcess, assert_same_final_weights, copy_workdir, run_cli
 from conftest import fresh_workdir as fresh
 from safetensors.torch import load_file
 from test_train_run import DDP_CONFIG, DDP_LOSS_RTOL, STEPS
@@ -110,13 +110,7 @@ def test_a_run_restarted_after_its_last_checkpoint_writes_the_same_final_weights
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     assert f"resuming from runs/tiny/checkpoint-{STEPS}" in r.stdout + r.stderr
     assert not (run / checkpoints.name_for(STEPS + 1)).exists(), "trained past max_steps"
-    ref, got = (
-        load_file(fsdp_run[0] / "final" / "model.safetensors"),
-        load_file(run / "final" / "model.safetensors"),
-    )
-    assert ref.keys() == got.keys()
-    different = [k for k in ref if not torch.equal(ref[k], got[k])]
-    assert not different, f"{len(different)} of {len(ref)} tensors differ, e.g. {different[:3]}"
+    assert_same_final_weights(fsdp_run[0], run)
 
 
 def rank_processes(pid: int) -> list[psutil.Process]:
@@ -182,13 +176,7 @@ def test_kill_9_of_the_launcher_ends_its_ranks_and_restarts_end_bitwise_identica
     print("\n".join(log))
     assert kills >= 3, log
     assert any("resuming from runs/tiny/checkpoint-" in line for line in w.lines)
-    ref, got = (
-        load_file(fsdp_run[0] / "final" / "model.safetensors"),
-        load_file(run / "final" / "model.safetensors"),
-    )
-    assert ref.keys() == got.keys()
-    different = [k for k in ref if not torch.equal(ref[k], got[k])]
-    assert not different, f"{len(different)} tensors differ after FSDP kill/resume, e.g. {different[:3]}"
+    assert_same_final_weights(fsdp_run[0], run)
 
 
 def test_soup_of_fsdp_checkpoints_equals_the_soup_of_the_same_weights_saved_by_ddp(

@@ -11,6 +11,7 @@ import os
 import pytest
 import torch
 import torch.multiprocessing as mp
+from conftest import assert_same_final_weights
 
 from openseek_cpt import router_balance
 from openseek_cpt.router_balance import RouterBalanceCallback
@@ -239,8 +240,4 @@ def test_kill_9_after_a_checkpoint_then_restart_ends_with_the_bitwise_same_bias_
     r = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resuming from runs/tiny/checkpoint-" in r.stdout + r.stderr
-    ref = load_file(stage_reference / "final" / "model.safetensors")
-    got = load_file(work / "runs" / "tiny" / "final" / "model.safetensors")
-    assert ref.keys() == got.keys()
-    different = [k for k in ref if not torch.equal(ref[k], got[k])]
-    assert not different, different[:5]
+    assert_same_final_weights(stage_reference, work / "runs" / "tiny")

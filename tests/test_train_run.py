@@ -19,10 +19,9 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from conftest import REPO, TINY_RECIPE, WatchedProcess, copy_workdir, run_cli
+from conftest import assert_same_final_weights as assert_same_weights
 from conftest import fresh_workdir as fresh
-from safetensors.torch import load_file
 
 from openseek_cpt.errors import EXIT_PREEMPTED
 
@@ -59,13 +58,6 @@ def reference(prepared) -> Path:
 def step_losses(run_dir: Path) -> dict[int, float]:
     state = json.loads((run_dir / f"checkpoint-{STEPS}" / "trainer_state.json").read_text())
     return {h["step"]: h["loss"] for h in state["log_history"] if "loss" in h}
-
-
-def assert_same_weights(a: Path, b: Path) -> None:
-    wa, wb = load_file(a / "final" / "model.safetensors"), load_file(b / "final" / "model.safetensors")
-    assert wa.keys() == wb.keys()
-    different = [k for k in wa if not torch.equal(wa[k], wb[k])]
-    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
 
 
 def checkpoint_steps(run_dir: Path) -> list[int]:
