@@ -30,7 +30,7 @@ from openseek_cpt.fileio import canonical_hash, read_json
 from openseek_cpt.logs import get_logger
 from openseek_cpt.provenance import atomic_output_dir, directory_fingerprint, write_provenance
 from openseek_cpt.recipe import Recipe
-from openseek_cpt.sources import DatasetRows, OpenSource, open_sources
+from openseek_cpt.sources import DatasetRows, OpenSource, StreamedRows, open_sources
 
 # Documents tokenized in-process to estimate tokens per document of a source.
 ESTIMATE_DOCS = 256
@@ -186,16 +186,28 @@ def prepare_source(
     from datasets import concatenate_datasets
 
     d = recipe.data
-    n_docs = len(src.rows)
-    order = np.random.default_rng([recipe.seed, src.index, 0]).permutation(n_docs)
+    stream = src.rows if isinstance(src.rows, StreamedRows) else None
+    if stream is not None:  # rows come in a seeded shuffled order: read them in that order
+        seed = int(np.random.default_rng([recipe.seed, src.index, 1]).integers(2**31))
+        stream.start(seed=seed, work=work / f"{build_id}-{src.index}-stream")
+        n_docs = stream.fill(ESTIMATE_DOCS)
+        order = np.arange(n_docs)
+    else:
+        n_docs = len(src.rows)
+        order = np.random.default_rng([recipe.seed, src.index, 0]).permutation(n_docs)
     strategy = packing.get(d.packing)
     per_doc = estimate_tokens_per_doc(src, encoder, order[:ESTIMATE_DOCS], d.max_length, strategy)
     docs_needed = need if strategy.one_row_per_document else math.ceil(need * d.max_length / per_doc)
-    take = min(n_docs, math.ceil(docs_needed * (1 + d.read_margin)) + 1)
+    take = math.ceil(docs_needed * (1 + d.read_margin)) + 1
     result = PackedSource(src, rows=None)
     parts, pos = [], 0
     while True:
+        if stream is not None and not stream.exhausted:
+            n_docs = stream.fill(pos + take)  # read only what this round takes
+            order = np.arange(n_docs)
         chunk = order[pos : pos + take]
+        if not len(chunk):  # a stream that ended exactly where the last round stopped
+            break
         pos += len(chunk)
         part, lengths, special = tokenize_and_pack(
             src, encoder, chunk, recipe, work, f"{build_id}-{src.index}-{len(parts)}"
@@ -207,9 +219,9 @@ def prepare_source(
         if strategy.truncates_documents:
             result.tokens_dropped += int(np.maximum(lengths - d.max_length, 0).sum())
         have = sum(len(p) for p in parts)
-        if have >= need or pos >= n_docs:
+        if have >= need or (pos >= n_docs and (stream is None or stream.exhausted)):
             break
-        take = min(n_docs - pos, math.ceil((need - have) * pos / have * (1 + d.read_margin)) + 1)
+        take = math.ceil((need - have) * pos / have * (1 + d.read_margin)) + 1
         log.info(
             f"{src.label}: {have} rows from {pos} documents, short of {need}: topping up with {take} more"
         )
@@ -457,7 +469,7 @@ def sample_and_save(
                 "eval_rows": int(e),
                 "rows_available": int(available),
                 "documents_read": p.documents_read,
-                "documents_in_source": len(src.rows),
+                "documents_in_source": src.rows.documents_in_source,  # None: a stream not read to its end
                 "documents_with_special_text": p.special_text_documents,
                 "documents": int(n_docs[unique].sum()),
                 "tokens_read": p.tokens_read,
@@ -516,7 +528,7 @@ def print_summary(manifest: dict[str, Any]) -> None:
         log.info(
             f"{s['label']}: ratio {s['requested_ratio']:.4f} -> {s['realized_ratio']:.4f} "
             f"({s['train_rows']} train + {s['eval_rows']} eval rows), documents {s['documents']} "
-            f"(read {s['documents_read']} of {s['documents_in_source']}), tokens {s['tokens_used']}, "
+            f"(read {s['documents_read']} of {s['documents_in_source'] or 'a stream'}), tokens {s['tokens_used']}, "
             f"dropped {s['tokens_dropped']}, repeated x{s['times_repeated']:g} ({s['tokens_repeated']} tokens), "
             f"documents with special-token text {s['documents_with_special_text']}"
         )

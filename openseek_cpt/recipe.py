@@ -163,6 +163,11 @@ class SourceConfig:
         None, '"module:function" mapping one example (dict) to its text; for sources without a text column.'
     )
     label: str | None = setting(None, "A short name for reports; defaults to the last part of `path`.")
+    streaming: bool = setting(
+        False,
+        "Read a hub dataset or json/jsonl/text files as a stream: only the rows the share needs are "
+        "downloaded and converted, in a seeded shuffled order; for sources much larger than their share.",
+    )
 
 
 # Keys of one mapping that must not both be given (the second would be silently unused).

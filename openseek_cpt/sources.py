@@ -3,8 +3,10 @@
 Used by the data stage only. A source is read in place through `Rows` (row count, columns,
 `take(indices)`): Megatron `.bin/.idx` through a memory map, parquet files by row group,
 `save_to_disk` directories memory-mapped; only the rows the mix samples are ever read, and no
-copy of the source is made (json/text files and hub datasets go through `datasets`' own Arrow
-cache, as `load_dataset` makes it). Everything file-dependent that can be wrong with a source is checked
+copy of the source is made. json/text files and hub datasets go through `datasets`' own Arrow
+cache, as `load_dataset` makes it, unless the source sets `streaming`: then rows are read as a
+stream in a seeded shuffled order and only as many as the share needs (plus the shuffle buffer and
+one batch) are downloaded and converted, into the stage's work dir (`StreamedRows`). Everything file-dependent that can be wrong with a source is checked
 here, before any expensive work, and reported as a one-line UserError: a missing local path, an
 empty source, a text field that does not exist, a formatting function that does not import.
 A relative path that exists locally (`data/foo`, even `org/name`) is always local, never a hub id:
@@ -30,6 +32,9 @@ from openseek_cpt.recipe import SourceConfig
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text"}
 # Files above this size are fingerprinted by size + mtime: hashing them would read the whole source.
 HASH_LIMIT = 1 << 30
+# Streamed sources: rows per batch read (and per Arrow file written), rows in the shuffle buffer.
+STREAM_BATCH = 4096
+STREAM_BUFFER = 10_000
 
 
 class Rows:
@@ -43,6 +48,11 @@ class Rows:
     def take(self, indices: Any, columns: list[str] | None = None) -> Any:
         """The rows `indices` (in that order) as a `pyarrow.Table` of `columns` (default: all)."""
         raise NotImplementedError
+
+    @property
+    def documents_in_source(self) -> int | None:
+        """Rows of the whole source (None while unknown: a stream not read to its end)."""
+        return len(self)
 
 
 class DatasetRows(Rows):
@@ -58,6 +68,61 @@ class DatasetRows(Rows):
     def take(self, indices: Any, columns: list[str] | None = None) -> Any:
         ds = self.dataset.select_columns(columns) if columns else self.dataset
         return ds.with_format("arrow")[np.asarray(indices, dtype=np.int64)]
+
+
+class StreamedRows(Rows):
+    """A dataset read as a stream (`streaming: true`): rows arrive in a seeded shuffled order (data
+    files shuffled, then a buffer of STREAM_BUFFER rows) and only as many as the mix asks for are
+    downloaded and converted (`fill`), written in batches to Arrow files in the stage's work dir and
+    memory-mapped; `len` is the rows read so far. The first row is peeked at open time, for the
+    column checks."""
+
+    def __init__(self, stream: Any, first: dict[str, Any]):
+        self.stream = stream
+        self.first = first
+        self.column_names = list(first)
+        self.exhausted = False
+        self._iter: Any = None
+        self._tables: list[Any] = []
+        self._count = 0
+        self._dir: Path | None = None
+
+    def start(self, seed: int, work: Path) -> None:
+        """Begin reading, in the order `seed` gives, into files under `work`."""
+        self._iter = iter(self.stream.shuffle(seed=seed, buffer_size=STREAM_BUFFER).iter(STREAM_BATCH))
+        self._dir = work
+        work.mkdir(parents=True, exist_ok=True)
+
+    def fill(self, n: int) -> int:
+        """Read until `n` rows are held or the stream ends; returns the rows held."""
+        import pyarrow as pa
+
+        while self._count < n and not self.exhausted:
+            batch = next(self._iter, None)
+            if batch is None:
+                self.exhausted = True
+                break
+            table = pa.Table.from_pydict(batch)
+            path = self._dir / f"rows-{len(self._tables):06d}.arrow"
+            with pa.ipc.new_file(str(path), table.schema) as writer:
+                writer.write_table(table)
+            self._tables.append(pa.ipc.open_file(pa.memory_map(str(path))).read_all())
+            self._count += table.num_rows
+        return self._count
+
+    def __len__(self) -> int:
+        return self._count
+
+    @property
+    def documents_in_source(self) -> int | None:
+        return self._count if self.exhausted else None
+
+    def take(self, indices: Any, columns: list[str] | None = None) -> Any:
+        import pyarrow as pa
+
+        table = pa.concat_tables(self._tables, promote_options="default")  # a column null in one batch
+        table = table.select(columns) if columns else table
+        return table.take(pa.array(np.asarray(indices, dtype=np.int64)))
 
 
 class MegatronRows(Rows):
@@ -153,7 +218,7 @@ def open_source(index: int, src: SourceConfig, label: str) -> OpenSource:
     where = f"data.sources.{index}"
     kind = detect_kind(src, where)
     rows, fingerprint = _load(kind, src, where)
-    if len(rows) == 0:
+    if not isinstance(rows, StreamedRows) and len(rows) == 0:
         raise UserError(f"{where}.path={src.path!r} is an empty source (0 rows); remove it or fill it")
     columns = list(rows.column_names)
     formatting = None
@@ -161,7 +226,8 @@ def open_source(index: int, src: SourceConfig, label: str) -> OpenSource:
         content = "formatting"
         formatting = import_formatting(src.formatting, where)
         try:
-            text = formatting(rows.take([0]).to_pylist()[0])
+            first = rows.first if isinstance(rows, StreamedRows) else rows.take([0]).to_pylist()[0]
+            text = formatting(first)
         except Exception as exc:  # the user's function: any failure is a user error
             raise UserError(
                 f"{where}.formatting={src.formatting!r} fails on the first row of {src.path} "
@@ -239,6 +305,11 @@ def _load(kind: str, src: SourceConfig, where: str) -> tuple[Rows, str]:
     import datasets
 
     path = str(Path(src.path).expanduser())
+    if src.streaming and kind in ("megatron", "disk", "parquet"):
+        raise UserError(
+            f"{where}.streaming=true, but {src.path!r} is a {kind} source, already read in place (only "
+            "the sampled rows); streaming is for hub datasets and json/jsonl/text files: remove it"
+        )
     if kind == "megatron":
         from openseek_cpt import megatron_format
 
@@ -267,7 +338,13 @@ def _load(kind: str, src: SourceConfig, where: str) -> tuple[Rows, str]:
                     "check the file or set type"
                 ) from None
         try:
-            ds = datasets.load_dataset(kind, data_files=[str(f) for f in files], split="train")
+            ds = datasets.load_dataset(
+                kind, data_files=[str(f) for f in files], split="train", streaming=src.streaming
+            )
+            if src.streaming:
+                return _streamed(ds, where, src), _fingerprint_files(files)
+        except UserError:
+            raise
         except Exception as exc:  # malformed file: the builder's error, on one line
             raise UserError(
                 f"{where}.path={src.path!r} could not be read as {kind} ({type(exc).__name__}: {first_line(exc)[:300]}); "
@@ -276,8 +353,23 @@ def _load(kind: str, src: SourceConfig, where: str) -> tuple[Rows, str]:
         return DatasetRows(ds), _fingerprint_files(files)
     try:
         ds = datasets.load_dataset(
-            path, name=src.name, split=src.split, data_files=src.data_files, revision=src.revision
+            path,
+            name=src.name,
+            split=src.split,
+            data_files=src.data_files,
+            revision=src.revision,
+            streaming=src.streaming,
         )
+        if src.streaming:
+            # Nothing is downloaded up front, so nothing to hash: the request is the fingerprint
+            # (with a revision, a fixed one); a local folder is fingerprinted as one.
+            request = [path, src.name, src.split, src.data_files, src.revision]
+            fingerprint = (
+                _fingerprint_dir(Path(path)) if kind == "folder" else f"stream:{canonical_hash(request)}"
+            )
+            return _streamed(ds, where, src), fingerprint
+    except UserError:
+        raise
     except Exception as exc:  # hub/network/builder errors all mean: this source cannot be read
         first = first_line(exc)[:300]
         hint = "no such local path either; " if kind == "hub" else ""
@@ -290,6 +382,14 @@ def _load(kind: str, src: SourceConfig, where: str) -> tuple[Rows, str]:
     return DatasetRows(ds), (
         _fingerprint_dir(Path(path)) if kind == "folder" else f"datasets:{ds._fingerprint}"
     )
+
+
+def _streamed(stream: Any, where: str, src: SourceConfig) -> StreamedRows:
+    """A stream's rows, its first row peeked at (an empty stream is refused here)."""
+    first = next(iter(stream.take(1)), None)
+    if first is None:
+        raise UserError(f"{where}.path={src.path!r} is an empty source (0 rows); remove it or fill it")
+    return StreamedRows(stream, first)
 
 
 def _is_saved_dataset(path: Path) -> bool:

@@ -11,7 +11,7 @@ import pytest
 import yaml
 from conftest import TINY_RECIPE, run_cli
 
-from openseek_cpt import data
+from openseek_cpt import data, sources
 from openseek_cpt.errors import UserError
 from openseek_cpt.recipe import load_recipe
 from openseek_cpt.sources import open_sources
@@ -428,3 +428,73 @@ def test_parquet_rows_read_only_the_row_groups_they_need_in_the_asked_order(tmp_
     assert table.column_names == ["text"]
     assert table.column("text").to_pylist() == ["last", "row 95", "row 3", "row 3"]
     assert sorted(read) == [0, 0, 9]  # row groups 0 and 9 of a.parquet, 0 of b.parquet; not the other 8
+
+
+def _write_jsonl_folder(folder: Path, files: int, docs_per_file: int) -> None:
+    """A folder of jsonl files (what a hub dataset repo looks like to `load_dataset`)."""
+    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa"]
+    folder.mkdir()
+    for f in range(files):
+        lines = [
+            json.dumps(
+                {"text": f"doc {f}-{i}: " + " ".join(words[(i * 7 + k) % 10] for k in range(40 + i % 30))}
+            )
+            for i in range(docs_per_file)
+        ]
+        (folder / f"part-{f}.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def test_a_streamed_source_reads_only_what_its_share_needs_and_is_byte_identical(tiny_workdir, monkeypatch):
+    """Issue 14: a source far larger than its share, streamed, is neither downloaded nor converted whole."""
+    import datasets
+
+    monkeypatch.chdir(tiny_workdir)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tiny_workdir / "hf-cache")
+    import pyarrow as pa
+
+    # Small batches and buffer, so the stream is read in several rounds, as a real share's would be.
+    monkeypatch.setattr(sources, "STREAM_BATCH", 64)
+    monkeypatch.setattr(sources, "STREAM_BUFFER", 200)
+    _write_jsonl_folder(tiny_workdir / "big", files=4, docs_per_file=1500)
+    stream = "data.sources.1={path: big, ratio: 0.3, streaming: true}"
+    outs = [data.run(_recipe(tiny_workdir, stream, f"data.output_dir=datasets/{n}")) for n in ("a", "b")]
+    files = sorted(
+        p.relative_to(outs[0]) for p in outs[0].rglob("*") if p.is_file() and p.name != "provenance.json"
+    )
+    for f in files:
+        assert (outs[0] / f).read_bytes() == (outs[1] / f).read_bytes(), f
+    manifest = json.loads((outs[0] / "manifest.json").read_text())
+    src = manifest["sources"][1]
+    assert src["kind"] == "folder" and src["documents_in_source"] is None  # never read to its end
+    assert src["train_rows"] == 58 and not src["upsampled"]
+    assert 0 < src["documents_read"] < 6000 // 4, src["documents_read"]
+    # The datasets cache holds the other (not streamed) jsonl source of the mix, and nothing of `big`.
+    cached = sum(
+        pa.ipc.open_stream(str(p)).read_all().num_rows for p in (tiny_workdir / "hf-cache").rglob("*.arrow")
+    )
+    assert cached == len((tiny_workdir / "models/tiny/sources/docs.jsonl").read_text().splitlines())
+    other = data.run(_recipe(tiny_workdir, stream, "data.output_dir=datasets/c", "seed=7"))
+    arrow = Path("train/data-00000-of-00001.arrow")
+    assert (outs[0] / arrow).read_bytes() != (other / arrow).read_bytes()
+
+
+def test_a_streamed_source_shorter_than_its_share_is_read_to_its_end_and_upsampled(tiny_workdir, monkeypatch):
+    monkeypatch.chdir(tiny_workdir)
+    _write_jsonl_folder(tiny_workdir / "small", files=2, docs_per_file=6)
+    recipe = _recipe(
+        tiny_workdir,
+        "data.sources.1={path: small, ratio: 0.3, streaming: true}",
+        "data.eval_size=0",
+        "data.max_repetition=60",
+    )
+    src = json.loads((data.run(recipe) / "manifest.json").read_text())["sources"][1]
+    assert src["documents_in_source"] == src["documents_read"] == 12
+    assert src["upsampled"] and src["train_rows"] == 58
+
+
+def test_streaming_a_source_that_is_read_in_place_is_a_one_line_error(tiny_workdir, monkeypatch):
+    monkeypatch.chdir(tiny_workdir)
+    with pytest.raises(UserError) as info:
+        data.run(_recipe(tiny_workdir, "data.sources.1.streaming=true"))
+    message = str(info.value)
+    assert "\n" not in message and "data.sources.1.streaming=true" in message and "disk source" in message
