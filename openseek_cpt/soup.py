@@ -60,7 +60,6 @@ from openseek_cpt.safetensors_stream import (
     Reader,
     ShardWriter,
     Ticket,
-    Turns,
     open_model,
 )
 
@@ -91,6 +90,8 @@ NOT_COPIED = {"provenance.json", MERGE_INFO, checkpoints.MARKER}
 CHUNK_ELEMS = 1 << 18
 # Worker threads of the merge: one per core (a third on 2 cores was slower on a quiet machine, measured).
 WORKERS = max(2, min(8, os.cpu_count() or 2))
+# Finished chunks that may wait, copied, for the one before them to be written (see _OutputQueue).
+MAX_PARKED = 8
 METHOD = "linear"
 
 
@@ -627,7 +628,8 @@ def merge(
 
     Chunks are handed out in key order to WORKERS threads; each reads its chunk of every input
     into its own buffer, feeds the inputs' hashes (in file order, see safetensors_stream), combines
-    and writes when its turn comes, so reads, hashes, adds and writes of neighbouring chunks
+    and hands its output to `_OutputQueue` (written in order, a finished worker never waits for
+    its turn), so reads, hashes, adds and writes of neighbouring chunks
     overlap on all cores. Chunking a key along its flat elements does not change any result (the
     mean is elementwise, each element summed in input order). Returns the files written.
     """
@@ -637,7 +639,7 @@ def merge(
     writer = ShardWriter(out_dir, entries, max_shard_size)
     readers = [Reader(inp.files) for inp in inputs]
     steps = _StepQueue(_steps(inputs, readers, plan))
-    out_turns = Turns()
+    outputs = _OutputQueue(writer)
     widest = max((ITEMSIZE[dtype] for inp in inputs for dtype, _ in inp.meta.values()), default=1)
     failures: list[BaseException] = []
 
@@ -649,14 +651,10 @@ def merge(
         try:
             while (step := steps.next()) is not None:
                 data = _run_step(step, readers, raw, scratch, ws, out, plan, out_code)
-                out_turns.wait(step.index)
-                try:
-                    writer.write_bytes(step.key, data)
-                finally:
-                    out_turns.done(step.index)
+                outputs.put(step.index, step.key, data)
         except BaseException as exc:  # stop the others: they may wait for this one's turns
             failures.append(exc)
-            out_turns.abort()
+            outputs.abort()
             for r in readers:
                 r.abort()
             steps.close()
@@ -708,6 +706,48 @@ def _steps(inputs: list[SoupInput], readers: list[Reader], plan: KeyPlan) -> Ite
                     reads.append((i, src_dtype, readers[i].ticket(src, e0 * size, n * size)))
             yield _Step(index, key, n, copy, tuple(reads), tuple(w for _, _, w in contributors))
             index += 1
+
+
+class _OutputQueue:
+    """Writes the steps' outputs in step order without making a finished worker wait its turn.
+
+    The worker whose output is next writes it, then every parked output that follows; a worker
+    that finishes early parks a copy of its output (its buffers are reused by its next step) and
+    goes on. At most MAX_PARKED outputs are parked; past that a worker waits, so memory stays
+    bounded whatever the order threads finish in.
+    """
+
+    def __init__(self, writer: ShardWriter) -> None:
+        self._writer = writer
+        self._cond = threading.Condition()
+        self._next = 0
+        self._parked: dict[int, tuple[str, bytes]] = {}
+        self._aborted = False
+
+    def put(self, index: int, key: str, data: memoryview) -> None:
+        with self._cond:
+            self._cond.wait_for(
+                lambda: index == self._next or len(self._parked) < MAX_PARKED or self._aborted
+            )
+            if self._aborted:
+                raise RuntimeError("aborted: another thread failed")
+            if index != self._next:
+                self._parked[index] = (key, bytes(data))
+                return
+        while True:  # this thread holds the turn: only it writes until the turn moves on
+            self._writer.write_bytes(key, data)
+            with self._cond:
+                self._next += 1
+                self._cond.notify_all()
+                parked = self._parked.pop(self._next, None)
+                if parked is None:
+                    return
+            key, data = parked[0], memoryview(parked[1])
+
+    def abort(self) -> None:
+        with self._cond:
+            self._aborted = True
+            self._cond.notify_all()
 
 
 class _StepQueue:

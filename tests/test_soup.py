@@ -531,3 +531,44 @@ def test_stored_chunks_widen_to_fp32_as_torch_widens_them(dtype, split):
     if split:
         want = np.concatenate([want[0::2], want[1::2]])
     assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
+
+
+def test_outputs_finished_out_of_order_are_written_in_step_order_with_bounded_parking():
+    """Workers finish in any order; the shard writer still gets chunk 0, 1, 2, ... and at most
+    MAX_PARKED copies wait at once."""
+    import random
+    import threading
+
+    class Recorder:
+        def __init__(self):
+            self.keys, self.most_parked = [], 0
+
+        def write_bytes(self, key, data):
+            self.keys.append((key, bytes(data)))
+            self.most_parked = max(self.most_parked, len(queue._parked))
+
+    writer = Recorder()
+    queue = soup._OutputQueue(writer)
+    order = list(range(200))
+    rng = random.Random(0)
+    jobs = iter(order)
+    lock = threading.Lock()
+
+    def worker():
+        while True:
+            with lock:
+                index = next(jobs, None)
+            if index is None:
+                return
+            threading.Event().wait(rng.random() / 2000)  # uneven finishing times
+            buf = bytearray(f"chunk {index}".encode())
+            queue.put(index, f"k{index}", memoryview(buf))
+            buf[:] = b"reused!"  # the worker's buffer is reused at once: a parked output is a copy
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert writer.keys == [(f"k{i}", f"chunk {i}".encode()) for i in order]
+    assert writer.most_parked <= soup.MAX_PARKED
