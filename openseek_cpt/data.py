@@ -278,16 +278,16 @@ def tokenize_and_pack(
     import pyarrow.compute as pc
 
     d = recipe.data
-    # num_proc worker processes tokenize (except the tiktoken path, below) and pack. Each tokenizes single-threaded (tokenizers turns its
-    # Rust threads off in a fork once the parent used them); on 2 cores that measured ~10% faster than
-    # one process on Rust threads, as the Python around the encoding (ids -> Arrow, cache files) runs
-    # in parallel too.
+    # num_proc worker processes tokenize (but the tiktoken path, below). Each tokenizes single-threaded
+    # (tokenizers turns its Rust threads off in a fork once the parent used them); on 2 cores that
+    # measured ~10% faster than one process on Rust threads, as the Python around the encoding
+    # (ids -> Arrow, cache files) runs in parallel too.
     num_proc = max(1, min(d.num_proc, len(indices) // 1000 + 1))  # no worker pool for tiny chunks
     common = {"num_proc": num_proc if num_proc > 1 else None, "load_from_cache_file": False}
     docs = read_rows(src, indices, work / f"{tag}-rows-in.arrow", _hash([tag, "select"]))
     # The tiktoken path encodes in this process on num_proc threads (tiktoken releases the GIL):
     # no worker start-up, no tokenizer pickled into workers, one large batch per thread pool.
-    # The documents are the same either way; packing below still runs on num_proc workers.
+    # The documents are the same either way.
     in_process = encoder.path == "tiktoken" and src.content != "tokens" and num_proc > 1
     encoder.threads = num_proc if in_process else 1
     docs = docs.with_format("arrow").map(

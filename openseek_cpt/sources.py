@@ -54,6 +54,10 @@ class Rows:
         """Rows of the whole source (None while unknown: a stream not read to its end)."""
         return len(self)
 
+    def first_row(self) -> dict[str, Any] | None:
+        """The first row as a dict (None: the source is empty), for the checks at open time."""
+        return self.take([0]).to_pylist()[0] if len(self) else None
+
 
 class DatasetRows(Rows):
     """A memory-mapped `datasets.Dataset` (save_to_disk, or what load_dataset cached)."""
@@ -77,10 +81,10 @@ class StreamedRows(Rows):
     memory-mapped; `len` is the rows read so far. The first row is peeked at open time, for the
     column checks."""
 
-    def __init__(self, stream: Any, first: dict[str, Any]):
+    def __init__(self, stream: Any):
         self.stream = stream
-        self.first = first
-        self.column_names = list(first)
+        self.first = next(iter(stream.take(1)), None)
+        self.column_names = list(self.first or {})
         self.exhausted = False
         self._iter: Any = None
         self._tables: list[Any] = []
@@ -116,6 +120,9 @@ class StreamedRows(Rows):
     @property
     def documents_in_source(self) -> int | None:
         return self._count if self.exhausted else None
+
+    def first_row(self) -> dict[str, Any] | None:
+        return self.first
 
     def take(self, indices: Any, columns: list[str] | None = None) -> Any:
         import pyarrow as pa
@@ -218,7 +225,8 @@ def open_source(index: int, src: SourceConfig, label: str) -> OpenSource:
     where = f"data.sources.{index}"
     kind = detect_kind(src, where)
     rows, fingerprint = _load(kind, src, where)
-    if not isinstance(rows, StreamedRows) and len(rows) == 0:
+    first = rows.first_row()
+    if first is None:
         raise UserError(f"{where}.path={src.path!r} is an empty source (0 rows); remove it or fill it")
     columns = list(rows.column_names)
     formatting = None
@@ -226,7 +234,6 @@ def open_source(index: int, src: SourceConfig, label: str) -> OpenSource:
         content = "formatting"
         formatting = import_formatting(src.formatting, where)
         try:
-            first = rows.first if isinstance(rows, StreamedRows) else rows.take([0]).to_pylist()[0]
             text = formatting(first)
         except Exception as exc:  # the user's function: any failure is a user error
             raise UserError(
@@ -342,7 +349,7 @@ def _load(kind: str, src: SourceConfig, where: str) -> tuple[Rows, str]:
                 kind, data_files=[str(f) for f in files], split="train", streaming=src.streaming
             )
             if src.streaming:
-                return _streamed(ds, where, src), _fingerprint_files(files)
+                return StreamedRows(ds), _fingerprint_files(files)
         except UserError:
             raise
         except Exception as exc:  # malformed file: the builder's error, on one line
@@ -367,7 +374,7 @@ def _load(kind: str, src: SourceConfig, where: str) -> tuple[Rows, str]:
             fingerprint = (
                 _fingerprint_dir(Path(path)) if kind == "folder" else f"stream:{canonical_hash(request)}"
             )
-            return _streamed(ds, where, src), fingerprint
+            return StreamedRows(ds), fingerprint
     except UserError:
         raise
     except Exception as exc:  # hub/network/builder errors all mean: this source cannot be read
@@ -382,14 +389,6 @@ def _load(kind: str, src: SourceConfig, where: str) -> tuple[Rows, str]:
     return DatasetRows(ds), (
         _fingerprint_dir(Path(path)) if kind == "folder" else f"datasets:{ds._fingerprint}"
     )
-
-
-def _streamed(stream: Any, where: str, src: SourceConfig) -> StreamedRows:
-    """A stream's rows, its first row peeked at (an empty stream is refused here)."""
-    first = next(iter(stream.take(1)), None)
-    if first is None:
-        raise UserError(f"{where}.path={src.path!r} is an empty source (0 rows); remove it or fill it")
-    return StreamedRows(stream, first)
 
 
 def _is_saved_dataset(path: Path) -> bool:
