@@ -10,6 +10,12 @@ and 8 checkpoints of it, then measures in this run, for base + 2 and base + 8 ch
   and cold (inputs evicted with posix_fadvise DONTNEED first);
 - the compute floor: sha256 of every input byte, plus one bf16->fp32 multiply-add per input
   element, each timed alone on one core (in memory), the sum divided over the cores.
+The soup runs --repeats times (default 3), each run right after its own warm I/O floor and compute
+floor, because a shared machine's speed drifts over minutes (on the 2-core VM of the figures in
+CHANGELOG, +-5% for the soup, which streams its inputs from DRAM, and up to 4x for the warm I/O
+floor; the compute floor, in cache, holds within 2%); the summary takes
+the median of each time (peak RSS: the highest of the runs) and prints every run's ratio; mergekit
+and the cold floor run once.
 Peak RSS is each process's own maximum (wait4), also shown above an idle process of the same tool
 that only did its imports. Both outputs are compared with the fp32 mean rounded once to bf16, and
 the soup's merge_info hashes with sha256 of the files. Targets (issue 11): soup wall <= 1.5x
@@ -17,7 +23,7 @@ max(warm I/O floor, compute floor) and < 0.5x mergekit; RSS above idle <= 4x the
 and < 1/4 of mergekit's; 2 vs 8 checkpoints: memory within 10%.
 
     python bench/soup_memory.py [--arch llama|deepseek] [--workdir DIR] [--scale 1.0] [--keep]
-        [--no-mergekit] [--mergekit-venv DIR] [--wheels /opt/wheels]
+        [--repeats 3] [--no-mergekit] [--mergekit-venv DIR] [--wheels /opt/wheels]
 
 Other processes share the cores: the load average is printed before and after.
 """
@@ -44,8 +50,9 @@ HIDDEN, VOCAB, DENSE_FFN, EXPERT_FFN, EXPERTS, SHARED = 1280, 151_851, 7168, 896
 DEFAULT_VENV = Path.home() / ".cache" / "openseek-cpt" / "mergekit-venv"
 
 # Runs in each measured child: the time after the imports and the process's peak RSS.
+# What `openseek-cpt soup` imports (no torch), with the OpenBLAS setting its command makes first.
 IDLE_SOUP = (
-    "from openseek_cpt import cli, soup, safetensors_stream"  # what `openseek-cpt soup` imports (no torch)
+    "import os; os.environ.setdefault('OPENBLAS_NUM_THREADS', '1'); from openseek_cpt import cli, soup"
 )
 IDLE_MERGEKIT = "import torch, transformers; import mergekit.merge, mergekit.config"
 FLOOR = """
@@ -96,6 +103,9 @@ def main() -> None:
     ap.add_argument("--scale", type=float, default=1.0, help="scale the model (layers or experts)")
     ap.add_argument("--keep", action="store_true", help="keep the synthetic models (reused by the next run)")
     ap.add_argument("--counts", default="2,8", help="numbers of checkpoints to merge with the base")
+    ap.add_argument(
+        "--repeats", type=int, default=3, help="soup runs (each with its own floors); medians are reported"
+    )
     ap.add_argument("--no-mergekit", action="store_true", help="skip mergekit")
     ap.add_argument("--mergekit-venv", default=str(DEFAULT_VENV))
     ap.add_argument("--wheels", default=os.environ.get("WHEELS", "/opt/wheels"), help="find-links for torch")
@@ -109,14 +119,17 @@ def main() -> None:
     elif not args.no_mergekit:
         print("[bench] mergekit has no deepseek_v3 architecture: skipped (use --arch llama to compare)")
     try:
-        run_bench(work, args.arch, args.scale, [int(n) for n in args.counts.split(",")], mergekit)
+        counts = [int(n) for n in args.counts.split(",")]
+        run_bench(work, args.arch, args.scale, counts, mergekit, max(1, args.repeats))
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
         print(f"[bench] {_uptime()}")
 
 
-def run_bench(work: Path, arch: str, scale: float, counts: list[int], mergekit: Path | None) -> None:
+def run_bench(
+    work: Path, arch: str, scale: float, counts: list[int], mergekit: Path | None, repeats: int
+) -> None:
     t0 = time.perf_counter()
     shapes, config = llama_shapes(scale) if arch == "llama" else deepseek_shapes(scale)
     base = write_model(work / "base", shapes, config, seed=0)
@@ -142,19 +155,27 @@ def run_bench(work: Path, arch: str, scale: float, counts: list[int], mergekit: 
         r = {"n": n, "in_bytes": in_bytes}
         r["cold"] = floor(files, work, model_bytes, evict=True)
         floor(files, work, model_bytes)  # warm the page cache
-        r["warm"] = floor(files, work, model_bytes)
         elems = sum(_numel(s) for _, s, _ in shapes) * len(inputs)
-        out = child([sys.executable, "-c", COMPUTE, str(in_bytes), str(elems)])["stdout"]
-        t_sha, t_fma = (float(x) for x in out.split("COMPUTE ")[1].split())
-        r["compute"] = (t_sha + t_fma) / CORES
-        r["sha"], r["fma"] = t_sha, t_fma
         recipe = work / f"recipe-{n}.json"
         soup_out = work / f"soup-out-{n}"
         recipe.write_text(json.dumps({"soup": {
             "base_dir": str(base), "checkpoints": [str(c) for c in ckpts[:n]],
             "output_dir": str(soup_out), "dtype": "bfloat16", "max_shard_size": SHARD_BYTES,
         }}))  # fmt: skip
-        r["soup"] = child([sys.executable, "-m", "openseek_cpt", "soup", "--recipe", str(recipe)])
+        warm, compute, soups = [], [], []
+        for _ in range(repeats):  # floors and soup interleaved: each repeat sees the same machine state
+            warm.append(floor(files, work, model_bytes))
+            out = child([sys.executable, "-c", COMPUTE, str(in_bytes), str(elems)])["stdout"]
+            t_sha, t_fma = (float(x) for x in out.split("COMPUTE ")[1].split())
+            compute.append({"compute": (t_sha + t_fma) / CORES, "sha": t_sha, "fma": t_fma})
+            shutil.rmtree(soup_out, ignore_errors=True)
+            soups.append(child([sys.executable, "-m", "openseek_cpt", "soup", "--recipe", str(recipe)]))
+        r["warm"] = _median(warm, "write")
+        r.update(_median(compute, "compute"))
+        r["soup"] = {**_median(soups, "wall"), "rss": max(s["rss"] for s in soups)}  # the highest peak
+        r["ratios"] = [
+            s["wall"] / max(w["write"], c["compute"]) for w, c, s in zip(warm, compute, soups, strict=True)
+        ]
         info = json.loads((soup_out / "merge_info.json").read_text())
         r["soup_merge_s"] = info["io"]["merge_seconds"]
         r["soup_rehashed"] = info["io"]["bytes_read_again_for_hashes"]
@@ -192,10 +213,12 @@ def report_one(r: dict, largest: int, idle_soup: int, idle_mk: int) -> None:
         f"(+ fsync {r['warm']['fsync'] - r['warm']['write']:.2f} s), cold {r['cold']['write']:.2f} s; "
         f"compute floor {r['compute']:.2f} s (sha256 {r['sha']:.2f} s + fma {r['fma']:.2f} s, / {CORES} cores)"
     )
+    spread = ", ".join(f"{x:.2f}" for x in r["ratios"])
     print(
         f"[bench] N={n} soup: {soup['wall']:.2f} s wall ({r['soup_merge_s']:.2f} s merging, {soup['cpu']:.2f} s CPU), peak RSS "
         f"{soup['rss'] / 1e6:.0f} MB ({(soup['rss'] - idle_soup) / 1e6:.0f} MB above idle), exact: {r['soup_exact']}, "
-        f"hashes = sha256 of the files: {r['hashes_ok']}, bytes read again for hashes: {r['soup_rehashed']}"
+        f"hashes = sha256 of the files: {r['hashes_ok']}, bytes read again for hashes: {r['soup_rehashed']}; "
+        f"x floor in each of the {len(r['ratios'])} runs: {spread}"
     )
     if "mergekit" in r:
         mk = r["mergekit"]
@@ -267,6 +290,11 @@ cpu = usage.ru_utime + usage.ru_stime
 print("SPAWN", usage.ru_maxrss * 1024, time.perf_counter() - t0, cpu, file=sys.stderr)
 sys.exit(os.waitstatus_to_exitcode(status))
 """
+
+
+def _median(runs: list[dict], key: str) -> dict:
+    """The run whose `key` is the median (the upper one of an even count): its other figures stay its own."""
+    return sorted(runs, key=lambda run: run[key])[len(runs) // 2]
 
 
 def child(cmd: list[str]) -> dict:

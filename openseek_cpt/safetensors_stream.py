@@ -183,6 +183,8 @@ class Turns:
         self._aborted = False
 
     def wait(self, turn: int) -> None:
+        if self._next == turn:  # usually so: only this turn's holder can move it on
+            return
         with self._cond:
             self._cond.wait_for(lambda: self._next == turn or self._aborted)
             if self._aborted:
@@ -295,6 +297,9 @@ class Reader:
                 self.rehashed_bytes += n
 
     def _fd(self, name: str) -> int:
+        fd = self._fds.get(name)
+        if fd is not None:
+            return fd
         with self._lock:
             if name not in self._fds:
                 self._fds[name] = os.open(self.model.path / name, os.O_RDONLY)

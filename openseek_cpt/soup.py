@@ -440,9 +440,9 @@ class Workspace:
 
 # A method combines the inputs' chunks of one key (flat fp32 arrays, converted exactly from the
 # stored dtype, in input order, each valid until the next is drawn: a method that needs them all
-# at once copies them) into an fp32 array (usually ws.acc). The elements of every input's chunk
-# come in the same order, not necessarily the stored one (bf16 is de-interleaved, see to_fp32):
-# a method is elementwise.
+# at once copies them) into an fp32 array (usually ws.acc, where the first chunk may already be:
+# that saves a copy). The elements of every input's chunk come in the same order, not necessarily
+# the stored one (bf16 is de-interleaved, see to_fp32): a method is elementwise.
 Method = Callable[[Iterator[np.ndarray], Sequence[float], Workspace], np.ndarray]
 
 
@@ -454,7 +454,8 @@ def linear(chunks: Iterator[np.ndarray], weights: Sequence[float], ws: Workspace
             x = np.multiply(x, np.float32(w), out=ws.tmp(x.size))
         if a is None:
             a = ws.acc(x.size)
-            np.copyto(a, x)
+            if not np.may_share_memory(a, x):
+                np.copyto(a, x)
         else:
             np.add(a, x, out=a)
     if a is None:
@@ -787,9 +788,11 @@ def _run_step(
     split = step.n % 2 == 0  # every input's chunk de-interleaved alike (to_fp32); undone on output
 
     def chunks() -> Iterator[np.ndarray]:
+        into = ws.acc(step.n)  # the first input widens straight into the accumulator
         for i, dtype, ticket in step.reads:
             readers[i].read(ticket, raw, scratch)
-            yield to_fp32(raw, dtype, step.n, ws.tmp(step.n), split)
+            yield to_fp32(raw, dtype, step.n, into, split)
+            into = ws.tmp(step.n)
 
     a = combine(METHOD, chunks(), step.weights, ws)
     code = "F32" if step.key in plan.fp32_keys else out_code
