@@ -90,8 +90,9 @@ NOT_COPIED = {"provenance.json", MERGE_INFO, checkpoints.MARKER}
 CHUNK_ELEMS = 1 << 18
 # Worker threads of the merge: one per core (a third on 2 cores was slower on a quiet machine, measured).
 WORKERS = max(2, min(8, os.cpu_count() or 2))
-# Finished chunks that may wait, copied, for the one before them to be written (see _OutputQueue).
-MAX_PARKED = 8
+# Finished chunks that may wait, copied, for the one before them to be written (see _OutputQueue):
+# with one worker per core more than 2 never sped it up, and each parked chunk is memory.
+MAX_PARKED = 2
 METHOD = "linear"
 
 
