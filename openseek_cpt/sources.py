@@ -81,8 +81,9 @@ class StreamedRows(Rows):
     memory-mapped; `len` is the rows read so far. The first row is peeked at open time, for the
     column checks."""
 
-    def __init__(self, stream: Any):
+    def __init__(self, stream: Any, where: str, path: str):
         self.stream = stream
+        self.where, self.path = where, path  # named in the error a failing stream gives
         self.first = next(iter(stream.take(1)), None)
         self.column_names = list(self.first or {})
         self.exhausted = False
@@ -102,7 +103,14 @@ class StreamedRows(Rows):
         import pyarrow as pa
 
         while self._count < n and not self.exhausted:
-            batch = next(self._iter, None)
+            try:
+                batch = next(self._iter, None)
+            except Exception as exc:  # a malformed line far into a file, a dropped connection
+                raise UserError(
+                    f"{self.where}.path={self.path!r}: the stream failed after {self._count} rows "
+                    f"({type(exc).__name__}: {first_line(exc)[:300]}); fix the data (or the connection) "
+                    "and run again"
+                ) from None
             if batch is None:
                 self.exhausted = True
                 break
@@ -349,7 +357,7 @@ def _load(kind: str, src: SourceConfig, where: str) -> tuple[Rows, str]:
                 kind, data_files=[str(f) for f in files], split="train", streaming=src.streaming
             )
             if src.streaming:
-                return StreamedRows(ds), _fingerprint_files(files)
+                return StreamedRows(ds, where, src.path), _fingerprint_files(files)
         except UserError:
             raise
         except Exception as exc:  # malformed file: the builder's error, on one line
@@ -374,7 +382,7 @@ def _load(kind: str, src: SourceConfig, where: str) -> tuple[Rows, str]:
             fingerprint = (
                 _fingerprint_dir(Path(path)) if kind == "folder" else f"stream:{canonical_hash(request)}"
             )
-            return StreamedRows(ds), fingerprint
+            return StreamedRows(ds, where, src.path), fingerprint
     except UserError:
         raise
     except Exception as exc:  # hub/network/builder errors all mean: this source cannot be read

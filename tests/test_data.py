@@ -492,6 +492,31 @@ def test_a_streamed_source_shorter_than_its_share_is_read_to_its_end_and_upsampl
     assert src["upsampled"] and src["train_rows"] == 58
 
 
+def test_a_stream_that_fails_midway_is_a_one_line_error_naming_the_source(tiny_workdir, monkeypatch):
+    """A malformed line far into a streamed file is met only when the stream gets there: still one line."""
+    monkeypatch.chdir(tiny_workdir)
+    monkeypatch.setattr(sources, "STREAM_BATCH", 16)
+    monkeypatch.setattr(sources, "STREAM_BUFFER", 32)
+    _write_jsonl_folder(tiny_workdir / "bad", files=2, docs_per_file=300)
+    good, bad = sorted((tiny_workdir / "bad").glob("*.jsonl"))  # the first row is peeked from `good`
+    good.write_text("\n".join(good.read_text().splitlines()[:20]) + "\n")  # too few for the share
+    lines = bad.read_text().splitlines()
+    lines[100] = "{this is not json"
+    bad.write_text("\n".join(lines) + "\n")
+    recipe = _recipe(
+        tiny_workdir, "data.sources.1={path: bad, ratio: 0.3, streaming: true}", "data.eval_size=0"
+    )
+    with pytest.raises(UserError) as info:
+        data.run(recipe)
+    message = str(info.value)
+    assert (
+        "\n" not in message
+        and "data.sources.1.path='bad'" in message
+        and "the stream failed after" in message
+    )
+    assert not (tiny_workdir / "datasets").exists() or not any((tiny_workdir / "datasets").iterdir())
+
+
 def test_streaming_a_source_that_is_read_in_place_is_a_one_line_error(tiny_workdir, monkeypatch):
     monkeypatch.chdir(tiny_workdir)
     with pytest.raises(UserError) as info:
