@@ -358,8 +358,6 @@ def _load(kind: str, src: SourceConfig, where: str) -> tuple[Rows, str]:
             )
             if src.streaming:
                 return StreamedRows(ds, where, src.path), _fingerprint_files(files)
-        except UserError:
-            raise
         except Exception as exc:  # malformed file: the builder's error, on one line
             raise UserError(
                 f"{where}.path={src.path!r} could not be read as {kind} ({type(exc).__name__}: {first_line(exc)[:300]}); "
@@ -383,8 +381,6 @@ def _load(kind: str, src: SourceConfig, where: str) -> tuple[Rows, str]:
                 _fingerprint_dir(Path(path)) if kind == "folder" else f"stream:{canonical_hash(request)}"
             )
             return StreamedRows(ds, where, src.path), fingerprint
-    except UserError:
-        raise
     except Exception as exc:  # hub/network/builder errors all mean: this source cannot be read
         first = first_line(exc)[:300]
         hint = "no such local path either; " if kind == "hub" else ""
