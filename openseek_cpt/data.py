@@ -34,12 +34,10 @@ from openseek_cpt.sources import DatasetRows, OpenSource, StreamedRows, open_sou
 
 # Documents tokenized in-process to estimate tokens per document of a source.
 ESTIMATE_DOCS = 256
-
-log = get_logger("data")
-
-
 # Tokens per packing worker below which packing stays in this process (see tokenize_and_pack).
 PACK_TOKENS_PER_WORKER = 32_000_000
+
+log = get_logger("data")
 
 
 def run(recipe: Recipe) -> Path:

@@ -6,9 +6,10 @@ Used by the data stage only. A source is read in place through `Rows` (row count
 copy of the source is made. json/text files and hub datasets go through `datasets`' own Arrow
 cache, as `load_dataset` makes it, unless the source sets `streaming`: then rows are read as a
 stream in a seeded shuffled order and only as many as the share needs (plus the shuffle buffer and
-one batch) are downloaded and converted, into the stage's work dir (`StreamedRows`). Everything file-dependent that can be wrong with a source is checked
-here, before any expensive work, and reported as a one-line UserError: a missing local path, an
-empty source, a text field that does not exist, a formatting function that does not import.
+one batch) are downloaded and converted, into the stage's work dir (`StreamedRows`). Everything
+file-dependent that can be wrong with a source is checked here, before any expensive work, and
+reported as a one-line UserError: a missing local path, an empty source, a text field that does
+not exist, a formatting function that does not import.
 A relative path that exists locally (`data/foo`, even `org/name`) is always local, never a hub id:
 the original scripts sent such paths to the hub.
 """
