@@ -199,6 +199,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logs.setup()
+    code = _run(args)
+    if args.command == "train" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        _exit_without_finalizing(code)
+    return code
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         return int(args.func(args) or EXIT_OK)
     except UserError as exc:
@@ -210,6 +217,21 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"openseek-cpt {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _exit_without_finalizing(code: int) -> None:
+    """A distributed training rank ends here, skipping the interpreter's finalization.
+
+    Tearing down gloo's worker threads there aborted (SIGABRT) or hung a rank now and then, after
+    its outputs were complete, and a rank that does so fails or holds the whole job. Everything the
+    stage wrote is closed and fsynced by now; only the standard streams need flushing.
+    """
+    import logging
+
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -40,10 +40,12 @@ the checkpoints in output_dir and start from the base model.
 from __future__ import annotations
 
 import dataclasses
+import faulthandler
 import math
 import os
 import shutil
 import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -54,7 +56,7 @@ from transformers import Trainer, TrainerCallback
 from openseek_cpt import attention, checkpoints, experts, flops, prepared, router_balance
 from openseek_cpt import loss as lm_loss
 from openseek_cpt.collator import PackedCollator
-from openseek_cpt.errors import Preempted, UserError, first_line
+from openseek_cpt.errors import EXIT_OK, EXIT_PREEMPTED, Preempted, UserError, first_line
 from openseek_cpt.launcher import exit_with_launcher
 from openseek_cpt.logs import get_logger
 from openseek_cpt.provenance import (
@@ -68,6 +70,8 @@ from openseek_cpt.recipe import Recipe
 
 TENSORBOARD_SUBDIR = "tensorboard"
 FINAL_SUBDIR = "final"
+# After the outputs are complete, how long a rank may spend leaving the process group.
+TEARDOWN_DEADLINE_S = 60.0
 
 log = get_logger("train")
 
@@ -83,17 +87,47 @@ def run(recipe: Recipe) -> Path:
     try:
         trainer = main(recipe, setup)
         saved = fit(recipe, setup, trainer)
-        # Deviation: Trainer leaves the process group alive; tearing gloo down at interpreter exit
-        # aborted a rank now and then ("terminate called without an active exception", exit -6).
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.barrier()
-            torch.distributed.destroy_process_group()
+        leave_process_group(EXIT_OK if saved is None else EXIT_PREEMPTED)
     finally:
         if setup.lock is not None:
             setup.lock.release()
     if saved is not None:
         raise Preempted(str(saved))
     return setup.output_dir
+
+
+def leave_process_group(exit_code: int, deadline_s: float = TEARDOWN_DEADLINE_S) -> None:
+    """Barrier + destroy_process_group, bounded: past `deadline_s` the rank exits with `exit_code`.
+
+    Deviation: Trainer leaves the process group alive, and tearing gloo down at interpreter exit
+    aborted a rank now and then ("terminate called without an active exception", exit -6); the
+    explicit teardown can hang instead (pytorch#75097). Seen here once: a requeued 2-node run saved
+    its final model, rank 0 exited, and rank 1 never did (in this teardown or in the interpreter's
+    finalization, which `cli.main` now skips for ranks), holding the job until its time limit.
+    Every output is complete when this runs (the final model or the preemption checkpoint, all
+    ranks past the last barrier), so a stuck teardown loses nothing: the rank prints its threads'
+    stacks, says so, and exits with the code the run earned.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+
+    def give_up() -> None:
+        os.write(
+            2,
+            f"[train] process-group teardown still running after {deadline_s:.0f} s; "
+            f"the outputs are complete, exiting with {exit_code}; stacks:\n".encode(),
+        )
+        faulthandler.dump_traceback(all_threads=True)
+        os._exit(exit_code)
+
+    timer = threading.Timer(deadline_s, give_up)
+    timer.daemon = True
+    timer.start()
+    try:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    finally:
+        timer.cancel()
 
 
 @dataclasses.dataclass

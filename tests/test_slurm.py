@@ -176,6 +176,15 @@ def wait_requeued(cluster, job: str, timeout: float = 120, **updates: str) -> No
     )
 
 
+def assert_completes(cluster, work: Path, job: str, timeout: float = 600) -> None:
+    """The job ends COMPLETED within `timeout`; otherwise the failure shows the job's own log too."""
+    try:
+        state = cluster.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, timeout=timeout)
+    except TimeoutError as exc:
+        raise AssertionError(f"{exc}\n--- job log\n{job_log(work, job)[-6000:]}") from None
+    assert state == "COMPLETED", job_log(work, job)[-6000:]
+
+
 def assert_resumed_mid_run(log: str) -> int:
     resumed = [int(s) for s in re.findall(r"resuming from runs/tiny/checkpoint-(\d+)", log)]
     assert resumed and 0 < resumed[0] < STEPS, log[-4000:]
@@ -191,9 +200,7 @@ def test_scontrol_requeue_mid_run_resumes_from_the_saved_step_with_identical_fin
     wait_for_losses(cluster, work, job, 8)  # still in the first epoch (24 steps) when the TERM lands
     cluster.run("scontrol", "requeue", job)
     wait_requeued(cluster, job)
-    assert (
-        cluster.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, timeout=600) == "COMPLETED"
-    )
+    assert_completes(cluster, work, job)
     log = job_log(work, job)
     assert "received signal 15: saving at the end of this step" in log
     step = assert_resumed_mid_run(log)
@@ -215,9 +222,7 @@ def test_time_limit_signal_saves_requeues_and_resumes_with_identical_final_weigh
     limit = elapsed + 70
     cluster.run("scontrol", "update", f"JobId={job}", f"TimeLimit={limit // 60}:{limit % 60:02d}")
     wait_requeued(cluster, job, TimeLimit="10")  # the requeued run gets its 10 minutes back
-    assert (
-        cluster.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, timeout=600) == "COMPLETED"
-    )
+    assert_completes(cluster, work, job)
     log = job_log(work, job)
     assert "USR1 received" in log and "requeueing job" in log, log[-4000:]
     assert "received signal 10: saving at the end of this step" in log, log[-4000:]

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -245,3 +250,46 @@ def test_train_and_launcher_import_no_stage_and_not_the_cli():
             elif isinstance(node, ast.Import):
                 imported |= {a.name.removeprefix("openseek_cpt.") for a in node.names}
         assert not (imported & (stages - {module})), (module, sorted(imported & stages))
+
+
+TEARDOWN_RANK = """
+import os, sys, time, torch
+from openseek_cpt import train
+torch.distributed.init_process_group("gloo")
+if torch.distributed.get_rank() == 1 and sys.argv[1] == "hang":
+    time.sleep(120)  # never reaches the barrier: rank 0's teardown cannot complete
+train.leave_process_group(exit_code=3, deadline_s=3)
+print("left", torch.distributed.is_initialized(), flush=True)
+"""
+
+
+@pytest.mark.parametrize("peer", ["joins", "hang"])
+def test_a_rank_whose_process_group_teardown_hangs_exits_with_its_code_after_the_deadline(peer, tmp_path):
+    """The teardown runs after every output is complete: a stuck one (pytorch#75097) must not hold the job."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2"}
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, "-c", TEARDOWN_RANK, peer],
+            env={**env, "RANK": str(r)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for r in (0, 1)
+    ]
+    start = time.monotonic()
+    try:
+        out, err = ranks[0].communicate(timeout=60)
+        took = time.monotonic() - start
+    finally:
+        for p in ranks:
+            p.kill()
+    if peer == "joins":
+        assert ranks[0].returncode == 0 and out.strip() == "left False", err[-2000:]
+    else:
+        assert ranks[0].returncode == 3, err[-2000:]
+        assert "process-group teardown still running after 3 s" in err and "leave_process_group" in err
+        assert "left" not in out and 3 <= took < 45, (took, err[-2000:])
