@@ -14,7 +14,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -216,11 +215,7 @@ def test_launcher_forwards_sigterm_to_both_ranks_and_returns_the_preempted_statu
     work = fresh(prepared, tmp_path)
     cmd = [sys.executable, "-m", "openseek_cpt", "launch", "--recipe", str(TINY_RECIPE), "--nproc", "2",
            *BASE, "--set", "train.args.save_steps=100", "--set", "train.args.max_steps=200"]  # fmt: skip
-    w = Watcher.__new__(Watcher)
-    w.proc = subprocess.Popen(cmd, cwd=work, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    w.lines, w.losses = [], 0
-    w.thread = threading.Thread(target=w._read, daemon=True)
-    w.thread.start()
+    w = WatchedProcess(cmd, work)
     assert w.wait_for(lambda: w.losses >= 3, timeout=180), w.output[-3000:]
     w.proc.send_signal(signal.SIGTERM)
     assert w.finish() == EXIT_PREEMPTED, w.output[-3000:]
@@ -266,3 +261,25 @@ def test_two_process_run_resumed_after_its_first_epoch_ends_identical(prepared, 
     resumed = [line for line in (r.stdout + r.stderr).splitlines() if "resuming from" in line]
     assert resumed and resumed[0].endswith("runs/tiny/checkpoint-13"), resumed
     assert_same_weights(reference_work / "runs" / "tiny", work / "runs" / "tiny")
+
+
+def test_a_two_rank_checkpoint_resumes_on_one_process_with_the_same_loss_curve(reference, prepared, tmp_path):
+    """Another world size is fine on resume: grad accumulation keeps the global batch, data order is the stage's."""
+    work = fresh(prepared, tmp_path)
+    run = work / "runs" / "tiny"
+    no_periodic = ("--set", "train.args.save_steps=100")
+    cmd = [sys.executable, "-m", "openseek_cpt", "launch", "--recipe", str(TINY_RECIPE), "--nproc", "2",
+           *BASE, *no_periodic]  # fmt: skip
+    w = WatchedProcess(cmd, work)
+    assert w.wait_for(lambda: w.losses >= 3, timeout=180), w.output[-3000:]
+    w.proc.send_signal(signal.SIGTERM)
+    assert w.finish() == EXIT_PREEMPTED, w.output[-3000:]
+    [step] = checkpoint_steps(run)
+    assert 3 <= step < STEPS, step
+    w = Watcher(work, *no_periodic)  # one process: grad accumulation 2 instead of 2 ranks x 1
+    assert w.finish() == 0, w.output[-3000:]
+    assert f"checkpoint-{step} was written at world size 2; resuming at 1" in w.output, w.output[-3000:]
+    one, resumed = step_losses(reference), step_losses(run)
+    assert sorted(resumed) == list(range(1, STEPS + 1))
+    for s in one:
+        assert math.isclose(one[s], resumed[s], rel_tol=DDP_LOSS_RTOL), (s, one[s], resumed[s])
