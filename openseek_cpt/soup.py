@@ -631,8 +631,9 @@ def merge(
     Chunks are handed out in key order to WORKERS threads; each reads its chunk of every input
     into its own buffer, feeds the inputs' hashes (in file order, see safetensors_stream), combines
     and hands its output to `_OutputQueue` (written in order; a worker that finishes early parks a
-    copy and goes on), so reads, hashes, adds and writes of neighbouring chunks overlap on all cores. Chunking a key along its flat elements does not change any result (the
-    mean is elementwise, each element summed in input order). Returns the files written.
+    copy and goes on), so reads, hashes, adds and writes of neighbouring chunks overlap on all
+    cores. Chunking a key along its flat elements does not change any result (the mean is
+    elementwise, each element summed in input order). Returns the files written.
     """
     started = time.perf_counter()
     base = inputs[0]

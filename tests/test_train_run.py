@@ -67,6 +67,12 @@ def train_cmd(*extra: str) -> list[str]:
     return [sys.executable, "-m", "openseek_cpt", "train", "--recipe", str(TINY_RECIPE), *BASE, *extra]
 
 
+def launch_cmd(*extra: str) -> list[str]:
+    """The same run as `train_cmd`, on 2 gloo ranks through `openseek-cpt launch`."""
+    return [sys.executable, "-m", "openseek_cpt", "launch", "--recipe", str(TINY_RECIPE), "--nproc", "2",
+            *BASE, *extra]  # fmt: skip
+
+
 def test_reference_run_keeps_the_last_checkpoints_and_marks_them_complete(reference):
     assert checkpoint_steps(reference) == [9, 12]
     for step in (9, 12):
@@ -213,8 +219,7 @@ def test_sigterm_saves_at_the_current_step_exits_3_and_the_restart_ends_identica
 
 def test_launcher_forwards_sigterm_to_both_ranks_and_returns_the_preempted_status(prepared, tmp_path):
     work = fresh(prepared, tmp_path)
-    cmd = [sys.executable, "-m", "openseek_cpt", "launch", "--recipe", str(TINY_RECIPE), "--nproc", "2",
-           *BASE, "--set", "train.args.save_steps=100", "--set", "train.args.max_steps=200"]  # fmt: skip
+    cmd = launch_cmd("--set", "train.args.save_steps=100", "--set", "train.args.max_steps=200")
     w = WatchedProcess(cmd, work)
     assert w.wait_for(lambda: w.losses >= 3, timeout=180), w.output[-3000:]
     w.proc.send_signal(signal.SIGTERM)
@@ -236,9 +241,8 @@ def test_two_process_run_resumed_after_its_first_epoch_ends_identical(prepared, 
 
     import psutil
 
-    ddp = [*BASE, "--set", "train.global_batch_size=16", "--set", "train.args.max_steps=20",
-           "--set", "train.args.save_steps=13", "--set", "train.args.eval_strategy='no'"]  # fmt: skip
-    cmd = [sys.executable, "-m", "openseek_cpt", "launch", "--recipe", str(TINY_RECIPE), "--nproc", "2", *ddp]
+    cmd = launch_cmd("--set", "train.global_batch_size=16", "--set", "train.args.max_steps=20",
+                     "--set", "train.args.save_steps=13", "--set", "train.args.eval_strategy='no'")  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     reference_work, work = fresh(prepared, tmp_path / "a"), fresh(prepared, tmp_path / "b")
     r = subprocess.run(cmd, cwd=reference_work, env=env, capture_output=True, text=True, timeout=600)
@@ -268,9 +272,7 @@ def test_a_two_rank_checkpoint_resumes_on_one_process_with_the_same_loss_curve(r
     work = fresh(prepared, tmp_path)
     run = work / "runs" / "tiny"
     no_periodic = ("--set", "train.args.save_steps=100")
-    cmd = [sys.executable, "-m", "openseek_cpt", "launch", "--recipe", str(TINY_RECIPE), "--nproc", "2",
-           *BASE, *no_periodic]  # fmt: skip
-    w = WatchedProcess(cmd, work)
+    w = WatchedProcess(launch_cmd(*no_periodic), work)
     assert w.wait_for(lambda: w.losses >= 3, timeout=180), w.output[-3000:]
     w.proc.send_signal(signal.SIGTERM)
     assert w.finish() == EXIT_PREEMPTED, w.output[-3000:]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -266,9 +265,7 @@ print("left", torch.distributed.is_initialized(), flush=True)
 @pytest.mark.parametrize("peer", ["joins", "hang"])
 def test_a_rank_whose_process_group_teardown_hangs_exits_with_its_code_after_the_deadline(peer, tmp_path):
     """The teardown runs after every output is complete: a stuck one (pytorch#75097) must not hold the job."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = launcher._free_port()
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2"}
     ranks = [
         subprocess.Popen(
@@ -277,7 +274,7 @@ def test_a_rank_whose_process_group_teardown_hangs_exits_with_its_code_after_the
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-        )  # fmt: skip
+        )
         for r in (0, 1)
     ]
     start = time.monotonic()
