@@ -110,6 +110,8 @@ def main() -> None:
     ap.add_argument("--mergekit-venv", default=str(DEFAULT_VENV))
     ap.add_argument("--wheels", default=os.environ.get("WHEELS", "/opt/wheels"), help="find-links for torch")
     args = ap.parse_args()
+    if args.repeats < 1:
+        ap.error(f"--repeats={args.repeats}: give 1 or more soup runs")
     work = Path(args.workdir or tempfile.mkdtemp(prefix="soup-bench-", dir="/tmp"))
     work.mkdir(parents=True, exist_ok=True)
     print(f"[bench] {_uptime()}; {CORES} cores; {shutil.disk_usage(work).free / 1e9:.0f} GB free at {work}")
@@ -120,7 +122,7 @@ def main() -> None:
         print("[bench] mergekit has no deepseek_v3 architecture: skipped (use --arch llama to compare)")
     try:
         counts = [int(n) for n in args.counts.split(",")]
-        run_bench(work, args.arch, args.scale, counts, mergekit, max(1, args.repeats))
+        run_bench(work, args.arch, args.scale, counts, mergekit, args.repeats)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
