@@ -42,6 +42,7 @@ VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' $(REPO)/pyproject.toml)
 GIT_REV := $(shell git -C $(REPO) rev-parse HEAD 2>/dev/null || echo unknown)
 LOCK_gpu := $(REPO)/container/requirements.lock
 LOCK_cpu := $(REPO)/container/requirements-cpu.lock
+LOCK_test := $(REPO)/container/requirements-test.lock# CI: the CPU lock + test tools + interop readers
 BASE_gpu := nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
 BASE_cpu := debian:bookworm-slim
 TORCH_gpu := torch==2.10.0
@@ -85,13 +86,16 @@ sif: ## convert IMAGE to the Apptainer file SIF (container/openseek-cpt.def, via
 	$(ENGINE) save $(if $(filter podman,$(ENGINE)),--format docker-archive) -o $(REPO)/build/openseek-cpt.tar $(IMAGE)
 	cd $(REPO) && apptainer build --force $(abspath $(SIF)) container/openseek-cpt.def
 
-lock: ## regenerate container/requirements.lock (GPU) and requirements-cpu.lock with uv, hashed
+lock: ## regenerate the GPU, CPU and test (CI) locks in container/ with uv, hashed
 	test -x $(REPO)/build/lock-venv/bin/uv || { python3 -m venv $(REPO)/build/lock-venv && $(REPO)/build/lock-venv/bin/pip install -q uv; }
 	cd $(REPO) && $(foreach f,gpu cpu,printf 'setuptools>=68\n$(TORCH_$(f))\n' | build/lock-venv/bin/uv pip compile pyproject.toml - \
 	  --generate-hashes --python-platform x86_64-manylinux_2_28 --python-version $(PYVER_$(f)) $(if $(filter gpu,$(f)),--extra gpu) \
 	  $(if $(filter cpu,$(f)),$(if $(WHEELS),--find-links $(abspath $(WHEELS)),$(TORCH_CPU_INDEX))) \
 	  --custom-compile-command 'make lock' \
 	  -o $(LOCK_$(f)) --quiet &&) true
+	cd $(REPO) && printf 'setuptools>=68\n$(TORCH_cpu)\nmegatron-core==0.16.1\n' | build/lock-venv/bin/uv pip compile pyproject.toml - \
+	  --extra test --extra mindspore -c $(LOCK_cpu) --generate-hashes --python-platform x86_64-manylinux_2_28 --python-version $(PYVER_cpu) \
+	  $(if $(WHEELS),--find-links $(abspath $(WHEELS)),$(TORCH_CPU_INDEX)) --custom-compile-command 'make lock' -o $(LOCK_test) --quiet
 
 download: ## fetch base model + tokenizer into assets.model_dir (run where the network is)
 	openseek-cpt download --recipe $(RECIPE) $(OVERRIDES)
