@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from openseek_cpt.fileio import fsync_tree
-from openseek_cpt.tiny_assets import real_shape_config
+from openseek_cpt.artifacts.fileio import fsync_tree
+from openseek_cpt.testing.fixtures import real_shape_config
 
 
 def real_checkpoint_bytes() -> tuple[int, int]:

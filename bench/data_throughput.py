@@ -56,7 +56,7 @@ t0 = time.perf_counter()
 import datasets  # what the stage imports before its first token (transformers pulls torch)
 from transformers import AutoTokenizer
 from trl import pack_dataset
-from openseek_cpt import data
+from openseek_cpt.data import stage as data
 from openseek_cpt.cli import main
 t1 = time.perf_counter()
 rc = main(["data", "--recipe", sys.argv[1]])
@@ -255,8 +255,8 @@ def tiktoken_case(args: argparse.Namespace, workdir: Path, load_before: float) -
     from datasets import Dataset
     from transformers import AutoTokenizer
 
-    from openseek_cpt.encoder import Encoder
-    from openseek_cpt.tiny_assets import write_qwen_tokenizer
+    from openseek_cpt.data.encoder import Encoder
+    from openseek_cpt.testing.fixtures import write_qwen_tokenizer
 
     datasets.disable_progress_bars()
     tok_dir = write_qwen_tokenizer(workdir / "qwen")
@@ -333,7 +333,7 @@ def tiktoken_case(args: argparse.Namespace, workdir: Path, load_before: float) -
 def megatron_case(args: argparse.Namespace, workdir: Path, load_before: float) -> None:
     """Time, peak RSS and extra disk of a share taken from a big and a 10x smaller Megatron shard."""
 
-    from openseek_cpt import megatron_format
+    from openseek_cpt.artifacts import megatron_format
 
     tiny_assets(workdir)
     big_tokens = int(args.shard_tokens)

@@ -22,7 +22,7 @@ import datasets
 import numpy as np
 import pyarrow as pa
 
-from openseek_cpt import megatron_format
+from openseek_cpt.artifacts import megatron_format
 
 
 def main() -> None:

@@ -31,8 +31,8 @@ import os
 
 import torch
 
-from openseek_cpt import experts, loss
-from openseek_cpt.tiny_assets import real_shape_config
+from openseek_cpt.modeling import experts, loss
+from openseek_cpt.testing.fixtures import real_shape_config
 
 FULL_LAYERS = 6  # OpenSeek-Small-v1: 1 dense + 5 MoE layers
 

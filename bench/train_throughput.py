@@ -12,7 +12,7 @@ On a GPU: recipes/openseek/config.yaml (OpenSeek-Small-v1: deepseek_v3, 1.39B to
 active, seq 4096, bf16-mixed); on CPU: recipes/tiny/config.yaml with the tiny model (the figures
 then only show relative costs). Prints, for the recipe as is and the ablation rows measured in the
 same run (stock stack -> bf16 experts -> fused CE -> flex/varlen attention -> torch.compile, each
-adding one lever; see `ablation`): tokens/s per device, MFU (openseek_cpt.flops against the
+adding one lever; see `ablation`): tokens/s per device, MFU (openseek_cpt.modeling.flops against the
 device's bf16 peak), peak GPU memory and the ratio to the first row, plus the first row's step
 breakdown (data + logging, forward, backward + clip, optimizer), timed by callbacks and forward
 hooks on the stage's own Trainer.
@@ -31,9 +31,10 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from openseek_cpt import flops, train
 from openseek_cpt.errors import first_line
-from openseek_cpt.recipe import load_recipe
+from openseek_cpt.modeling import flops
+from openseek_cpt.recipe.schema import load_recipe
+from openseek_cpt.train import stage as train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -122,7 +123,7 @@ def model_dir_for(recipe_path: Path, work: Path) -> Path:
         DeepseekV3ForCausalLM(config).save_pretrained(out)
         print(f"random-init OpenSeek-Small-v1 architecture saved to {out} ({recipe.train_model_dir} absent)")
         return out
-    from openseek_cpt import tiny_assets
+    from openseek_cpt.testing import fixtures as tiny_assets
 
     return tiny_assets.build_tiny_hub(work / "model", seed=233)
 

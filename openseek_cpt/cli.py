@@ -14,7 +14,7 @@ from pathlib import Path
 
 from openseek_cpt import logs
 from openseek_cpt.errors import EXIT_OK, EXIT_PREEMPTED, EXIT_USER_ERROR, Preempted, UserError
-from openseek_cpt.recipe import Recipe, load_recipe
+from openseek_cpt.recipe.schema import Recipe, load_recipe
 
 
 def _recipe(args: argparse.Namespace) -> Recipe:
@@ -23,14 +23,14 @@ def _recipe(args: argparse.Namespace) -> Recipe:
 
 def cmd_download(args: argparse.Namespace) -> int:
     recipe = _recipe(args)
-    from openseek_cpt import assets
+    from openseek_cpt import download as assets
 
     assets.run(recipe)
     return 0
 
 
 def cmd_tiny_assets(args: argparse.Namespace) -> int:
-    from openseek_cpt import tiny_assets
+    from openseek_cpt.testing import fixtures as tiny_assets
 
     hub = tiny_assets.build_tiny_hub(Path(args.out) / "hub" / "tiny-openseek", seed=args.seed)
     sources = tiny_assets.build_tiny_sources(Path(args.out) / "sources", hub)
@@ -42,7 +42,7 @@ def cmd_tiny_assets(args: argparse.Namespace) -> int:
 
 def cmd_data(args: argparse.Namespace) -> int:
     recipe = _recipe(args)
-    from openseek_cpt import data
+    from openseek_cpt.data import stage as data
 
     data.run(recipe)
     return 0
@@ -50,7 +50,7 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     recipe = _recipe(args)
-    from openseek_cpt import train
+    from openseek_cpt.train import stage as train
 
     train.run(recipe)
     return EXIT_OK
@@ -67,7 +67,7 @@ def cmd_soup(args: argparse.Namespace) -> int:
     # The merge makes no BLAS call; the OpenBLAS threads numpy starts at import poll for work on
     # the cores the merge keeps busy (1-4% of its CPU, measured). Set before numpy's first import.
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-    from openseek_cpt import soup
+    from openseek_cpt.soup import stage as soup
 
     soup.run(recipe)
     return 0
@@ -83,7 +83,7 @@ def cmd_tiny(args: argparse.Namespace) -> int:
 def cmd_recipe(args: argparse.Namespace) -> int:
     import yaml
 
-    from openseek_cpt import recipe as recipe_module
+    from openseek_cpt.recipe import schema as recipe_module
 
     if args.markdown:
         print(recipe_module.keys_markdown())
@@ -97,7 +97,7 @@ def cmd_recipe(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from openseek_cpt import provenance
+    from openseek_cpt.artifacts import provenance
 
     intact = True
     for directory in args.dirs:
@@ -110,14 +110,14 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_export_megatron(args: argparse.Namespace) -> int:
-    from openseek_cpt import interop
+    from openseek_cpt.export import stage as interop
 
     interop.export_megatron(args.dataset_dir, args.prefix, split=args.split)
     return 0
 
 
 def cmd_export_mindrecord(args: argparse.Namespace) -> int:
-    from openseek_cpt import interop
+    from openseek_cpt.export import stage as interop
 
     interop.export_mindrecord(args.dataset_dir, args.path, split=args.split)
     return 0

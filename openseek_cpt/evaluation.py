@@ -16,8 +16,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from openseek_cpt.artifacts.prepared import load_split, pad_token_id, read_manifest
 from openseek_cpt.errors import UserError
-from openseek_cpt.prepared import load_split, pad_token_id, read_manifest
 
 
 def eval_loss(
@@ -38,8 +38,8 @@ def eval_loss(
     import torch
     from transformers import AutoModelForCausalLM
 
-    from openseek_cpt import loss as lm_loss
-    from openseek_cpt.collator import IGNORE_INDEX, PackedCollator
+    from openseek_cpt.modeling import loss as lm_loss
+    from openseek_cpt.modeling.collator import IGNORE_INDEX, PackedCollator
 
     rows = load_split(dataset_dir, split, field)
     if max_sequences > 0:

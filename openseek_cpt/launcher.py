@@ -45,9 +45,9 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from openseek_cpt.artifacts.provenance import pid_alive
 from openseek_cpt.errors import EXIT_FAILURE, EXIT_OK, EXIT_PREEMPTED, UserError
 from openseek_cpt.logs import get_logger
-from openseek_cpt.provenance import pid_alive
 
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 # The ranks read it (train.launcher_watchdog) and end themselves when this PID is gone.
@@ -69,7 +69,7 @@ class World:
 
 def launch_train(recipe_path: str | Path, overrides: Sequence[str] = (), nproc: int | None = None) -> int:
     """Run `train` under `accelerate launch` for this node; returns its exit code (see module doc)."""
-    from openseek_cpt.recipe import load_recipe
+    from openseek_cpt.recipe.schema import load_recipe
 
     recipe = load_recipe(recipe_path, overrides)  # fail fast, before any process starts
     config_file = recipe.train.accelerate_config

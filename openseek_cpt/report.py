@@ -10,9 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from openseek_cpt.artifacts.fileio import read_json
 from openseek_cpt.errors import UserError
 from openseek_cpt.evaluation import eval_rows, format_eval_table
-from openseek_cpt.fileio import read_json
 
 
 def write_report(run_dir: str | Path, dataset_dir: str | Path, soup_dir: str | Path | None) -> Path:

@@ -13,10 +13,10 @@ import sys
 import time
 from pathlib import Path
 
+from openseek_cpt.artifacts.fileio import read_json
 from openseek_cpt.errors import UserError
-from openseek_cpt.fileio import read_json
 from openseek_cpt.logs import get_logger
-from openseek_cpt.recipe import load_recipe
+from openseek_cpt.recipe.schema import load_recipe
 
 log = get_logger("tiny")
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 from conftest import TINY_RECIPE, copy_workdir, run_cli
 
+from openseek_cpt.artifacts.provenance import atomic_output_dir, file_hashes, write_provenance
 from openseek_cpt.errors import UserError
-from openseek_cpt.provenance import atomic_output_dir, file_hashes, write_provenance
 
 
 @pytest.fixture(scope="module")

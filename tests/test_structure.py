@@ -1,6 +1,7 @@
-"""The package's shape: imports run one way (no cycles), stages meet only through artifacts on disk,
-the CLI is the only module that knows every stage, and exit codes are defined once (the sbatch
-script's copy is tied to errors.EXIT_PREEMPTED in test_train_units)."""
+"""The package's shape, read from its folders: imports run one way (no cycles), a stage (a folder
+that is not a shared layer, or `download`) never imports another stage, a shared layer imports no
+stage module but a leaf table, only `__main__` imports the CLI, `__init__` files import nothing,
+and exit codes are defined once in `errors`."""
 
 from __future__ import annotations
 
@@ -8,22 +9,48 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "openseek_cpt"
-STAGES = {"assets", "data", "train", "soup", "interop"}
+# Folders every stage may use: the contract on disk, the recipe, the model-level levers, fixtures.
+SHARED_LAYERS = {"artifacts", "recipe", "modeling", "testing"}
 
 
-def imports_of_every_module() -> dict[str, set[str]]:
+def module_name(path: Path, package: Path = PACKAGE) -> str:
+    """openseek_cpt/train/stage.py -> "train.stage"; openseek_cpt/cli.py -> "cli"."""
+    parts = path.relative_to(package).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def stage_of(module: str, package: Path = PACKAGE) -> str | None:
+    """The stage a module belongs to: its top folder unless shared, or the `download` module."""
+    top = module.split(".")[0]
+    if top and (package / top).is_dir():
+        return None if top in SHARED_LAYERS else top
+    return top if top == "download" else None
+
+
+def imports_of_every_module(package: Path = PACKAGE) -> dict[str, set[str]]:
     """module -> package modules it imports anywhere (top level or inside functions)."""
+    modules = {module_name(p, package) for p in package.rglob("*.py")}
+
+    def resolve(dotted: str) -> str | None:
+        while dotted and dotted not in modules:
+            dotted = dotted.rpartition(".")[0]
+        return dotted or None
+
     graph: dict[str, set[str]] = {}
-    for path in PACKAGE.glob("*.py"):
+    for path in package.rglob("*.py"):
         deps: set[str] = set()
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.module == "openseek_cpt":
-                deps |= {alias.name for alias in node.names}
-            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("openseek_cpt."):
-                deps.add(node.module.split(".")[1])
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("openseek_cpt"):
+                base = node.module.removeprefix("openseek_cpt").lstrip(".")
+                for alias in node.names:  # `from openseek_cpt.train import stage` names a module
+                    full = f"{base}.{alias.name}" if base else alias.name
+                    deps.add(full if full in modules else resolve(base) or "")
             elif isinstance(node, ast.Import):
-                deps |= {a.name.split(".")[1] for a in node.names if a.name.startswith("openseek_cpt.")}
-        graph[path.stem] = {d for d in deps if (PACKAGE / f"{d}.py").is_file()} - {path.stem}
+                for a in node.names:
+                    if a.name.startswith("openseek_cpt."):
+                        deps.add(resolve(a.name.removeprefix("openseek_cpt.")) or "")
+        me = module_name(path, package)
+        graph[me] = {d for d in deps if d and d != me and d in modules}
     return graph
 
 
@@ -46,9 +73,26 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
+def layer_violations(graph: dict[str, set[str]], package: Path = PACKAGE) -> list[str]:
+    """Every import that breaks the layering rule, as 'importer -> imported (why)'."""
+    found = []
+    for module, deps in sorted(graph.items()):
+        mine = stage_of(module, package)
+        for dep in sorted(deps):
+            theirs = stage_of(dep, package)
+            if dep == "cli" and module not in ("__main__",):
+                found.append(f"{module} -> cli (only __main__ imports the CLI)")
+            elif theirs and mine and theirs != mine:
+                found.append(f"{module} -> {dep} (stage {mine} imports stage {theirs})")
+            elif theirs and module.split(".")[0] in SHARED_LAYERS and graph.get(dep, set()) - {"errors"}:
+                # a stage's leaf table (a choice list it owns, e.g. data.packing) may be read
+                found.append(f"{module} -> {dep} (a shared layer imports stage {theirs})")
+    return found
+
+
 def test_the_import_graph_has_no_cycle():
     graph = imports_of_every_module()
-    assert {"cli", "train", "errors", "checkpoints"} <= set(graph)  # the walk sees the package
+    assert {"cli", "train.stage", "errors", "artifacts.checkpoints"} <= set(graph)  # the walk sees it
     assert find_cycle(graph) is None, f"import cycle: {' -> '.join(find_cycle(graph))}"
 
 
@@ -56,20 +100,51 @@ def test_the_cycle_finder_finds_a_planted_cycle():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
 
 
-def test_only_the_cli_imports_the_cli_and_no_stage_imports_another_stage():
+def test_no_stage_imports_another_stage_and_only_main_imports_the_cli():
     graph = imports_of_every_module()
-    assert [m for m, deps in graph.items() if "cli" in deps and m != "__main__"] == []
-    for stage in STAGES:
-        assert not (graph[stage] & (STAGES - {stage})), f"{stage} imports {graph[stage] & STAGES}"
-    assert graph["cli"] >= STAGES  # the CLI knows every stage
+    stages = {stage_of(m) for m in graph} - {None}
+    assert stages >= {"download", "data", "train", "soup", "export"}
+    assert layer_violations(graph) == []
+    assert {stage_of(d) for d in graph["cli"]} >= stages  # the CLI knows every stage
+
+
+def test_the_layer_rule_catches_a_planted_stage_import_and_a_cli_import(tmp_path):
+    """The rule is read from folders: a planted `soup -> train` import and a `data -> cli`
+    import in a copy of the package are both reported."""
+    import shutil
+
+    copy = tmp_path / "openseek_cpt"
+    shutil.copytree(PACKAGE, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    (copy / "soup" / "planted.py").write_text("from openseek_cpt.train import stage\n")
+    (copy / "data" / "planted.py").write_text("def f():\n    from openseek_cpt import cli\n")
+    (copy / "recipe" / "planted.py").write_text("import openseek_cpt.soup.stage\n")
+    (copy / "recipe" / "reads_a_table.py").write_text("from openseek_cpt.data import packing\n")
+    found = layer_violations(imports_of_every_module(copy), copy)
+    assert "soup.planted -> train.stage (stage soup imports stage train)" in found
+    assert "data.planted -> cli (only __main__ imports the CLI)" in found
+    assert "recipe.planted -> soup.stage (a shared layer imports stage soup)" in found
+    assert not [f for f in found if f.startswith("recipe.reads_a_table")]  # a leaf table is allowed
+
+
+def test_stage_and_layer_init_files_import_nothing():
+    """The CLI's lazy imports and the recipe's use of a stage's tables must not load the stage."""
+    for init in PACKAGE.glob("*/__init__.py"):
+        tree = ast.parse(init.read_text())
+        imports = [n for n in ast.walk(tree) if isinstance(n, ast.Import | ast.ImportFrom)]
+        assert not imports, f"{init.relative_to(PACKAGE.parent)} imports at load"
+
+
+def test_no_package_module_is_over_400_lines():
+    long = {module_name(p): n for p in PACKAGE.rglob("*.py") if (n := len(p.read_text().splitlines())) > 400}
+    assert long == {}, f"split these by concern: {long}"
 
 
 def test_exit_codes_are_defined_once_in_errors():
     defined = {}
-    for path in PACKAGE.glob("*.py"):
+    for path in PACKAGE.rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Assign):
                 for target in node.targets:
                     if isinstance(target, ast.Name) and target.id.startswith("EXIT_"):
-                        defined.setdefault(target.id, []).append(path.stem)
+                        defined.setdefault(target.id, []).append(module_name(path))
     assert defined and all(where == ["errors"] for where in defined.values()), defined

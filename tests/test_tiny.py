@@ -7,7 +7,7 @@ import json
 import pytest
 from conftest import run_cli
 
-from openseek_cpt.provenance import read_provenance, sha256_file, verify
+from openseek_cpt.artifacts.provenance import read_provenance, sha256_file, verify
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,77 @@
+"""A prepared dataset (the data stage's artifact), read side: splits, manifest, pad id.
+
+`datasets/<name>/` is a `DatasetDict` saved with `save_to_disk` (splits `train`, optionally `eval`;
+columns `input_ids`, `seq_lengths`) plus `manifest.json`, which records `pad_token_id`,
+`eos_token_id`, `vocab_size`, `max_length` and the mix. Train, evaluation and the exporters read it
+only through this module, so the contract has one reader.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from openseek_cpt.artifacts.fileio import read_json
+from openseek_cpt.errors import UserError, first_line
+
+MANIFEST = "manifest.json"
+
+
+def read_manifest(dataset_dir: str | Path) -> dict[str, Any]:
+    """The manifest of a prepared dataset ({} when absent: datasets made elsewhere have none)."""
+    return read_json(Path(dataset_dir, MANIFEST)) or {}
+
+
+def is_prepared(dataset_dir: str | Path) -> bool:
+    return Path(dataset_dir, "dataset_dict.json").is_file()
+
+
+def load_split(dataset_dir: str | Path, split: str, field: str) -> Any:
+    """One split of a prepared dataset (memory-mapped Arrow); `field` names the recipe key or
+    argument that pointed here, for the one-line error."""
+    from datasets import Dataset, load_from_disk
+
+    dataset_dir = Path(dataset_dir)
+    if not dataset_dir.is_dir():
+        raise UserError(
+            f"{field}: dataset {str(dataset_dir)!r} does not exist; run `openseek-cpt data` first "
+            "or point it at a prepared dataset"
+        )
+    try:
+        data = load_from_disk(str(dataset_dir))
+    except (FileNotFoundError, ValueError) as exc:
+        raise UserError(
+            f"{field}: {dataset_dir} is not a prepared dataset ({first_line(exc)}); run `openseek-cpt data`"
+        ) from None
+    if isinstance(data, Dataset):
+        if split != "train":
+            raise UserError(f"{field}: {dataset_dir} holds a single split; it has no {split!r} split")
+        rows = data
+    elif split not in data:
+        hint = "; prepare it with data.eval_size > 0" if split == "eval" else ""
+        raise UserError(f"{field}: {dataset_dir} has no split {split!r} (has {sorted(data)}){hint}")
+    else:
+        rows = data[split]
+    if "input_ids" not in rows.column_names:
+        raise UserError(
+            f"{field}: split {split!r} of {dataset_dir} has no input_ids column ({rows.column_names}); "
+            "run `openseek-cpt data`"
+        )
+    return rows
+
+
+def pad_token_id(manifest: dict[str, Any], config: Any = None) -> int:
+    """The id that pads short rows: the manifest's pad, its eos, then the model config's pad/eos.
+
+    Padding is never scored (labels -100, its own attention segment), so any valid id is correct;
+    the order only keeps the files identical to what the tokenizer would pad with.
+    """
+    candidates = [manifest.get("pad_token_id"), manifest.get("eos_token_id")]
+    if config is not None:
+        candidates += [getattr(config, "pad_token_id", None), getattr(config, "eos_token_id", None)]
+    for value in candidates:
+        if isinstance(value, list) and value:
+            value = value[0]
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return 0

@@ -1,0 +1,70 @@
+"""Stage 0: fetch the base model and tokenizer into `assets.model_dir` with save_pretrained.
+
+Runs where the network is (login node); later stages read only the saved directory, so compute
+nodes can run with HF_HUB_OFFLINE=1. The hub endpoint (HF_ENDPOINT, e.g. a mirror), cache
+(HF_HOME) and offline mode are read by huggingface_hub from the environment. The tokenizer and
+the model have separate `trust_remote_code` switches: OpenSeek's tokenizer needs its remote code
+(tiktoken), while the model must load with transformers' native deepseek_v3 classes, whose MoE
+can train (the remote modelling code asserts eval mode in its gate).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from openseek_cpt.artifacts.provenance import atomic_output_dir, directory_fingerprint, write_provenance
+from openseek_cpt.errors import UserError, first_line
+from openseek_cpt.logs import get_logger
+from openseek_cpt.recipe.schema import Recipe
+
+log = get_logger("download")
+
+
+def run(recipe: Recipe) -> Path:
+    """Download (or copy from a local directory) model + tokenizer; returns assets.model_dir."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    a = recipe.assets
+    source = a.base_model
+    is_local = Path(source).is_dir()
+    revision = None if is_local else a.revision
+    where = f"{source}@{revision}" if revision else source
+    log.info(
+        f"{where} -> {a.model_dir} (endpoint {os.environ.get('HF_ENDPOINT', 'default')}, "
+        f"offline={os.environ.get('HF_HUB_OFFLINE', '0')})"
+    )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            source, revision=revision, trust_remote_code=a.tokenizer_trust_remote_code
+        )
+        model, info = AutoModelForCausalLM.from_pretrained(
+            source,
+            revision=revision,
+            trust_remote_code=a.model_trust_remote_code,
+            dtype="auto",
+            output_loading_info=True,
+        )
+    except OSError as exc:
+        raise UserError(
+            f"assets.base_model={source!r} could not be loaded ({first_line(exc)}); check the id/revision, "
+            "HF_ENDPOINT for a mirror, or HF_HUB_OFFLINE=0 on a machine with network"
+        ) from None
+    bad = {k: sorted(v) for k, v in info.items() if k in ("missing_keys", "unexpected_keys") and v}
+    if bad:
+        raise UserError(
+            f"assets.base_model={source!r}: weights do not match the {type(model).__name__} layout "
+            f"({', '.join(f'{k}: {len(v)} e.g. {v[0]}' for k, v in bad.items())}); "
+            "set assets.model_trust_remote_code or use a checkpoint of this architecture"
+        )
+    log.info(f"strict load of {type(model).__name__}: no missing or unexpected keys")
+    inputs = {"base_model": where}
+    if is_local:
+        inputs["base_model_fingerprint"] = directory_fingerprint(source)
+    local = [source] if is_local else []
+    with atomic_output_dir(a.model_dir, stage="download", inputs=local, field="assets.model_dir") as tmp:
+        tokenizer.save_pretrained(tmp)
+        model.save_pretrained(tmp)
+        write_provenance(tmp, stage="download", recipe=recipe, inputs=inputs)
+    log.info(f"saved to {a.model_dir}")
+    return Path(a.model_dir)

@@ -1,0 +1,124 @@
+"""safetensors_stream: headers parsed once and checked, hashes from the reads in any order, shards as safetensors writes them."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from openseek_cpt.artifacts import safetensors_stream
+from openseek_cpt.artifacts.safetensors_stream import INDEX_FILE, SINGLE_FILE, Reader, ShardWriter, open_model
+from openseek_cpt.errors import UserError
+
+
+def _model(path: Path) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    tensors = {
+        "a.weight": torch.randn(40, 30, generator=gen).to(torch.bfloat16),
+        "b.bias": torch.randn(17, generator=gen),
+        "c.count": torch.arange(5, dtype=torch.int64),
+        "d.weight": torch.randn(3, 64, generator=gen).to(torch.float16),
+    }
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, path / SINGLE_FILE, metadata={"format": "pt"})
+    return tensors
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_reads_return_the_stored_bytes_and_hash_the_file_in_any_read_order(tmp_path):
+    tensors = _model(tmp_path / "m")
+    model = open_model(tmp_path / "m", "field")
+    assert {k: (t.dtype, t.shape) for k, t in model.tensors.items()} == {
+        "a.weight": ("BF16", (40, 30)), "b.bias": ("F32", (17,)), "c.count": ("I64", (5,)), "d.weight": ("F16", (3, 64)),
+    }  # fmt: skip
+    # Reverse key order and split reads: the hash cursor must jump ahead and fill the gaps.
+    reader = Reader(model)
+    plan = []
+    for key in sorted(model.tensors, reverse=True):
+        info = model.tensors[key]
+        half = (info.end - info.start) // 2
+        plan += [(key, 0, half), (key, half, info.end - info.start - half)]
+    tickets = [(key, reader.ticket(key, off, n)) for key, off, n in plan]
+    got: dict[str, bytes] = {}
+    buf, scratch = bytearray(1 << 16), bytearray(7)  # a tiny scratch: gaps hashed in many blocks
+    for key, t in tickets:
+        got[key] = got.get(key, b"") + bytes(reader.read(t, buf, scratch))
+    for key, tensor in tensors.items():
+        assert got[key] == tensor.contiguous().view(torch.uint8).numpy().tobytes(), key
+    assert reader.finish(scratch) == {SINGLE_FILE: _sha(tmp_path / "m" / SINGLE_FILE)}
+    assert reader.rehashed_bytes > 0  # the reversed order forced re-reads for the hash
+
+
+def test_in_order_reads_hash_without_reading_anything_twice(tmp_path):
+    _model(tmp_path / "m")
+    model = open_model(tmp_path / "m", "field")
+    reader = Reader(model)
+    buf = bytearray(1 << 16)
+    for key in sorted(model.tensors, key=lambda k: model.tensors[k].start):
+        info = model.tensors[key]
+        reader.read(reader.ticket(key, 0, info.end - info.start), buf, bytearray(16))
+    assert reader.finish(bytearray(16)) == {SINGLE_FILE: _sha(tmp_path / "m" / SINGLE_FILE)}
+    assert reader.rehashed_bytes == 0
+
+
+def test_shard_writer_writes_what_safetensors_reads_back_with_an_index_and_hashes(tmp_path, monkeypatch):
+    monkeypatch.setattr(safetensors_stream, "SYNC_EVERY", 500)  # background fdatasync mid-shard too
+    tensors = _model(tmp_path / "m")
+    entries = [(k, {torch.bfloat16: "BF16", torch.float32: "F32", torch.int64: "I64", torch.float16: "F16"}[t.dtype],
+                tuple(t.shape)) for k, t in sorted(tensors.items())]  # fmt: skip
+    out = tmp_path / "out"
+    out.mkdir()
+    writer = ShardWriter(out, entries, max_shard_size=1000)
+    for key, _, _ in entries:
+        data = tensors[key].contiguous().view(torch.uint8).numpy().tobytes()
+        for i in range(0, len(data), 333):  # in pieces, as the merge writes chunks
+            writer.write_bytes(key, memoryview(data[i : i + 333]))
+    hashes = writer.finish()
+    index = json.loads((out / INDEX_FILE).read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1 and sorted(hashes) == sorted([*shards, INDEX_FILE])
+    assert hashes == {name: _sha(out / name) for name in hashes}
+    back = {}
+    for name in shards:
+        back.update(load_file(out / name))
+    assert sorted(back) == sorted(tensors) and all(torch.equal(back[k], tensors[k]) for k in tensors)
+    assert open_model(out, "f").tensors.keys() == tensors.keys()
+
+
+def test_a_write_out_of_order_is_refused(tmp_path):
+    writer = ShardWriter(tmp_path, [("a", "F32", (2,)), ("b", "F32", (2,))], max_shard_size=100)
+    with pytest.raises(RuntimeError, match="expected a"):
+        writer.write_bytes("b", memoryview(bytes(8)))
+
+
+@pytest.mark.parametrize(
+    ("damage", "words"),
+    [
+        (lambda raw: raw[:4], "shorter than 8 bytes"),
+        (lambda raw: struct.pack("<Q", 10**12) + raw[8:], "does not fit"),
+        (lambda raw: raw[:8] + b"x" * (len(raw) - 8), "not JSON"),
+        (lambda raw: raw[:-10], "outside the file"),
+    ],
+)
+def test_a_damaged_file_is_a_one_line_user_error(tmp_path, damage, words):
+    _model(tmp_path / "m")
+    path = tmp_path / "m" / SINGLE_FILE
+    path.write_bytes(damage(path.read_bytes()))
+    with pytest.raises(UserError, match=words) as info:
+        open_model(tmp_path / "m", "soup.checkpoints")
+    assert "\n" not in str(info.value) and str(info.value).startswith("soup.checkpoints: ")
+
+
+def test_an_index_that_disagrees_with_its_shards_is_refused(tmp_path):
+    _model(tmp_path / "m")
+    (tmp_path / "m" / INDEX_FILE).write_text(json.dumps({"weight_map": {"a.weight": SINGLE_FILE}}))
+    with pytest.raises(UserError, match="does not match its shard files"):
+        open_model(tmp_path / "m", "f")

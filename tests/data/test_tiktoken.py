@@ -1,0 +1,174 @@
+"""OpenSeek's kind of tokenizer (remote code over tiktoken, 151,851 ids) in the data stage (issue 14).
+
+The tokenizer is the real-shape fixture's: the Qwen BPE ranks (fetched once into the cache, see
+tiny_assets.qwen_ranks) behind a slow `PreTrainedTokenizer` loaded with trust_remote_code.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from openseek_cpt.artifacts import megatron_format
+from openseek_cpt.data import stage as data
+from openseek_cpt.data.encoder import Encoder, with_one_eos
+from openseek_cpt.errors import UserError
+from openseek_cpt.recipe.schema import load_recipe
+from openseek_cpt.testing.fixtures import REAL_VOCAB, stdlib_docstrings, write_qwen_tokenizer
+
+SPECIAL_DOC = "A web page that quotes <|endoftext|> and <|extra_204|> and <|im_start|>user in its text."
+FIRST_SPECIAL_ID = 151643  # ids from here on are control tokens (<|endoftext|> .. <|extra_204|>)
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    return write_qwen_tokenizer(tmp_path_factory.mktemp("qwen") / "tokenizer")
+
+
+def _tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path), trust_remote_code=True)
+
+
+def _texts() -> list[str]:
+    docs = stdlib_docstrings(max_files=60)[:300]
+    return [*docs, "Cafe\u0301 cre\u0300me bru\u0302le\u0301e (decomposed accents)", "", "  \n\t x"]
+
+
+def test_the_fixture_tokenizer_is_openseeks_shape(tokenizer_dir):
+    tok = _tokenizer(tokenizer_dir)
+    assert not tok.is_fast and len(tok) == REAL_VOCAB
+    assert (tok.eos_token, tok.eos_token_id) == ("<|extra_204|>", 151850)
+    assert (tok.pad_token, tok.pad_token_id) == ("<|endoftext|>", 151643)
+    # as shipped, it turns special strings inside text into control tokens: what the data stage must not do
+    assert FIRST_SPECIAL_ID in tok(SPECIAL_DOC)["input_ids"]
+
+
+def test_tiktoken_path_is_chosen_and_gives_the_tokenizers_own_ids(tokenizer_dir):
+    tok = _tokenizer(tokenizer_dir)
+    texts = _texts()
+    encoder = Encoder(tok)
+    reference = encoder.choose_path(texts)
+    assert encoder.path == "tiktoken" and "same ids" in encoder.path_note
+    assert reference == tok(texts)["input_ids"]  # no special strings in these texts
+    assert encoder.encode(texts) == [ids + [tok.eos_token_id] for ids in reference]
+    assert encoder.nfc  # the tokenizer NFC-normalizes; the fast path does too (decomposed text above)
+    encoder.threads = 2  # the data stage's in-process path: encode_ordinary_batch on threads
+    assert encoder.encode(texts) == [ids + [tok.eos_token_id] for ids in reference]
+
+
+def test_special_token_strings_in_text_are_encoded_as_text_on_every_path(tokenizer_dir):
+    tok = _tokenizer(tokenizer_dir)
+    for path in ("tiktoken", "tokenizer"):
+        encoder = Encoder(tok)
+        encoder.path = path
+        (ids,) = encoder.encode([SPECIAL_DOC])
+        assert ids[-1] == tok.eos_token_id
+        assert max(ids[:-1]) < FIRST_SPECIAL_ID, path  # no control token inside the document
+        assert tok.decode(ids[:-1]) == SPECIAL_DOC, path
+        table = encoder.from_texts([SPECIAL_DOC, "plain text"])
+        assert table.column("special_text").to_pylist() == [1, 0]
+
+
+def test_a_tiktoken_path_that_disagrees_is_not_used_and_ids_stay_correct(tokenizer_dir):
+    """Acceptance 5: the fast path is checked, not trusted."""
+    tok = _tokenizer(tokenizer_dir)
+    texts = _texts()
+    right = Encoder(tok).encode(texts)
+
+    class OffByOne:  # an encoding that differs from the tokenizer's (as a stale vocabulary would)
+        def __init__(self, enc):
+            self.enc = enc
+            self.special_tokens_set = enc.special_tokens_set
+
+        def encode_to_numpy(self, text, **kwargs):
+            return self.enc.encode_to_numpy(text, **kwargs)[:-1]
+
+    encoder = Encoder(tok)
+    encoder.encoding = OffByOne(encoder.encoding)
+    encoder.choose_path(texts)
+    assert encoder.path == "tokenizer" and "tiktoken path disagrees" in encoder.path_note
+    assert encoder.encode(texts) == right
+
+
+def _recipe(work: Path, tokenizer_dir: Path, sources: list[dict], **data_keys):
+    raw = {
+        "assets": {"model_dir": str(work / "no-model"), "tokenizer_trust_remote_code": True},
+        "data": {
+            "output_dir": str(work / "out"),
+            "tokenizer_dir": str(tokenizer_dir),
+            "max_length": 256,
+            "total_sample_size": 24,
+            "eval_size": 4,
+            "num_proc": 2,
+            "sources": sources,
+            **data_keys,
+        },
+    }
+    path = work / "recipe.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return load_recipe(path)
+
+
+def test_data_stage_with_the_tiktoken_tokenizer_reports_its_path_and_special_text(tokenizer_dir, tmp_path):
+    """Acceptance 1 (ids) and 2: manifest says which path ran; a document quoting specials has no control token."""
+    texts = _texts()
+    with open(tmp_path / "web.jsonl", "w") as f:
+        for t in [*texts[:150], SPECIAL_DOC, *texts[150:]]:
+            f.write(json.dumps({"text": t}) + "\n")
+    sources = [{"path": str(tmp_path / "web.jsonl"), "ratio": 1.0}]
+    out = data.run(_recipe(tmp_path, tokenizer_dir, sources, read_margin=10.0))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["tokenizer_path"] == "tiktoken" and manifest["vocab_size"] == REAL_VOCAB
+    (src,) = manifest["sources"]
+    assert src["documents_read"] == src["documents_in_source"]  # the share needs every document here
+    assert src["documents_with_special_text"] == manifest["totals"]["documents_with_special_text"] == 1
+    from datasets import load_from_disk
+
+    rows = load_from_disk(str(out))
+    ids = np.concatenate([np.asarray(r, dtype=np.int64) for s in rows.values() for r in s["input_ids"]])
+    controls = ids[ids >= FIRST_SPECIAL_ID]
+    assert set(controls.tolist()) == {151850}  # the only control token is the eos that ends each document
+    # the stage's ids are the tokenizer's own: short documents appear as whole segments of the rows
+    tok = _tokenizer(tokenizer_dir)
+    expected = {tuple(tok(t)["input_ids"] + [151850]) for t in texts}
+    segments = set()
+    for split in rows.values():
+        for row, lengths in zip(split["input_ids"], split["seq_lengths"], strict=True):
+            starts = np.cumsum([0, *lengths[:-1]])
+            segments |= {tuple(row[i : i + n]) for i, n in zip(starts, lengths, strict=True)}
+    assert len(segments & expected) > 20
+
+
+def test_megatron_source_with_ids_beyond_the_vocab_is_refused(tokenizer_dir, tmp_path):
+    """Acceptance 5: an int32 shard tokenized with a bigger vocabulary -> one line naming both sizes."""
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(0, 150000, size=50) for _ in range(200)]
+    docs[137][7] = REAL_VOCAB + 48  # one bad id in one document
+    megatron_format.write_documents(tmp_path / "shard_text_document", docs, vocab_size=200000)
+    recipe = _recipe(tmp_path, tokenizer_dir, [{"path": str(tmp_path / "shard_text_document"), "ratio": 1.0}])
+    with pytest.raises(UserError) as info:
+        data.run(recipe)
+    message = str(info.value)
+    assert (
+        "\n" not in message and f"token id {REAL_VOCAB + 48}" in message and f"[0, {REAL_VOCAB})" in message
+    )
+    assert not (tmp_path / "out").exists()
+
+
+def test_with_one_eos_on_arrays_gives_what_end_with_eos_gives_on_lists():
+    """The tiktoken path's numpy eos handling == the list one, trailing eos runs and empty docs included."""
+    rng = np.random.default_rng(0)
+    eos = 7
+    docs = [list(rng.integers(0, 9, size=int(n))) for n in rng.integers(0, 6, size=300)] + [[], [eos, eos]]
+    values = np.array([x for d in docs for x in d], dtype=np.int32)
+    got, lengths = with_one_eos(values, np.array([len(d) for d in docs]), eos)
+    encoder = Encoder.__new__(Encoder)  # end_with_eos needs only the eos id
+    encoder.eos = eos
+    want = encoder.end_with_eos([list(map(int, d)) for d in docs])
+    assert [part.tolist() for part in np.split(got, np.cumsum(lengths)[:-1])] == want

@@ -1,0 +1,70 @@
+"""MindSpore's own reader reads our MindRecord export back row for row (needs the `mindspore` extra)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from conftest import run_cli
+
+from openseek_cpt.export import stage as interop
+from tests.artifacts.test_megatron_format import ROWS, make_prepared
+
+pytestmark = pytest.mark.mindspore
+mindrecord = pytest.importorskip("mindspore.mindrecord")
+
+
+def _read_all(path) -> list[dict]:
+    reader = mindrecord.FileReader(str(path))
+    try:
+        return list(reader.get_next())
+    finally:
+        reader.close()
+
+
+def test_mindspore_filereader_reads_padded_rows_in_order(tmp_path):
+    prepared = make_prepared(tmp_path, manifest={"max_length": 8, "vocab_size": 64, "pad_token_id": 63})
+    path = interop.export_mindrecord(prepared, tmp_path / "out" / "mix.mindrecord")
+    rows = _read_all(path)
+    assert [sorted(r) for r in rows] == [["input_ids"]] * len(ROWS)
+    for row, expected in zip(rows, ROWS, strict=True):
+        ids = row["input_ids"]
+        assert ids.dtype == np.int32 and ids.shape == (8,)
+        assert ids.tolist() == expected + [63] * (8 - len(expected))
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "mix.mindrecord",
+        "mix.mindrecord.db",
+        "mix.mindrecord.provenance.json",
+    ]
+    assert json.loads((tmp_path / "out" / "mix.mindrecord.provenance.json").read_text())["max_length"] == 8
+
+
+def test_mindrecord_row_length_comes_from_the_recipe_and_pad_falls_back_to_eos(tmp_path):
+    prepared = make_prepared(tmp_path, manifest={"eos_token_id": 1})
+    (prepared / "provenance.json").write_text(json.dumps({"recipe": {"data": {"max_length": 10}}}))
+    path = interop.export_mindrecord(prepared, tmp_path / "eval.mindrecord", split="eval")
+    rows = _read_all(path)
+    assert [r["input_ids"].tolist() for r in rows] == [ROWS[0] + [1] * 3]
+
+
+def test_mindrecord_export_overwrites_and_mindspore_dataset_loads_it(tmp_path):
+    prepared = make_prepared(tmp_path)
+    path = tmp_path / "mix.mindrecord"
+    interop.export_mindrecord(prepared, path)
+    interop.export_mindrecord(prepared, path)  # a second export replaces the first
+    md = pytest.importorskip("mindspore.dataset")
+    loaded = md.MindDataset(str(path), columns_list=["input_ids"], shuffle=False)
+    got = [row["input_ids"].tolist() for row in loaded.create_dict_iterator(output_numpy=True, num_epochs=1)]
+    assert got == [r + [0] * (8 - len(r)) for r in ROWS]
+
+
+def test_cli_export_mindrecord_of_a_prepared_dataset(tmp_path):
+    prepared = make_prepared(tmp_path)
+    r = run_cli("export-mindrecord", str(prepared), "mr/mix.mindrecord", cwd=tmp_path, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert [r["input_ids"].tolist() for r in _read_all(tmp_path / "mr" / "mix.mindrecord")] == [
+        r + [0] * (8 - len(r)) for r in ROWS
+    ]
+    r = run_cli("export-mindrecord", str(prepared), "mr/mix.mindrecord.db", cwd=tmp_path, timeout=300)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
