@@ -13,9 +13,16 @@ in one of two ways, depending on the implementation:
   batch > 1, they run dense causal over the whole row: documents attend to each other). The
   collator adds those fields (`varlen_fields`) when `needs_varlen(impl)`.
 Any other implementation is refused at recipe load (`check`): fail closed, never silent.
-Proof for each: tests/test_attention_isolation.py (packed row at batch 4 == each document alone).
+Proof for each: tests/modeling/test_attention_isolation.py (packed row at batch 4 == each document
+alone); the dtypes flex receives: tests/modeling/test_precision_under_autocast.py.
 
-Speed (no GPU was lent to measure; from the kernels' work): flash varlen and flex do work
+Precision: under autocast transformers' DeepseekV3 attention hands flex an fp32 query (its rotary
+part follows the fp32 cos/sin) with bf16 key/value; flex is not an autocast op, and torch 2.10
+refuses mixed dtypes in the forward (2.11 in the backward). `prepare("flex_attention")` registers
+`flex_attention_in_autocast_dtype` under transformers' "flex_attention" key, so every model loaded
+afterwards hands flex q/k/v in one dtype (the autocast dtype when autocast is on).
+
+Speed (from the kernels' work): flash varlen and flex do work
 proportional to sum(doc_len^2)/2 and keep no mask; sdpa does S^2 per row plus the mask. Default for
 GPUs: `flash_attention_2` when the flash-attn package is installed, else `flex_attention`
 (bench/train_throughput.py compares them); the recipe's `sdpa` stays the portable default.
@@ -24,7 +31,7 @@ GPUs: `flash_attention_2` when the flash-attn package is installed, else `flex_a
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from openseek_cpt.errors import UserError
 
@@ -67,6 +74,38 @@ def check(name: str, field: str = "train.attn_implementation") -> Implementation
             f"to each other); use one of {', '.join(NAMES)}"
         )
     return IMPLEMENTATIONS[name]
+
+
+def prepare(name: str) -> None:
+    """Install what implementation `name` needs before a model is loaded with it (idempotent)."""
+    if name == "flex_attention":
+        from transformers import AttentionInterface
+
+        AttentionInterface.register("flex_attention", flex_attention_in_autocast_dtype)
+
+
+def flex_attention_in_autocast_dtype(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: Any,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """transformers' flex forward with q/k/v in one dtype: flex is no autocast op (module docstring)."""
+    import torch
+    from transformers.integrations.flex_attention import flex_attention_forward
+
+    device = query.device.type
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+    elif query.dtype == key.dtype == value.dtype:
+        return flex_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    else:
+        dtype = value.dtype
+    return flex_attention_forward(
+        module, query.to(dtype), key.to(dtype), value.to(dtype), attention_mask, **kwargs
+    )
 
 
 def needs_varlen(name: str) -> bool:

@@ -10,8 +10,8 @@ under an enabled autocast it casts the hidden states and the expert weights to t
 (a differentiable cast: gradients still reach the fp32 master weights in fp32, as for nn.Linear
 under autocast) and runs transformers' own grouped_mm forward; outside autocast it is exactly
 `grouped_mm`. `resolve()` picks it for `bf16-mixed` when the recipe leaves
-`experts_implementation` unset or asks for `grouped_mm`. Proof: tests/test_experts.py records the
-dtypes grouped_mm receives and compares with fp32.
+`experts_implementation` unset; `grouped_mm` named explicitly is the stock path. Proof:
+tests/modeling/test_experts.py records the dtypes grouped_mm receives and compares with fp32.
 """
 
 from __future__ import annotations
@@ -62,8 +62,12 @@ def register() -> None:
 
 
 def resolve(experts_implementation: str | None, precision: str) -> str | None:
-    """The experts implementation to load the model with (registers ours when it is chosen)."""
-    if precision == "bf16-mixed" and experts_implementation in (None, "grouped_mm"):
+    """The experts implementation to load the model with (registers ours when it is chosen).
+
+    Unset under bf16-mixed means ours; a named implementation is taken as named, so `grouped_mm`
+    is transformers' stock path (fp32 GEMMs under bf16-mixed): the ablation's baseline.
+    """
+    if precision == "bf16-mixed" and experts_implementation is None:
         register()
         return AUTOCAST_GROUPED_MM
     if experts_implementation == AUTOCAST_GROUPED_MM:

@@ -59,22 +59,28 @@ class RouterBalanceCallback(TrainerCallback):
         self.rate = float(rate)
         self.routers = find_routers(model)
         self.layers = [layer for layer, _ in self.routers]
-        experts = getattr(self.routers[0][1], BIAS_NAME).numel() if self.routers else 0
-        device = getattr(self.routers[0][1], BIAS_NAME).device if self.routers else "cpu"
-        self.counts = torch.zeros(len(self.routers), experts, dtype=torch.int64, device=device)
+        self.counts = self._zero_counts()
         self._imbalance_sum = torch.zeros(len(self.routers), dtype=torch.float64)
         self._steps = 0
         self._handles = [
             router.register_forward_hook(self._hook(i)) for i, (_, router) in enumerate(self.routers)
         ]
 
+    def _zero_counts(self) -> torch.Tensor:
+        """(layers, experts) int64 counters on the device the router biases are on now."""
+        bias = getattr(self.routers[0][1], BIAS_NAME) if self.routers else torch.zeros(0)
+        return torch.zeros(len(self.routers), bias.numel(), dtype=torch.int64, device=bias.device)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        # The Trainer has moved the model by now: the counters live on its device from the first
+        # step on, so the hook never moves them (a tensor swap inside a hook recompiles under compile).
+        self.counts = self._zero_counts()
+
     def _hook(self, row: int):
         def count(module, inputs, output) -> None:
             if not module.training:
                 return
             indices = output[2].reshape(-1)  # (router_logits, topk_weights, topk_indices)
-            if self.counts.device != indices.device:  # the model moved after construction (Trainer)
-                self.counts = self.counts.to(indices.device)
             # scatter_add_, not bincount: no device sync
             self.counts[row].scatter_add_(0, indices, torch.ones_like(indices, dtype=torch.int64))
 

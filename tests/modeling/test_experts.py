@@ -56,16 +56,17 @@ def run(model, autocast: bool):
     return float(out), rec.seen
 
 
-def test_bf16_mixed_resolves_to_the_autocast_grouped_mm_and_nothing_else_does():
+def test_bf16_mixed_resolves_to_the_autocast_grouped_mm_unless_an_implementation_is_named():
     assert experts.resolve(None, "bf16-mixed") == experts.AUTOCAST_GROUPED_MM
-    assert experts.resolve("grouped_mm", "bf16-mixed") == experts.AUTOCAST_GROUPED_MM
+    assert experts.resolve("grouped_mm", "bf16-mixed") == "grouped_mm"  # stock: the ablation's baseline
+    assert experts.resolve("grouped_mm_autocast", "bf16-mixed") == experts.AUTOCAST_GROUPED_MM
     assert experts.resolve(None, "fp32") is None
     assert experts.resolve(None, "bf16-pure") is None  # weights are bf16 already
     assert experts.resolve("eager", "bf16-mixed") == "eager"
 
 
 def test_stock_grouped_mm_runs_fp32_under_autocast_ours_runs_bf16_and_matches_fp32(saved_tiny):
-    stock = load(saved_tiny, "grouped_mm")
+    stock = load(saved_tiny, experts.resolve("grouped_mm", "bf16-mixed"))
     _, stock_seen = run(stock, autocast=True)
     assert stock_seen and all(d == (torch.float32, torch.float32) for d in stock_seen)  # the problem
 
