@@ -1,5 +1,5 @@
 # Thin wrapper: every target calls the `openseek-cpt` CLI, sbatch, or the container engine.
-# `make help` lists targets and variables. Typical cluster session (README "Cluster workflow"):
+# `make help` lists targets and variables (docs/cluster.md has the same table). Typical cluster session:
 #   login node:  make image && make sif;  make download
 #   then:        make data;  make train SLURM_NODES=4;  make soup
 SHELL := /bin/bash
@@ -23,18 +23,18 @@ SIGNAL_BEFORE ?= 300# seconds before the time limit at which train gets USR1: sa
 SBATCH_ARGS ?=# anything else for sbatch, e.g. --qos=high --exclusive
 LOGDIR ?= logs# per-job logs: $(LOGDIR)/<job-name>-<job-id>.out
 # ---- container -------------------------------------------------------------------------------
-RUNTIME ?= $(if $(shell command -v apptainer 2>/dev/null),apptainer,none)# apptainer|pyxis|podman|docker|none
+RUNTIME ?= $(if $(shell command -v apptainer 2>/dev/null),apptainer,none)# how jobs run: apptainer|pyxis|podman|docker|none (default: apptainer if installed, else none)
 FLAVOR ?= gpu# image flavour: gpu (CUDA 12.8 torch 2.10.0) or cpu (torch 2.13.0+cpu)
 IMAGE ?= openseek-cpt:$(FLAVOR)# image tag (pyxis: a squashfs path or registry reference)
 SIF ?= openseek-cpt.sif# Apptainer image file built by `make sif`
-ENGINE ?= $(shell docker info >/dev/null 2>&1 && echo docker || echo podman)# image builder: docker or podman
+ENGINE ?= $(shell docker info >/dev/null 2>&1 && echo docker || echo podman)# image builder: docker if its daemon answers, else podman
 BASE_IMAGE ?=# override the flavour's base image (e.g. a local or mirrored one)
 CA_BUNDLE ?=# CA bundle file of a TLS-intercepting proxy, passed to the build as a secret
 WHEELS ?=# folder of wheels (e.g. the torch CPU wheel) for the build's pip --find-links (podman)
 BUILD_ARGS ?=# extra arguments for `$(ENGINE) build`
 MOUNTS ?=# extra bind mounts for every runtime, comma-separated SRC[:DST]
 # ---- local Python ----------------------------------------------------------------------------
-VENV ?= $(or $(VIRTUAL_ENV),.venv)# venv used by tiny/test/LOCAL=1 (created by `make tiny` if missing)
+VENV ?= $(or $(VIRTUAL_ENV),.venv)# venv of tiny/test/LOCAL=1/RUNTIME=none: the active one, else .venv (created by `make tiny` if missing)
 TORCH_SPEC ?= torch==2.13.0# torch for a new VENV (CI/laptops: CPU wheel; or "torch --index-url https://download.pytorch.org/whl/cpu")
 
 PY := $(if $(wildcard $(VENV)/bin/python),$(VENV)/bin/python,python3)
@@ -60,7 +60,7 @@ export OPENSEEK_SLURM_DIR := $(REPO)/slurm
 SBATCH := sbatch --parsable $(if $(PARTITION),--partition=$(PARTITION)) $(if $(ACCOUNT),--account=$(ACCOUNT)) \
 	$(if $(TIME),--time=$(TIME)) $(if $(CPUS_PER_TASK),--cpus-per-task=$(CPUS_PER_TASK)) \
 	$(if $(WAIT),--wait) --output=$(LOGDIR)/%x-%j.out $(SBATCH_ARGS)
-HAVE_SLURM ?= $(shell command -v sbatch 2>/dev/null)# sbatch on PATH (empty: data/train/soup run here)
+HAVE_SLURM ?= $(shell command -v sbatch 2>/dev/null)# non-empty when sbatch is on PATH; HAVE_SLURM= runs data/train/soup here
 
 .PHONY: help image sif lock download data train soup tiny test
 help: ## this list of targets and variables

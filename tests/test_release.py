@@ -150,7 +150,7 @@ def test_make_train_on_several_nodes_without_slurm_is_an_error_not_a_local_run()
     r = make("-n", "train", "SLURM_NODES=4", "HAVE_SLURM=", check=False)
     assert r.returncode == 2 and "openseek-cpt launch" not in r.stdout
     assert "SLURM_NODES=4 needs Slurm" in r.stderr and "sbatch is not on PATH" in r.stderr
-    r = make("-n", "train", "SLURM_NODES=2", "LOCAL=1", check=False)
+    r = make("-n", "train", "SLURM_NODES=2", "LOCAL=1", "HAVE_SLURM=/usr/bin/sbatch", check=False)
     assert r.returncode == 2 and "LOCAL=1 runs on this machine only" in r.stderr
 
 

@@ -144,16 +144,6 @@ def test_recipe_keys_with_a_recipe_shows_its_values_and_overrides(tmp_path):
     assert "data.sources.N.path" not in rows
 
 
-def test_readme_key_table_is_the_generated_one():
-    readme = (REPO / "README.md").read_text()
-    begin, end = "<!-- recipe-keys:begin -->\n", "<!-- recipe-keys:end -->"
-    assert begin in readme and end in readme, "README.md lost its recipe-keys markers"
-    table = readme.split(begin, 1)[1].split(end, 1)[0]
-    assert table == recipe_module.keys_markdown() + "\n", (
-        "README key table is stale: replace it with `openseek-cpt recipe --markdown`"
-    )
-
-
 def test_recipe_hash_is_the_same_formula_as_before_the_fields_carried_their_docs():
     """sha256 of json.dumps(sort_keys, default=str) of the five sections: the hash checkpoints recorded."""
     import hashlib
