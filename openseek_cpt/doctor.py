@@ -4,8 +4,9 @@ Checks, each `ok`, `warn` or `FAIL`: torch and its CUDA build (12.x), the GPUs (
 compute capability), the driver against the CUDA 12 minimum, bf16 support when the recipe asks for
 bf16, the kernels the recipe asks for (flash-attn for flash_attention_2/3; Triton + a C compiler +
 Python headers for flex_attention, torch.compile and Liger; liger-kernel for `train.loss: liger`;
-the bf16 grouped_mm fast path of the routed experts, sm90+), and NCCL (available, its version,
-and a one-process all-reduce on the first GPU). Exit 0 when nothing FAILs, 1 otherwise; on a
+what the routed experts' bf16 grouped_mm runs as on this architecture), NCCL (available, its
+version, and a one-process all-reduce on the first GPU), and a one-step smoke test of the levers
+(attention, bf16 experts, loss) on the first GPU. Exit 0 when nothing FAILs, 1 otherwise; on a
 machine without a GPU the GPU checks FAIL (this is a check for training nodes) unless
 `--allow-cpu`, which turns them into warnings so the rest can be checked anywhere.
 """
@@ -65,7 +66,14 @@ def collect(recipe: Any = None, allow_cpu: bool = False) -> list[Check]:
     if torch.version.cuda is None:
         checks.append(Check(no_gpu, "cuda build", "torch is a CPU build; install the GPU lock (CUDA 12.8)"))
     elif not torch.version.cuda.startswith("12."):
-        checks.append(Check("FAIL", "cuda build", f"CUDA {torch.version.cuda}; the image pins CUDA 12.x"))
+        checks.append(
+            Check(
+                "warn",
+                "cuda build",
+                f"CUDA {torch.version.cuda}, not the tested stack (the image pins torch 2.10.0 + CUDA 12.8): "
+                "train in the image, or `pip install --require-hashes -r container/requirements.lock`",
+            )
+        )
     else:
         checks.append(Check("ok", "cuda build", f"CUDA {torch.version.cuda}"))
     checks.append(driver_check(no_gpu))
@@ -86,24 +94,69 @@ def collect(recipe: Any = None, allow_cpu: bool = False) -> list[Check]:
                     "supported" if ok else f"not supported; {precision} needs sm80+",
                 )
             )
-        major, minor = torch.cuda.get_device_capability(0)
         if precision == "bf16-mixed":
-            fast = major >= 9
-            checks.append(
-                Check(
-                    "ok" if fast else "warn",
-                    "experts grouped_mm",
-                    f"sm{major}{minor}: "
-                    + (
-                        "bf16 CUTLASS grouped GEMM"
-                        if fast
-                        else "bf16 grouped_mm is a per-expert loop below sm90"
-                    ),
-                )
-            )
+            checks.append(grouped_gemm_check(torch.cuda.get_device_capability(0)))
     checks.extend(kernel_checks(attn, loss, compile_asked, gpu))
     checks.append(nccl_check(gpu, no_gpu))
+    if gpu:
+        checks.append(smoke_step(attn, loss))
     return checks
+
+
+# torch's bf16 grouped_mm takes a CUTLASS grouped GEMM on these compute capabilities only.
+GROUPED_GEMM_ARCHS = {(9, 0): "Hopper (H100/H800/H200)", (10, 0): "Blackwell (B200)"}
+
+
+def grouped_gemm_check(capability: tuple[int, int]) -> Check:
+    """What the routed experts' bf16 grouped_mm runs as on this GPU."""
+    sm = f"sm{capability[0]}{capability[1]}"
+    if capability in GROUPED_GEMM_ARCHS:
+        return Check(
+            "ok", "experts grouped_mm", f"{sm} {GROUPED_GEMM_ARCHS[capability]}: CUTLASS grouped GEMM"
+        )
+    return Check(
+        "warn",
+        "experts grouped_mm",
+        f"{sm}: no grouped GEMM kernel (A800/A100 are sm80): one mm per expert after a host sync",
+    )
+
+
+def smoke_step(attn: str, loss: str, device: str = "cuda") -> Check:
+    """One forward + backward of a tiny deepseek_v3 on the first GPU with the recipe's attention,
+    bf16 experts and loss under bf16 autocast: the levers' kernels compile and run here."""
+    import torch
+
+    from openseek_cpt.modeling import attention, experts, router_precision
+    from openseek_cpt.modeling import loss as lm_loss
+    from openseek_cpt.testing.fixtures import tiny_config
+
+    name = f"smoke step ({attn}, {loss} loss, bf16 experts)"
+    try:
+        from transformers import DeepseekV3ForCausalLM
+
+        attention.prepare(attn)
+        config = tiny_config(512, 2)
+        config.use_cache = False
+        config._attn_implementation = attn
+        config._experts_implementation = experts.resolve(None, "bf16-mixed")
+        model = DeepseekV3ForCausalLM(config).to(device).train()
+        router_precision.keep_routers_fp32(model)
+        lm_loss.install(model, loss)
+        ids = torch.randint(3, 512, (2, 256), device=device)
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+            value = model(input_ids=ids, labels=ids).loss
+        value.backward()
+        grads = [p.grad for p in model.parameters() if p.requires_grad]
+        finite = bool(torch.isfinite(value)) and all(
+            g is not None and bool(torch.isfinite(g).all()) for g in grads
+        )
+    except Exception as exc:  # any kernel that fails to build or run is this check's finding
+        return Check(
+            "FAIL", name, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+        )
+    return Check(
+        "ok" if finite else "FAIL", name, f"loss {float(value):.3f}" + ("" if finite else ", not finite")
+    )
 
 
 def driver_check(no_gpu: str) -> Check:

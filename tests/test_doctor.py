@@ -69,3 +69,37 @@ def test_liger_kernel_is_pinned_in_the_gpu_lock_and_optional_everywhere_else():
     assert re.search(r"^liger-kernel==0\.8\.5 \\\n    --hash=sha256:[0-9a-f]{64}", gpu_lock, re.M)
     assert re.search(r"^triton==", gpu_lock, re.M)  # liger's only other requirement besides torch
     assert "liger-kernel" not in cpu_lock
+
+
+def test_grouped_gemm_is_called_fast_only_on_the_architectures_with_the_kernel():
+    from openseek_cpt import doctor
+
+    assert doctor.grouped_gemm_check((9, 0)).status == "ok"  # H100/H200
+    assert doctor.grouped_gemm_check((10, 0)).status == "ok"  # B200
+    for capability in ((8, 0), (8, 9), (12, 0)):  # A800/A100, L40S, consumer Blackwell
+        check = doctor.grouped_gemm_check(capability)
+        assert check.status == "warn" and "one mm per expert" in check.detail, check
+
+
+def test_the_smoke_step_runs_the_levers_forward_and_backward_and_reports_a_finite_loss():
+    """On the CPU with sdpa (no GPU here); on a GPU doctor runs it with the recipe's attention."""
+    from openseek_cpt import doctor
+
+    check = doctor.smoke_step("sdpa", "chunked", device="cpu")
+    assert check.status == "ok", check.line()
+    assert check.detail.startswith("loss ")
+
+
+def test_an_h100_pcie_is_counted_at_its_own_peak_not_the_sxm_one(monkeypatch):
+    import torch
+
+    from openseek_cpt.modeling import flops
+
+    for name, peak in (
+        ("NVIDIA H100 PCIe", 756e12),
+        ("NVIDIA H100 80GB HBM3", 989e12),
+        ("NVIDIA H100 NVL", 835e12),
+    ):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, n=name: n)
+        assert flops.device_peak_flops() == (peak, name)

@@ -21,9 +21,13 @@ from __future__ import annotations
 import os
 from typing import Any
 
-# Dense bf16 peak (no sparsity) per device, FLOP/s; matched as a substring of the device name.
+# Dense bf16 peak (no sparsity) per device, FLOP/s; the first key found in the device name wins,
+# so board variants with a lower peak (PCIe, NVL) come before their SXM name.
 PEAK_BF16_FLOPS = {
     "H200": 989e12,
+    "H100 PCIe": 756e12,
+    "H100 NVL": 835e12,
+    "H800 PCIe": 756e12,
     "H100": 989e12,
     "H800": 989e12,
     "A800": 312e12,
