@@ -35,6 +35,8 @@ BUILD_ARGS ?=# extra arguments for `$(ENGINE) build`
 MOUNTS ?=# extra bind mounts for every runtime, comma-separated SRC[:DST]
 # ---- local Python ----------------------------------------------------------------------------
 VENV ?= $(or $(VIRTUAL_ENV),.venv)# venv of tiny/test/LOCAL=1/RUNTIME=none: the active one, else .venv (created by `make tiny` if missing)
+WHEEL_DIR ?=# device-wheels: folder the wheels for bench/device/run.sh go to
+DEVICE_PY ?= 3.12# device-wheels: Python of the GPU machine (3.12 on the lent one; 3.11 to try it here)
 TORCH_SPEC ?= torch==2.13.0# torch for a new VENV (CI/laptops: CPU wheel; or "torch --index-url https://download.pytorch.org/whl/cpu")
 
 PY := $(if $(wildcard $(VENV)/bin/python),$(VENV)/bin/python,python3)
@@ -62,11 +64,11 @@ SBATCH := sbatch --parsable $(if $(PARTITION),--partition=$(PARTITION)) $(if $(A
 	$(if $(WAIT),--wait) --output=$(LOGDIR)/%x-%j.out $(SBATCH_ARGS)
 HAVE_SLURM ?= $(shell command -v sbatch 2>/dev/null)# non-empty when sbatch is on PATH; HAVE_SLURM= runs data/train/soup here
 
-.PHONY: help image sif lock download data train soup tiny test
+.PHONY: help image sif lock device-wheels download data train soup tiny test
 help: ## this list of targets and variables
 	@echo "usage: make TARGET [VAR=value ...]"
 	@echo "targets:"
-	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z]+):.*## (.*)/  \1\t\2/' | expand -t 12
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z-]+):.*## (.*)/  \1\t\2/' | expand -t 12
 	@echo "variables (NAME=default: meaning):"
 	@grep -E '^[A-Z_]+ \?=' $(MAKEFILE_LIST) | sed -E 's/^([A-Z_]+) \?= ?([^#]*)# ?(.*)/  \1=\2\n\t\3/' | expand -t 6
 
@@ -96,6 +98,13 @@ lock: ## regenerate the GPU, CPU and test (CI) locks in container/ with uv, hash
 	cd $(REPO) && printf 'setuptools>=68\n$(TORCH_cpu)\nmegatron-core==0.16.1\n' | build/lock-venv/bin/uv pip compile pyproject.toml - \
 	  --extra test --extra mindspore -c $(LOCK_cpu) --generate-hashes --python-platform x86_64-manylinux_2_28 --python-version $(PYVER_cpu) \
 	  $(if $(WHEELS),--find-links $(abspath $(WHEELS)),$(TORCH_CPU_INDEX)) --custom-compile-command 'make lock' -o $(LOCK_test) --quiet
+
+device-wheels: ## download bench/device/wheels.txt for a GPU machine without network (WHEEL_DIR, DEVICE_PY)
+	$(if $(WHEEL_DIR),,$(error make device-wheels: set WHEEL_DIR=folder for the wheels))
+	mkdir -p $(WHEEL_DIR) && grep -Ev '^\s*(#|$$)' $(REPO)/bench/device/wheels.txt | xargs $(PY) -m pip download -q --no-deps \
+	  --only-binary=:all: --implementation cp --python-version $(DEVICE_PY) --platform manylinux_2_28_x86_64 \
+	  --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform any -d $(WHEEL_DIR)
+	du -sh $(WHEEL_DIR)
 
 download: ## fetch base model + tokenizer into assets.model_dir (run where the network is)
 	openseek-cpt download --recipe $(RECIPE) $(OVERRIDES)
