@@ -33,7 +33,7 @@ from transformers import TrainerCallback
 
 from openseek_cpt.errors import first_line
 from openseek_cpt.modeling import flops
-from openseek_cpt.recipe.schema import load_recipe
+from openseek_cpt.recipe.loader import load_recipe
 from openseek_cpt.train import stage as train
 
 REPO = Path(__file__).resolve().parents[1]

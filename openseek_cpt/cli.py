@@ -14,7 +14,8 @@ from pathlib import Path
 
 from openseek_cpt import logs
 from openseek_cpt.errors import EXIT_OK, EXIT_PREEMPTED, EXIT_USER_ERROR, Preempted, UserError
-from openseek_cpt.recipe.schema import Recipe, load_recipe
+from openseek_cpt.recipe.loader import load_recipe
+from openseek_cpt.recipe.schema import Recipe
 
 
 def _recipe(args: argparse.Namespace) -> Recipe:
@@ -83,7 +84,7 @@ def cmd_tiny(args: argparse.Namespace) -> int:
 def cmd_recipe(args: argparse.Namespace) -> int:
     import yaml
 
-    from openseek_cpt.recipe import schema as recipe_module
+    from openseek_cpt.recipe import keys as recipe_module
 
     if args.markdown:
         print(recipe_module.keys_markdown())

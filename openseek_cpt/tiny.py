@@ -16,7 +16,7 @@ from pathlib import Path
 from openseek_cpt.artifacts.fileio import read_json
 from openseek_cpt.errors import UserError
 from openseek_cpt.logs import get_logger
-from openseek_cpt.recipe.schema import load_recipe
+from openseek_cpt.recipe.loader import load_recipe
 
 log = get_logger("tiny")
 

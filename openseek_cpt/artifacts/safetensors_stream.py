@@ -26,6 +26,7 @@ import math
 import os
 import struct
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -182,13 +183,18 @@ class Turns:
         self._next = 0
         self._aborted = False
 
-    def wait(self, turn: int) -> None:
+    def wait(self, turn: int, instead: Callable[[], bool] | None = None) -> bool:
+        """Block until `turn` comes (True). `instead`, called under the lock while this waits, may
+        end the wait by doing something else and returning True (then False: the turn is not held)."""
         if self._next == turn:  # usually so: only this turn's holder can move it on
-            return
+            return True
         with self._cond:
-            self._cond.wait_for(lambda: self._next == turn or self._aborted)
+            self._cond.wait_for(
+                lambda: self._next == turn or self._aborted or (instead is not None and instead())
+            )
             if self._aborted:
                 raise RuntimeError("aborted: another thread failed")
+            return self._next == turn
 
     def done(self, turn: int) -> None:
         with self._cond:

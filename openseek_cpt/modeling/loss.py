@@ -28,8 +28,9 @@ from typing import Any
 
 import torch
 
+from openseek_cpt.modeling.loss_names import IMPLEMENTATIONS
+
 IGNORE_INDEX = -100
-IMPLEMENTATIONS = ("chunked", "liger", "hf")
 # Tokens per chunk: big enough for an efficient GEMM (2048 x 1280 x 151851), small enough that
 # its fp32 logits stay ~1.2 GiB.
 CHUNK_TOKENS = 2048

@@ -30,8 +30,8 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-# DeepSeek-V3 (bias update speed 0.001) and Megatron's moe_router_bias_update_rate default.
-DEFAULT_RATE = 1e-3
+from openseek_cpt.modeling.router_defaults import DEFAULT_RATE
+
 BIAS_NAME = "e_score_correction_bias"
 
 

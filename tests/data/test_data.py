@@ -15,7 +15,7 @@ from openseek_cpt.data import sources
 from openseek_cpt.data import stage as data
 from openseek_cpt.data.sources import open_sources
 from openseek_cpt.errors import UserError
-from openseek_cpt.recipe.schema import load_recipe
+from openseek_cpt.recipe.loader import load_recipe
 from openseek_cpt.testing.fixtures import format_title_body
 
 TOKENIZER = "models/tiny-openseek"

@@ -10,7 +10,7 @@ from conftest import TINY_RECIPE
 
 from openseek_cpt.data import packing
 from openseek_cpt.errors import UserError
-from openseek_cpt.recipe.schema import load_recipe
+from openseek_cpt.recipe.loader import load_recipe
 
 MAX_LENGTH = 6
 # Document lengths: one longer than MAX_LENGTH, several that fit; every token id is unique.

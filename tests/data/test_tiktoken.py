@@ -17,7 +17,7 @@ from openseek_cpt.artifacts import megatron_format
 from openseek_cpt.data import stage as data
 from openseek_cpt.data.encoder import Encoder, with_one_eos
 from openseek_cpt.errors import UserError
-from openseek_cpt.recipe.schema import load_recipe
+from openseek_cpt.recipe.loader import load_recipe
 from openseek_cpt.testing.fixtures import REAL_VOCAB, stdlib_docstrings, write_qwen_tokenizer
 
 SPECIAL_DOC = "A web page that quotes <|endoftext|> and <|extra_204|> and <|im_start|>user in its text."

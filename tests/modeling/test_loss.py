@@ -167,12 +167,6 @@ def test_eval_loss_of_the_evaluation_module_equals_the_stock_logits_loss(tmp_pat
     assert got["loss"] == pytest.approx(float(expected), rel=1e-5)
 
 
-def test_the_recipe_offers_exactly_the_implementations_loss_py_has():
-    from openseek_cpt.recipe import schema as recipe
-
-    assert recipe.LOSS_IMPLEMENTATIONS == loss.IMPLEMENTATIONS
-
-
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
 def test_liger_without_its_package_or_a_gpu_is_a_one_line_user_error():
     from openseek_cpt.errors import UserError

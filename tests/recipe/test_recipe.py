@@ -14,8 +14,9 @@ from conftest import REPO, TINY_RECIPE, run_cli
 from openseek_cpt.artifacts.fileio import canonical_hash
 from openseek_cpt.data import packing
 from openseek_cpt.errors import EXIT_USER_ERROR, UserError
-from openseek_cpt.recipe import schema as recipe_module
-from openseek_cpt.recipe.schema import load_recipe
+from openseek_cpt.recipe import keys as recipe_keys
+from openseek_cpt.recipe import schema
+from openseek_cpt.recipe.loader import load_recipe
 
 OPENSEEK_RECIPE = REPO / "recipes" / "openseek" / "config.yaml"
 
@@ -95,7 +96,7 @@ def test_cli_reports_bad_recipe_in_one_line_with_exit_code_2(tmp_path):
 # ---- every key documents itself -------------------------------------------------------------------
 
 
-def _declared_keys(cls=recipe_module.Recipe, prefix=""):
+def _declared_keys(cls=schema.Recipe, prefix=""):
     """(dotted key, field) of every declared field, walking sections and list-of-section items (as N)."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
@@ -112,7 +113,7 @@ def _declared_keys(cls=recipe_module.Recipe, prefix=""):
 def test_every_field_declares_a_doc():
     lacking = [key for key, f in _declared_keys() if not f.metadata.get("doc", "").strip()]
     assert not lacking, f"fields without a doc: {lacking}"
-    sections = [f.name for f in dataclasses.fields(recipe_module.Recipe) if not f.metadata.get("doc")]
+    sections = [f.name for f in dataclasses.fields(schema.Recipe) if not f.metadata.get("doc")]
     assert not sections, f"sections without a doc: {sections}"
 
 
@@ -121,7 +122,7 @@ def test_recipe_keys_lists_every_key_with_type_default_and_doc(tmp_path):
     assert r.returncode == 0, r.stderr
     rows = {line.split()[0]: line for line in r.stdout.splitlines()[1:]}
     assert list(rows) == [key for key, _ in _declared_keys()]
-    listed = {k.key: k for k in recipe_module.keys(None)}
+    listed = {k.key: k for k in recipe_keys.keys(None)}
     for key, f in _declared_keys():
         assert listed[key].doc.startswith(f.metadata["doc"]) and f.metadata["doc"] in rows[key]
     assert "data.packing" in rows and "One of: " + ", ".join(packing.NAMES) in rows["data.packing"]
@@ -241,6 +242,7 @@ BAD = [
     ("train.precision=fp8", "train.precision='fp8' is not one of"),
     ("soup.max_shard_size=2XB", "soup.max_shard_size='2XB' is not a size"),
     ("soup.weights=[1, -1]", "soup.weights=[1.0, -1.0] must be >= 0"),
+    ("soup.method=mean", "soup.method='mean' is not one of linear"),
     ("soup.eval_max_sequences=-1", "soup.eval_max_sequences=-1 must be >= 0"),
     ("data.sources.1.type=csv", "data.sources.1.type='csv' is not one of auto"),
     ("data.sources.0.formatting=no_colon", "data.sources.0.formatting='no_colon' is not 'module:function'"),
@@ -280,26 +282,32 @@ def test_soup_dtype_typo_fails_every_stage_before_any_work(stage, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_choices_are_those_transformers_and_the_soup_accept():
+def test_choices_are_those_transformers_accept():
     from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, ALL_FP8_EXPERTS_FUNCTIONS
 
-    from openseek_cpt.soup import stage as soup
+    from openseek_cpt.modeling import attention
 
     # only the document-isolating ones (attention.py), all of them transformers' own names
-    assert set(recipe_module.ATTN_IMPLEMENTATIONS) <= {"eager", *ALL_ATTENTION_FUNCTIONS.valid_keys()}
-    assert set(recipe_module.EXPERTS_IMPLEMENTATIONS) == {
+    assert set(attention.NAMES) <= {"eager", *ALL_ATTENTION_FUNCTIONS.valid_keys()}
+    assert set(schema.EXPERTS_IMPLEMENTATIONS) == {
         "eager",
         *ALL_EXPERTS_FUNCTIONS,
         *ALL_FP8_EXPERTS_FUNCTIONS,
         "grouped_mm_autocast",  # experts.py registers it when a bf16-mixed model loads
     }
-    assert set(recipe_module.SOUP_DTYPES) == set(soup.OUTPUT_DTYPES)
     with pytest.raises(UserError, match="cannot be shown to keep packed documents apart"):
         load_recipe(TINY_RECIPE, ["train.attn_implementation=kernels-community/flash-attn3"])
 
 
-def test_loading_a_recipe_without_train_args_does_not_import_transformers(tmp_path):
-    code = "import sys; from openseek_cpt.recipe.schema import load_recipe; load_recipe(None); print('transformers' in sys.modules)"
+def test_loading_a_recipe_without_train_args_imports_neither_torch_transformers_nor_numpy(tmp_path):
+    """The choice tables the recipe reads (loss, router, soup methods and dtypes) load no torch, and
+    no numpy: the soup command sets OPENBLAS_NUM_THREADS after loading the recipe."""
+    modules = sorted(p.stem for p in (REPO / "openseek_cpt" / "recipe").glob("[!_]*.py"))
+    code = (
+        f"import sys, importlib; [importlib.import_module('openseek_cpt.recipe.' + m) for m in {modules}]; "
+        "from openseek_cpt.recipe.loader import load_recipe; load_recipe(None); "
+        "print(sorted(m for m in ('torch', 'transformers', 'numpy') if m in sys.modules))"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
-    assert r.stdout.strip() == "False"
+    assert len(modules) >= 5 and r.stdout.strip() == "[]"

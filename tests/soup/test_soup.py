@@ -17,9 +17,13 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, DeepseekV3ForCausalLM
 
+from openseek_cpt.errors import UserError
 from openseek_cpt.logs import get_logger
-from openseek_cpt.recipe.schema import load_recipe
+from openseek_cpt.recipe.loader import load_recipe
+from openseek_cpt.soup import methods, numerics, pipeline
 from openseek_cpt.soup import stage as soup
+from openseek_cpt.soup.inputs import open_input
+from openseek_cpt.soup.plan import account_keys, plan_keys
 
 STEPS = (6, 12, 18)
 BASE = "models/tiny-openseek"
@@ -143,7 +147,7 @@ def _sha256(path: Path) -> str:
 
 def test_sharded_and_single_file_inputs_give_the_same_soup(soup_work, monkeypatch):
     single = _run_soup(soup_work, monkeypatch, "soup.output_dir=models/soup-single")
-    monkeypatch.setattr(soup, "CHUNK_ELEMS", 1000)  # keys streamed in chunks that split rows
+    monkeypatch.setattr(pipeline, "CHUNK_ELEMS", 1000)  # keys streamed in chunks that split rows
     sharded = _run_soup(
         soup_work,
         monkeypatch,
@@ -376,20 +380,20 @@ def test_every_key_of_every_input_is_accounted_for_and_no_routed_expert_is_dropp
 def test_a_plan_that_drops_a_key_is_refused(soup_work):
     """The accounting check itself can fail: a plan that forgets a key of an input raises."""
     inputs = [
-        soup.open_input(soup_work / BASE, "base"),
-        soup.open_input(soup_work / "runs/tiny/checkpoint-6", "checkpoint"),
+        open_input(soup_work / BASE, "base"),
+        open_input(soup_work / "runs/tiny/checkpoint-6", "checkpoint"),
     ]
-    plan = soup.plan_keys(inputs, [1.0, 1.0], allow_partial=False)
+    plan = plan_keys(inputs, [1.0, 1.0], allow_partial=False)
     dropped = next(k for k in plan.keys if ".mlp.experts." in k)
     plan.sources[dropped] = plan.sources[dropped][:1]  # checkpoint-6's copy of the key silently unused
     with pytest.raises(RuntimeError, match="not accounted for"):
-        soup.account_keys(inputs, plan)
+        account_keys(inputs, plan)
 
 
 def test_hashes_come_from_the_merge_reads_and_equal_sha256_of_the_files(soup_work, monkeypatch):
     # A sharded base with single-file checkpoints (reads jump around the shards' layouts), one input
     # at weight 0 (never read by the merge: hashed on its own), chunks that split keys.
-    monkeypatch.setattr(soup, "CHUNK_ELEMS", 777)
+    monkeypatch.setattr(pipeline, "CHUNK_ELEMS", 777)
     out = _run_soup(
         soup_work,
         monkeypatch,
@@ -415,13 +419,13 @@ def test_hashes_come_from_the_merge_reads_and_equal_sha256_of_the_files(soup_wor
 
 def test_combine_is_the_one_seam_a_new_method_plugs_into(soup_work, monkeypatch):
     x = [np.arange(6, dtype=np.float32), np.full(6, 2.0, np.float32), np.ones(6, np.float32)]
-    got = soup.combine("linear", iter(x), [1.0, 2.0, 1.0])
+    got = methods.combine("linear", iter(x), [1.0, 2.0, 1.0], numerics.Workspace())
     want = (x[0] + 2 * x[1] + x[2]) / np.float32(4)
     assert got.dtype == np.float32 and np.array_equal(got, want)
-    with pytest.raises(soup.UserError, match="not one of linear"):
-        soup.combine("median-of-nothing", iter(x), [1.0, 1.0, 1.0])
+    with pytest.raises(UserError, match="not one of linear"):
+        methods.combine("median-of-nothing", iter(x), [1.0, 1.0, 1.0], numerics.Workspace())
 
-    # A method is a function in the registry: the I/O loop runs it unchanged.
+    # A method is a function in the table, selected by soup.method: the I/O loop runs it unchanged.
     def elementwise_max(chunks, weights, ws):
         first = next(chunks)
         acc = ws.acc(first.size)
@@ -430,9 +434,11 @@ def test_combine_is_the_one_seam_a_new_method_plugs_into(soup_work, monkeypatch)
             np.maximum(acc, x, out=acc)
         return acc
 
-    monkeypatch.setitem(soup.METHODS, "max", elementwise_max)
-    monkeypatch.setattr(soup, "METHOD", "max")
-    out = _run_soup(soup_work, monkeypatch, "soup.output_dir=models/soup-max", "soup.dtype=float32")
+    monkeypatch.setitem(methods.METHODS, "max", elementwise_max)
+    out = _run_soup(
+        soup_work, monkeypatch, "soup.output_dir=models/soup-max", "soup.dtype=float32", "soup.method=max"
+    )
+    assert json.loads((out / "merge_info.json").read_text())["method"] == "max"
     inputs = [_tensors(soup_work / BASE), *(_tensors(soup_work / f"runs/tiny/checkpoint-{s}") for s in STEPS)]
     got = _tensors(out)
     for key in got:
@@ -512,7 +518,7 @@ def test_numpy_rounding_gives_the_bits_torch_gives_on_edge_values(code, split):
     if split:  # what to_fp32 hands the method for an even-length chunk: even elements, then odd
         a = np.concatenate([a[0::2], a[1::2]])
     out = np.empty(a.size * 2, np.uint8)
-    got = soup.from_fp32(a, code, out, np.empty(a.size, np.uint32), split).view(np.uint8)
+    got = numerics.from_fp32(a, code, out, np.empty(a.size, np.uint32), split).view(np.uint8)
     assert np.array_equal(got, want), np.flatnonzero(got != want)[:10]
 
 
@@ -526,7 +532,7 @@ def test_stored_chunks_widen_to_fp32_as_torch_widens_them(dtype, split):
     x = torch.from_numpy(rng.standard_normal(1000) * 1e3).to(torch_dtype)
     x[:4] = torch.tensor([float("inf"), float("-inf"), float("nan"), -0.0], dtype=torch_dtype)
     raw = bytearray(x.view(torch.uint8).numpy().tobytes())
-    got = soup.to_fp32(raw, dtype, x.numel(), np.empty(x.numel(), np.float32), split)
+    got = numerics.to_fp32(raw, dtype, x.numel(), np.empty(x.numel(), np.float32), split)
     want = x.float().numpy()
     if split:
         want = np.concatenate([want[0::2], want[1::2]])
@@ -548,7 +554,7 @@ def test_outputs_finished_out_of_order_are_written_in_step_order_with_bounded_pa
             self.most_parked = max(self.most_parked, len(queue._parked))
 
     writer = Recorder()
-    queue = soup._OutputQueue(writer)
+    queue = pipeline.OutputQueue(writer)
     order = list(range(200))
     rng = random.Random(0)
     jobs = iter(order)
@@ -571,4 +577,4 @@ def test_outputs_finished_out_of_order_are_written_in_step_order_with_bounded_pa
     for t in threads:
         t.join()
     assert writer.keys == [(f"k{i}", f"chunk {i}".encode()) for i in order]
-    assert writer.most_parked <= soup.MAX_PARKED
+    assert writer.most_parked <= pipeline.MAX_PARKED

@@ -19,7 +19,7 @@ from openseek_cpt import launcher
 from openseek_cpt.artifacts.provenance import directory_fingerprint
 from openseek_cpt.errors import UserError
 from openseek_cpt.modeling import flops
-from openseek_cpt.recipe.schema import load_recipe
+from openseek_cpt.recipe.loader import load_recipe
 from openseek_cpt.train import stage as train
 
 ONE_STEP = ["--set", "train.args.max_steps=1", "--set", "train.args.eval_strategy='no'",
