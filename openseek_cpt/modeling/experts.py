@@ -16,17 +16,30 @@ tests/modeling/test_experts.py records the dtypes grouped_mm receives and compar
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # the recipe reads IMPLEMENTATIONS: no torch import at load
+    import torch
 
 AUTOCAST_GROUPED_MM = "grouped_mm_autocast"
+# transformers' experts implementations + ours.
+IMPLEMENTATIONS = (
+    "eager",
+    "grouped_mm",
+    "batched_mm",
+    "deepgemm",
+    "deepgemm_megamoe",
+    "sonicmoe",
+    AUTOCAST_GROUPED_MM,
+)
 
 
 class _CastExperts:
     """The experts module seen through bf16 weights (attributes other than the weights pass through)."""
 
     def __init__(self, module: torch.nn.Module, dtype: torch.dtype):
+        import torch
+
         self._module = module
         for name in ("gate_up_proj", "up_proj", "down_proj"):
             weight = getattr(module, name, None)
@@ -41,6 +54,7 @@ def grouped_mm_autocast_forward(
     self: torch.nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
 ) -> torch.Tensor:
     """transformers' grouped_mm experts forward, in the autocast dtype when autocast is on."""
+    import torch
     from transformers.integrations.moe import grouped_mm_experts_forward
 
     device_type = hidden_states.device.type

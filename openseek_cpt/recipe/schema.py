@@ -17,22 +17,12 @@ from typing import Any
 
 from openseek_cpt.artifacts.fileio import canonical_hash
 from openseek_cpt.data import packing
-from openseek_cpt.modeling import attention, loss_names, router_defaults
+from openseek_cpt.modeling import attention, experts, loss_names, router_defaults
 from openseek_cpt.soup import methods as soup_methods
 from openseek_cpt.soup.dtypes import OUTPUT_DTYPES
 
 SOURCE_TYPES = ("auto", "hub", "disk", "json", "parquet", "text", "megatron")
 PRECISIONS = ("bf16-mixed", "bf16-pure", "fp32")
-# transformers' experts implementations + ours (experts.py: grouped_mm in bf16 under autocast).
-EXPERTS_IMPLEMENTATIONS = (
-    "eager",
-    "grouped_mm",
-    "batched_mm",
-    "deepgemm",
-    "deepgemm_megamoe",
-    "sonicmoe",
-    "grouped_mm_autocast",
-)
 
 
 def setting(
@@ -238,9 +228,10 @@ class TrainConfig:
     )
     experts_implementation: str | None = setting(
         None,
-        "MoE experts implementation (transformers' experts_implementation); null = model default "
-        "(grouped_mm; under bf16-mixed grouped_mm_autocast, which runs the experts in bf16).",
-        choices=EXPERTS_IMPLEMENTATIONS,
+        "MoE experts implementation (transformers' experts_implementation); null = grouped_mm_autocast "
+        "under bf16-mixed (the experts' GEMMs in bf16), else transformers' default. grouped_mm named "
+        "explicitly is transformers' stock path (fp32 GEMMs under bf16-mixed).",
+        choices=experts.IMPLEMENTATIONS,
     )
     loss: str = setting(
         "chunked",

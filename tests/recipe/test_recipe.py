@@ -286,11 +286,11 @@ def test_choices_are_those_transformers_accept():
     from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, ALL_FP8_EXPERTS_FUNCTIONS
 
-    from openseek_cpt.modeling import attention
+    from openseek_cpt.modeling import attention, experts
 
     # only the document-isolating ones (attention.py), all of them transformers' own names
     assert set(attention.NAMES) <= {"eager", *ALL_ATTENTION_FUNCTIONS.valid_keys()}
-    assert set(schema.EXPERTS_IMPLEMENTATIONS) == {
+    assert set(experts.IMPLEMENTATIONS) == {
         "eager",
         *ALL_EXPERTS_FUNCTIONS,
         *ALL_FP8_EXPERTS_FUNCTIONS,
