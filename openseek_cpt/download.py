@@ -18,7 +18,8 @@ from openseek_cpt.errors import UserError, first_line
 from openseek_cpt.logs import get_logger
 from openseek_cpt.recipe.schema import Recipe
 
-log = get_logger("download")
+STAGE = "download"  # the name its logger, output guard and provenance.json use
+log = get_logger(STAGE)
 
 
 def run(recipe: Recipe) -> Path:
@@ -62,9 +63,9 @@ def run(recipe: Recipe) -> Path:
     if is_local:
         inputs["base_model_fingerprint"] = directory_fingerprint(source)
     local = [source] if is_local else []
-    with atomic_output_dir(a.model_dir, stage="download", inputs=local, field="assets.model_dir") as tmp:
+    with atomic_output_dir(a.model_dir, stage=STAGE, inputs=local, field="assets.model_dir") as tmp:
         tokenizer.save_pretrained(tmp)
         model.save_pretrained(tmp)
-        write_provenance(tmp, stage="download", recipe=recipe, inputs=inputs)
+        write_provenance(tmp, stage=STAGE, recipe=recipe, inputs=inputs)
     log.info(f"saved to {a.model_dir}")
     return Path(a.model_dir)

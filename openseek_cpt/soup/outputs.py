@@ -17,12 +17,12 @@ from openseek_cpt.artifacts import checkpoints
 from openseek_cpt.artifacts.fileio import read_json
 from openseek_cpt.logs import get_logger
 from openseek_cpt.recipe.schema import Recipe, SoupConfig
-from openseek_cpt.soup import methods
+from openseek_cpt.soup import STAGE, methods
 from openseek_cpt.soup.inputs import SoupInput
 from openseek_cpt.soup.pipeline import MergeResult
 from openseek_cpt.soup.plan import MERGE_INFO, KeyPlan
 
-log = get_logger("soup")
+log = get_logger(STAGE)
 
 # Files of a model directory that hold weights (never copied from the base into the soup).
 WEIGHT_SUFFIXES = (

@@ -30,13 +30,13 @@ from openseek_cpt.errors import UserError
 from openseek_cpt.logs import get_logger
 from openseek_cpt.recipe.schema import Recipe
 from openseek_cpt.recipe.values import parse_size
-from openseek_cpt.soup import outputs
+from openseek_cpt.soup import STAGE, outputs
 from openseek_cpt.soup.dtypes import OUTPUT_DTYPES
 from openseek_cpt.soup.inputs import check_distinct, expand_checkpoints, open_input, weights_for
 from openseek_cpt.soup.pipeline import merge
 from openseek_cpt.soup.plan import MERGE_INFO, account_keys, plan_keys
 
-log = get_logger("soup")
+log = get_logger(STAGE)
 
 
 def run(recipe: Recipe) -> Path:
@@ -66,7 +66,7 @@ def run(recipe: Recipe) -> Path:
         log.warning(line)
 
     read = [inp.path for inp in inputs] + ([eval_dir] if s.evaluate else [])
-    with atomic_output_dir(s.output_dir, stage="soup", inputs=read, field="soup.output_dir") as tmp:
+    with atomic_output_dir(s.output_dir, stage=STAGE, inputs=read, field="soup.output_dir") as tmp:
         result = merge(inputs, plan, s.method, out_code, tmp, max_shard_size)
         outputs.copy_side_files(base.path, tmp, s.dtype)
         evaluation = outputs.evaluate(recipe, inputs, tmp) if s.evaluate else None
@@ -74,7 +74,7 @@ def run(recipe: Recipe) -> Path:
         (tmp / MERGE_INFO).write_text(json.dumps(info, indent=2) + "\n")
         write_provenance(
             tmp,
-            stage="soup",
+            stage=STAGE,
             recipe=recipe,
             inputs={
                 f"{inp.label}:{name}": digest
