@@ -37,6 +37,14 @@ DERIVED_ARGS = {
     "resume_from_checkpoint": "train.output_dir (resume is automatic)",
     "remove_unused_columns": "nothing (the collator needs seq_lengths)",
 }
+# TrainingArguments keys that would undo a lever of the stage -> what to set instead.
+CONFLICTING_ARGS = {
+    # Trainer would apply Liger's own deepseek_v3 patch over the stage's loss and experts.
+    "use_liger_kernel": "train.loss: liger (the fused Liger cross-entropy on the stage's own model)",
+}
+# `report_to` values -> the package each logger needs (TensorBoard ships with the stage).
+REPORTER_PACKAGES = {"wandb": "wandb", "mlflow": "mlflow", "comet_ml": "comet_ml", "clearml": "clearml",
+                     "neptune": "neptune", "dvclive": "dvclive", "swanlab": "swanlab", "trackio": "trackio"}  # fmt: skip
 # Ranges TrainingArguments does not check itself: key -> (lowest allowed, exclusive?, also allowed).
 ARG_RANGES: dict[str, tuple[float, bool, tuple[Any, ...]]] = {
     "learning_rate": (0, False, ()),
@@ -127,6 +135,8 @@ def check_training_args(args: dict[str, Any]) -> None:
             raise UserError(
                 f"{where} is set by the train stage; remove it and set {DERIVED_ARGS[key]} instead"
             )
+        if key in CONFLICTING_ARGS and value:
+            raise UserError(f"recipe: {where}={value!r} is refused; set {CONFLICTING_ARGS[key]} instead")
         if key not in known:
             close = difflib.get_close_matches(key, sorted(known), n=1)
             hint = f"; did you mean train.args.{close[0]}?" if close else ""
@@ -140,6 +150,7 @@ def check_training_args(args: dict[str, Any]) -> None:
                 bound = f"> {low}" if exclusive else f">= {low}"
                 also = f" (or {' or '.join(repr(v) for v in allowed)})" if allowed else ""
                 raise UserError(f"recipe: {where}={value!r} must be {bound}{also}")
+    check_reporters(args.get("report_to"))
     user = {k: v for k, v in args.items() if k not in STAGE_ARGS}
     saved = dict(os.environ)  # TrainingArguments writes ACCELERATE_* variables; keep this process clean
     try:
@@ -149,3 +160,17 @@ def check_training_args(args: dict[str, Any]) -> None:
     finally:
         os.environ.clear()
         os.environ.update(saved)
+
+
+def check_reporters(report_to: Any) -> None:
+    """Each `report_to` logger's package is importable (Trainer would fail at its first step)."""
+    import importlib.util
+
+    names = [report_to] if isinstance(report_to, str) else list(report_to or [])
+    for name in names:
+        package = REPORTER_PACKAGES.get(name)
+        if package and importlib.util.find_spec(package) is None:
+            raise UserError(
+                f"recipe: train.args.report_to={name!r} needs the {package!r} package, which is not "
+                f"installed; pip install {package}, or report_to: tensorboard"
+            )

@@ -26,17 +26,53 @@ def load_recipe(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         p = Path(path)
         if not p.is_file():
             raise UserError(f"recipe: file {str(path)!r} does not exist; pass --recipe PATH to a YAML file")
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise UserError(f"recipe: {path} is not valid YAML ({first_line(exc)}); fix the syntax") from None
-        if not isinstance(raw, dict):
-            raise UserError(f"recipe: {path} must be a mapping of sections, got {type(raw).__name__}")
+        raw = read_yaml(p)
     for item in overrides:
         apply_override(raw, item)
     recipe = build(Recipe, raw, "")
     validate(recipe)
     return recipe
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise UserError(
+                    f"recipe: {self.name}: key {key!r} is given twice (lines {seen[key]} and {line}); "
+                    "keep one of them"
+                )
+            seen[key] = line
+        return super().construct_mapping(node, deep)
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """The recipe file as a mapping; one-line errors for bad bytes, bad YAML and repeated keys."""
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(
+            f"recipe: {path} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}); "
+            "save it as UTF-8"
+        ) from None
+    if "\x00" in text:
+        raise UserError(f"recipe: {path} holds NUL bytes: it is not a YAML text file")
+    loader = _UniqueKeyLoader(text)
+    loader.name = str(path)
+    try:
+        raw = loader.get_single_data() or {}
+    except yaml.YAMLError as exc:
+        raise UserError(f"recipe: {path} is not valid YAML ({first_line(exc)}); fix the syntax") from None
+    finally:
+        loader.dispose()
+    if not isinstance(raw, dict):
+        raise UserError(f"recipe: {path} must be a mapping of sections, got {type(raw).__name__}")
+    return raw
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:
