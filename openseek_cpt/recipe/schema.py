@@ -284,6 +284,11 @@ class SoupConfig:
         choices=soup_methods.METHODS,
     )
     dtype: str = setting("bfloat16", "Dtype of the written tensors.", choices=OUTPUT_DTYPES)
+    allow_non_finite: bool = setting(
+        False,
+        "Average inputs that hold NaN/inf (the soup is then non-finite there); default: refuse, "
+        "naming the input and the key.",
+    )
     allow_partial: bool = setting(
         False, "Merge only keys present (with the same shape) everywhere, and record the rest."
     )

@@ -121,3 +121,31 @@ def weights_for(weights: list[float] | None, n: int) -> list[float]:
             "sorted by step); give one weight per input or null for a uniform average"
         )
     return [float(w) for w in weights]
+
+
+def non_finite_count(inp: SoupInput, key: str) -> int:
+    """How many elements of `key` in `inp` are NaN or inf (reads that one tensor)."""
+    import numpy as np
+
+    from openseek_cpt.soup.numerics import to_fp32
+
+    info = inp.files.tensors[key]
+    with open(inp.files.path / info.file, "rb") as f:
+        f.seek(info.start)
+        raw = f.read(info.end - info.start)
+    values = to_fp32(raw, info.dtype, info.numel, np.empty(info.numel, np.float32))
+    return int(info.numel - np.isfinite(values).sum())
+
+
+def non_finite_message(inputs: list[SoupInput], key: str) -> str:
+    """One line naming every input whose `key` holds NaN/inf, and the fix."""
+    found = [
+        f"{inp.path} ({n} of {inp.files.tensors[key].numel})"
+        for inp in inputs
+        if (n := non_finite_count(inp, key))
+    ]
+    where = ", ".join(found) or "the combination (values beyond float32's range)"
+    return (
+        f"soup: {key} holds NaN/inf in {where}; drop that input from soup.checkpoints (a diverged "
+        "checkpoint), or set soup.allow_non_finite=true to average it anyway"
+    )

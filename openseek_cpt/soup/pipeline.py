@@ -63,8 +63,23 @@ class _Step:
     weights: tuple[float, ...]
 
 
+class NonFiniteKey(Exception):
+    """A key's combined chunk holds NaN/inf: some input holds them there (no arithmetic of a
+    method makes them from finite values short of fp32's range)."""
+
+    def __init__(self, key: str):
+        super().__init__(key)
+        self.key = key
+
+
 def merge(
-    inputs: list[SoupInput], plan: KeyPlan, method: str, out_code: str, out_dir: Path, max_shard_size: int
+    inputs: list[SoupInput],
+    plan: KeyPlan,
+    method: str,
+    out_code: str,
+    out_dir: Path,
+    max_shard_size: int,
+    allow_non_finite: bool = False,
 ) -> MergeResult:
     """Stream every key, chunk by chunk, through `combine(method, ...)` into the shard writer.
 
@@ -73,7 +88,9 @@ def merge(
     and hands its output to `OutputQueue` (written in order; a worker that finishes early parks a
     copy and goes on), so reads, hashes, adds and writes of neighbouring chunks overlap on all
     cores. Chunking a key along its flat elements does not change any result (a method is
-    elementwise, each element combined in input order). Returns the files written.
+    elementwise, each element combined in input order). Unless `allow_non_finite`, a chunk whose
+    result is not finite stops the merge with NonFiniteKey (one float64 sum per chunk finds it).
+    Returns the files written.
     """
     started = time.perf_counter()
     base = inputs[0]
@@ -92,7 +109,9 @@ def merge(
         out = np.empty(CHUNK_ELEMS * ITEMSIZE[out_code], np.uint8)
         try:
             while (step := steps.next()) is not None:
-                data = _run_step(step, readers, raw, scratch, ws, out, plan, method, out_code)
+                data = _run_step(
+                    step, readers, raw, scratch, ws, out, plan, method, out_code, allow_non_finite
+                )
                 outputs.put(step.index, step.key, data)
         except BaseException as exc:  # stop the others: they may wait for this one's turns
             failures.append(exc)
@@ -214,6 +233,7 @@ def _run_step(
     plan: KeyPlan,
     method: str,
     out_code: str,
+    allow_non_finite: bool = False,
 ) -> memoryview:
     """Read one chunk of every contributor and combine it; returns the output bytes of the chunk."""
     if step.n == 0:
@@ -232,6 +252,8 @@ def _run_step(
             into = ws.tmp(step.n)
 
     a = combine(method, chunks(), step.weights, ws)
+    if not allow_non_finite and not math.isfinite(np.add.reduce(a, dtype=np.float64)):
+        raise NonFiniteKey(step.key)
     code = "F32" if step.key in plan.fp32_keys else out_code
     return memoryview(from_fp32(a, code, out, ws.bits(step.n), split).view(np.uint8))
 

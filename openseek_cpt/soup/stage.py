@@ -32,8 +32,14 @@ from openseek_cpt.recipe.schema import Recipe
 from openseek_cpt.recipe.values import parse_size
 from openseek_cpt.soup import STAGE, outputs
 from openseek_cpt.soup.dtypes import OUTPUT_DTYPES
-from openseek_cpt.soup.inputs import check_distinct, expand_checkpoints, open_input, weights_for
-from openseek_cpt.soup.pipeline import merge
+from openseek_cpt.soup.inputs import (
+    check_distinct,
+    expand_checkpoints,
+    non_finite_message,
+    open_input,
+    weights_for,
+)
+from openseek_cpt.soup.pipeline import NonFiniteKey, merge
 from openseek_cpt.soup.plan import MERGE_INFO, account_keys, plan_keys
 
 log = get_logger(STAGE)
@@ -67,7 +73,10 @@ def run(recipe: Recipe) -> Path:
 
     read = [inp.path for inp in inputs] + ([eval_dir] if s.evaluate else [])
     with atomic_output_dir(s.output_dir, stage=STAGE, inputs=read, field="soup.output_dir") as tmp:
-        result = merge(inputs, plan, s.method, out_code, tmp, max_shard_size)
+        try:
+            result = merge(inputs, plan, s.method, out_code, tmp, max_shard_size, s.allow_non_finite)
+        except NonFiniteKey as exc:
+            raise UserError(non_finite_message(inputs, exc.key)) from None
         outputs.copy_side_files(base.path, tmp, s.dtype)
         evaluation = outputs.evaluate(recipe, inputs, tmp) if s.evaluate else None
         info = outputs.merge_info(inputs, weights, plan, accounting, s, result, evaluation, started)

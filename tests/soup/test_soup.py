@@ -578,3 +578,38 @@ def test_outputs_finished_out_of_order_are_written_in_step_order_with_bounded_pa
         t.join()
     assert writer.keys == [(f"k{i}", f"chunk {i}".encode()) for i in order]
     assert writer.most_parked <= pipeline.MAX_PARKED
+
+
+def _with_nan(t: dict) -> dict:
+    key = "model.layers.0.mlp.up_proj.weight"
+    bad = t[key].clone()
+    bad.view(-1)[7] = float("nan")
+    bad.view(-1)[8] = float("inf")
+    return {**t, key: bad}
+
+
+def test_a_non_finite_input_is_refused_naming_the_input_and_key_and_writes_nothing(soup_work, monkeypatch):
+    diverged = _broken_copy(soup_work, "checkpoint-nan", _with_nan)
+    out = "models/soup-nan"
+    with pytest.raises(UserError) as caught:
+        _run_soup(
+            soup_work,
+            monkeypatch,
+            f"soup.output_dir={out}",
+            f"soup.checkpoints=[runs/tiny/checkpoint-6, {diverged}]",
+        )
+    message = str(caught.value)
+    assert "model.layers.0.mlp.up_proj.weight holds NaN/inf in" in message
+    assert "checkpoint-nan (2 of" in message and "checkpoint-6" not in message
+    assert "soup.allow_non_finite=true" in message
+    assert not (soup_work / out).exists()
+
+
+def test_allow_non_finite_averages_them_on_request(soup_work, monkeypatch):
+    diverged = _broken_copy(soup_work, "checkpoint-nan", _with_nan)
+    out = _run_soup(
+        soup_work, monkeypatch, "soup.output_dir=models/soup-nan-allowed",
+        f"soup.checkpoints=[runs/tiny/checkpoint-6, {diverged}]", "soup.allow_non_finite=true",
+    )  # fmt: skip
+    up = _tensors(out)["model.layers.0.mlp.up_proj.weight"].float().view(-1)
+    assert up[7].isnan() and up[8].isinf() and torch.isfinite(up[9:]).all()
