@@ -64,7 +64,7 @@ SBATCH := sbatch --parsable $(if $(PARTITION),--partition=$(PARTITION)) $(if $(A
 	$(if $(WAIT),--wait) --output=$(LOGDIR)/%x-%j.out $(SBATCH_ARGS)
 HAVE_SLURM ?= $(shell command -v sbatch 2>/dev/null)# non-empty when sbatch is on PATH; HAVE_SLURM= runs data/train/soup here
 
-.PHONY: help image sif lock device-wheels download data train soup tiny test
+.PHONY: help image sif lock device-wheels download data train soup tiny test test-fast
 help: ## this list of targets and variables
 	@echo "usage: make TARGET [VAR=value ...]"
 	@echo "targets:"
@@ -126,6 +126,9 @@ tiny: $(VENV)/bin/openseek-cpt ## the whole pipeline on the tiny recipe on this 
 
 test: $(VENV)/bin/openseek-cpt ## the test suite (README's test command; creates VENV like `tiny` if missing)
 	cd $(REPO) && $(abspath $(VENV))/bin/python -m pytest -q tests
+
+test-fast: $(VENV)/bin/openseek-cpt ## the unit tier: no CLI runs end to end, no cluster or image (minutes)
+	cd $(REPO) && $(abspath $(VENV))/bin/python -m pytest -q -m "not e2e and not slurm and not container" tests
 
 # The venv of tiny/test/LOCAL=1, created once (with the test extra, so `make test` works from it too).
 $(VENV)/bin/openseek-cpt:

@@ -130,3 +130,14 @@ def tiny_workdir(tiny_assets_dir, tmp_path) -> Path:
     work = tmp_path / "work"
     shutil.copytree(tiny_assets_dir, work, symlinks=True)
     return work
+
+
+# Fixtures that run the CLI end to end (download, data, train): a test using one, directly or through
+# another fixture, is in the end-to-end tier. `make test-fast` runs the rest (the unit tier).
+END_TO_END_FIXTURES = {"tiny_assets_dir"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if END_TO_END_FIXTURES & set(getattr(item, "fixturenames", ())) or item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.e2e)

@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 
 # The train stage's own tolerance for 2 gloo processes vs 1 process at the same global batch; an
 # import error fails the module (it never falls back to a looser tolerance).
-from test_train_run import DDP_LOSS_RTOL
+from tests.train.test_train_run import DDP_LOSS_RTOL
 
 pytestmark = [
     pytest.mark.slurm,
