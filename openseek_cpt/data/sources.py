@@ -145,7 +145,7 @@ class MegatronRows(Rows):
     """PREFIX.bin/.idx through a memory map: one row (`input_ids`) per Megatron sequence."""
 
     def __init__(self, prefix: str):
-        from openseek_cpt import megatron_format  # a leaf module; imported only when needed
+        from openseek_cpt.artifacts import megatron_format
 
         self.prefix = prefix
         self.index = megatron_format.read_index(prefix)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -24,8 +23,10 @@ from typing import Any
 import numpy as np
 
 from openseek_cpt.artifacts import prepared
+from openseek_cpt.artifacts.atomic import atomic_output_dir
 from openseek_cpt.artifacts.fileio import canonical_hash, read_json
-from openseek_cpt.artifacts.provenance import atomic_output_dir, directory_fingerprint, write_provenance
+from openseek_cpt.artifacts.provenance import directory_fingerprint, write_provenance
+from openseek_cpt.artifacts.temps import sweep_leftovers, temp_path
 from openseek_cpt.data import packing
 from openseek_cpt.data.encoder import Encoder
 from openseek_cpt.data.sources import DatasetRows, OpenSource, StreamedRows, open_sources
@@ -66,7 +67,8 @@ def run(recipe: Recipe) -> Path:
     build_id = _hash([shaping, [s.__dict__ for s in d.sources], recipe.seed, inputs])
 
     out = Path(d.output_dir)
-    work = out.parent / f".{out.name}.work-{os.getpid()}"
+    sweep_leftovers(out.parent, out.name)  # a killed earlier build's work dir
+    work = temp_path(out, "work")
     work.mkdir(parents=True, exist_ok=True)
     try:
         encoder = Encoder(tokenizer)
