@@ -17,7 +17,7 @@ from conftest import run_cli
 
 from openseek_cpt.artifacts import megatron_format
 from openseek_cpt.errors import UserError
-from openseek_cpt.export import stage as interop
+from openseek_cpt.export.megatron import export_megatron
 
 ROWS = [[5, 6, 7, 1, 8, 9, 1], [10, 11, 12, 13, 1], [2, 1, 3, 3, 1, 4, 1, 0]]
 SEGMENTS = [[4, 3], [5], [2, 3, 2, 1]]
@@ -51,7 +51,7 @@ def make_prepared(root: Path, rows=ROWS, segments=SEGMENTS, manifest=None) -> Pa
 
 def test_export_then_read_gives_each_document_segment_with_its_tokens(tmp_path):
     prepared = make_prepared(tmp_path)
-    prefix = interop.export_megatron(prepared, tmp_path / "out" / "mix_text_document")
+    prefix = export_megatron(prepared, tmp_path / "out" / "mix_text_document")
     docs = megatron_format.read_documents(prefix)
     assert docs["input_ids"][:] == segments_of(ROWS, SEGMENTS)
     assert docs.features["input_ids"].feature.dtype == "int32"
@@ -63,7 +63,7 @@ def test_export_then_read_gives_each_document_segment_with_its_tokens(tmp_path):
 
 def test_export_of_the_eval_split_and_of_a_large_vocab_uses_int32(tmp_path):
     prepared = make_prepared(tmp_path, manifest={"vocab_size": 151851})
-    prefix = interop.export_megatron(prepared, tmp_path / "ev", split="eval")
+    prefix = export_megatron(prepared, tmp_path / "ev", split="eval")
     assert megatron_format.read_index(prefix).dtype is np.int32
     assert Path(f"{prefix}.bin").stat().st_size == 4 * len(ROWS[0])
     docs = megatron_format.read_documents(prefix)
@@ -74,7 +74,7 @@ def test_vocab_size_falls_back_to_max_token_id_plus_one(tmp_path, caplog, monkey
     # logs.setup() (run by an in-process CLI test) stops propagation to the root logger caplog hooks.
     monkeypatch.setattr(logging.getLogger("openseek_cpt"), "propagate", True)
     prepared = make_prepared(tmp_path, manifest={})
-    prefix = interop.export_megatron(prepared, tmp_path / "p")
+    prefix = export_megatron(prepared, tmp_path / "p")
     assert json.loads(Path(f"{prefix}.provenance.json").read_text())["vocab_size"] == 14
     assert "max token id + 1" in caplog.text
 

@@ -11,8 +11,9 @@ import pytest
 import yaml
 from conftest import TINY_RECIPE, run_cli
 
-from openseek_cpt.data import sources
+from openseek_cpt.data import rows as source_rows
 from openseek_cpt.data import stage as data
+from openseek_cpt.data.encoder import Encoder
 from openseek_cpt.data.sources import open_sources
 from openseek_cpt.errors import UserError
 from openseek_cpt.recipe.schema import load_recipe
@@ -130,7 +131,7 @@ def test_bfd_split_loses_no_token_and_no_segment_spans_two_documents(tiny_workdi
     """Acceptance 3, on every document of both tiny sources (many map batches, two processes)."""
     recipe = _recipe(tiny_workdir, "data.max_length=64", "data.num_proc=2", monkeypatch=monkeypatch)
     tok = data.load_tokenizer(recipe)
-    encoder = data.Encoder(tok)
+    encoder = Encoder(tok)
     docs = _documents(tiny_workdir)
     work = tiny_workdir / "work"
     work.mkdir()
@@ -150,7 +151,7 @@ def test_bfd_split_loses_no_token_and_no_segment_spans_two_documents(tiny_workdi
 def test_wrapped_and_truncate_report_honest_segments(tiny_workdir, monkeypatch):
     """wrapped rows cut documents anywhere: segments restart at each document and row start."""
     recipe = _recipe(tiny_workdir, "data.max_length=64", "data.packing=wrapped", monkeypatch=monkeypatch)
-    encoder = data.Encoder(data.load_tokenizer(recipe))
+    encoder = Encoder(data.load_tokenizer(recipe))
     src = open_sources(recipe.data.sources)[1]  # code: documents up to 4496 tokens
     docs = _documents(tiny_workdir)["code"][:300]
     (tiny_workdir / "w").mkdir()
@@ -181,7 +182,7 @@ def test_every_document_ends_with_exactly_one_eos(tiny_workdir, monkeypatch):
     recipe = _recipe(tiny_workdir, monkeypatch=monkeypatch)
     tok = data.load_tokenizer(recipe)
     eos, eos_text = tok.eos_token_id, tok.eos_token
-    plain = data.Encoder(tok).encode(["hello world", f"ends with eos{eos_text}", ""])
+    plain = Encoder(tok).encode(["hello world", f"ends with eos{eos_text}", ""])
     assert [d.count(eos) for d in plain] == [1, 1, 1] and all(d[-1] == eos for d in plain)
     # the eos string in the text is text: its characters are encoded, then the one real eos follows
     assert tok.decode(plain[1][:-1]) == f"ends with eos{eos_text}"
@@ -191,11 +192,11 @@ def test_every_document_ends_with_exactly_one_eos(tiny_workdir, monkeypatch):
         single=f"$A {eos_text}", special_tokens=[(eos_text, eos)]
     )
     assert tok2("hello world")["input_ids"][-1] == eos
-    assert data.Encoder(tok2).encode(["hello world"]) == [plain[0]]
-    both = data.Encoder(tok2).encode([f"ends with eos{eos_text}"])  # text eos + tokenizer eos
+    assert Encoder(tok2).encode(["hello world"]) == [plain[0]]
+    both = Encoder(tok2).encode([f"ends with eos{eos_text}"])  # text eos + tokenizer eos
     assert both == [plain[1]] and both[0].count(eos) == 1
     # pre-tokenized: eos appended only where missing
-    table = data.Encoder(tok).from_ids(pa.chunked_array([pa.array([[5, 6, eos], [7, 8], []])]))
+    table = Encoder(tok).from_ids(pa.chunked_array([pa.array([[5, 6, eos], [7, 8], []])]))
     assert table.column("input_ids").to_pylist() == [[5, 6, eos], [7, 8, eos], [eos]]
     assert table.column("special_text").to_pylist() == [0, 0, 0]
     assert table.column("doc_start").to_pylist() == [[1, 0, 0], [1, 0, 0], [1]]
@@ -209,7 +210,7 @@ def test_fast_backend_path_gives_the_tokenizers_own_ids(tiny_workdir, monkeypatc
     tok = data.load_tokenizer(recipe)
     eos_text = tok.eos_token
     texts = ["hello world", f"a{eos_text}b ends{eos_text}", "", None, "ünïcode  spaces\n\ttabs" * 50]
-    encoder = data.Encoder(tok)
+    encoder = Encoder(tok)
     slow = encoder.encode(texts)
     assert encoder.path == "tokenizer"
     reference = tok([t or "" for t in texts], split_special_tokens=True)["input_ids"]
@@ -220,7 +221,7 @@ def test_fast_backend_path_gives_the_tokenizers_own_ids(tiny_workdir, monkeypatc
     tok2.backend_tokenizer.post_processor = TemplateProcessing(
         single=f"$A {eos_text}", special_tokens=[(eos_text, tok2.eos_token_id)]
     )
-    encoder2 = data.Encoder(tok2)
+    encoder2 = Encoder(tok2)
     expected = encoder2.end_with_eos(encoder2.choose_path(texts))
     assert encoder2.path == "rust" and encoder2.encode(texts) == expected == slow
 
@@ -230,8 +231,8 @@ def test_a_fast_path_that_disagrees_is_not_used_and_the_ids_stay_correct(tiny_wo
     recipe = _recipe(tiny_workdir, monkeypatch=monkeypatch)
     tok = data.load_tokenizer(recipe)
     texts = ["Hello World", "MiXeD case text", "lower"]
-    right = data.Encoder(tok).encode(texts)
-    encoder = data.Encoder(tok)
+    right = Encoder(tok).encode(texts)
+    encoder = Encoder(tok)
     # A backend that lowercases where tokenizer(texts) does not (as a stale converted vocabulary would).
     original = tok._tokenizer.encode_batch_fast
 
@@ -410,7 +411,7 @@ def test_parquet_rows_read_only_the_row_groups_they_need_in_the_asked_order(tmp_
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from openseek_cpt.data.sources import ParquetRows
+    from openseek_cpt.data.readers import ParquetRows
 
     pq.write_table(
         pa.table({"text": [f"row {i}" for i in range(100)], "n": list(range(100))}),
@@ -454,8 +455,8 @@ def test_a_streamed_source_reads_only_what_its_share_needs_and_is_byte_identical
     import pyarrow as pa
 
     # Small batches and buffer, so the stream is read in several rounds, as a real share's would be.
-    monkeypatch.setattr(sources, "STREAM_BATCH", 64)
-    monkeypatch.setattr(sources, "STREAM_BUFFER", 200)
+    monkeypatch.setattr(source_rows, "STREAM_BATCH", 64)
+    monkeypatch.setattr(source_rows, "STREAM_BUFFER", 200)
     _write_jsonl_folder(tiny_workdir / "big", files=4, docs_per_file=1500)
     stream = "data.sources.1={path: big, ratio: 0.3, streaming: true}"
     outs = [data.run(_recipe(tiny_workdir, stream, f"data.output_dir=datasets/{n}")) for n in ("a", "b")]
@@ -496,8 +497,8 @@ def test_a_streamed_source_shorter_than_its_share_is_read_to_its_end_and_upsampl
 def test_a_stream_that_fails_midway_is_a_one_line_error_naming_the_source(tiny_workdir, monkeypatch):
     """A malformed line far into a streamed file is met only when the stream gets there: still one line."""
     monkeypatch.chdir(tiny_workdir)
-    monkeypatch.setattr(sources, "STREAM_BATCH", 16)
-    monkeypatch.setattr(sources, "STREAM_BUFFER", 32)
+    monkeypatch.setattr(source_rows, "STREAM_BATCH", 16)
+    monkeypatch.setattr(source_rows, "STREAM_BUFFER", 32)
     _write_jsonl_folder(tiny_workdir / "bad", files=2, docs_per_file=300)
     good, bad = sorted((tiny_workdir / "bad").glob("*.jsonl"))  # the first row is peeked from `good`
     good.write_text("\n".join(good.read_text().splitlines()[:20]) + "\n")  # too few for the share

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from conftest import run_cli
 
-from openseek_cpt.export import stage as interop
+from openseek_cpt.export.mindrecord import export_mindrecord
 from tests.artifacts.test_megatron_format import ROWS, make_prepared
 
 pytestmark = pytest.mark.mindspore
@@ -25,7 +25,7 @@ def _read_all(path) -> list[dict]:
 
 def test_mindspore_filereader_reads_padded_rows_in_order(tmp_path):
     prepared = make_prepared(tmp_path, manifest={"max_length": 8, "vocab_size": 64, "pad_token_id": 63})
-    path = interop.export_mindrecord(prepared, tmp_path / "out" / "mix.mindrecord")
+    path = export_mindrecord(prepared, tmp_path / "out" / "mix.mindrecord")
     rows = _read_all(path)
     assert [sorted(r) for r in rows] == [["input_ids"]] * len(ROWS)
     for row, expected in zip(rows, ROWS, strict=True):
@@ -43,7 +43,7 @@ def test_mindspore_filereader_reads_padded_rows_in_order(tmp_path):
 def test_mindrecord_row_length_comes_from_the_recipe_and_pad_falls_back_to_eos(tmp_path):
     prepared = make_prepared(tmp_path, manifest={"eos_token_id": 1})
     (prepared / "provenance.json").write_text(json.dumps({"recipe": {"data": {"max_length": 10}}}))
-    path = interop.export_mindrecord(prepared, tmp_path / "eval.mindrecord", split="eval")
+    path = export_mindrecord(prepared, tmp_path / "eval.mindrecord", split="eval")
     rows = _read_all(path)
     assert [r["input_ids"].tolist() for r in rows] == [ROWS[0] + [1] * 3]
 
@@ -51,8 +51,8 @@ def test_mindrecord_row_length_comes_from_the_recipe_and_pad_falls_back_to_eos(t
 def test_mindrecord_export_overwrites_and_mindspore_dataset_loads_it(tmp_path):
     prepared = make_prepared(tmp_path)
     path = tmp_path / "mix.mindrecord"
-    interop.export_mindrecord(prepared, path)
-    interop.export_mindrecord(prepared, path)  # a second export replaces the first
+    export_mindrecord(prepared, path)
+    export_mindrecord(prepared, path)  # a second export replaces the first
     md = pytest.importorskip("mindspore.dataset")
     loaded = md.MindDataset(str(path), columns_list=["input_ids"], shuffle=False)
     got = [row["input_ids"].tolist() for row in loaded.create_dict_iterator(output_numpy=True, num_epochs=1)]
