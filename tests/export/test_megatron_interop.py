@@ -14,7 +14,7 @@ import torch
 
 from openseek_cpt.artifacts import megatron_format
 from openseek_cpt.export.megatron import export_megatron
-from tests.artifacts.test_megatron_format import ROWS, SEGMENTS, make_prepared, segments_of
+from tests.export.test_megatron_export import ROWS, SEGMENTS, make_prepared, segments_of
 
 pytestmark = pytest.mark.megatron
 
