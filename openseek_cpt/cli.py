@@ -111,16 +111,16 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_export_megatron(args: argparse.Namespace) -> int:
-    from openseek_cpt.export import stage as interop
+    from openseek_cpt.export.megatron import export_megatron
 
-    interop.export_megatron(args.dataset_dir, args.prefix, split=args.split)
+    export_megatron(args.dataset_dir, args.prefix, split=args.split)
     return 0
 
 
 def cmd_export_mindrecord(args: argparse.Namespace) -> int:
-    from openseek_cpt.export import stage as interop
+    from openseek_cpt.export.mindrecord import export_mindrecord
 
-    interop.export_mindrecord(args.dataset_dir, args.path, split=args.split)
+    export_mindrecord(args.dataset_dir, args.path, split=args.split)
     return 0
 
 

@@ -13,7 +13,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from openseek_cpt.artifacts.provenance import atomic_output_dir, directory_fingerprint, write_provenance
+from openseek_cpt.artifacts.atomic import atomic_output_dir
+from openseek_cpt.artifacts.provenance import directory_fingerprint, write_provenance
 from openseek_cpt.errors import UserError, first_line
 from openseek_cpt.logs import get_logger
 from openseek_cpt.recipe.schema import Recipe

@@ -45,7 +45,7 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from openseek_cpt.artifacts.provenance import pid_alive
+from openseek_cpt.artifacts.temps import pid_alive
 from openseek_cpt.errors import EXIT_FAILURE, EXIT_OK, EXIT_PREEMPTED, UserError
 from openseek_cpt.logs import get_logger
 

@@ -1,6 +1,6 @@
 """Outputs never destroy inputs: no stage replaces a directory it did not write, or one of its inputs.
 
-`provenance.atomic_output_dir(stage=, inputs=)` is the one guard every stage's output goes through;
+`atomic.atomic_output_dir(stage=, inputs=)` is the one guard every stage's output goes through;
 each case below is tried as a user would type it, and the thing it would have replaced is compared
 byte for byte afterwards.
 """
@@ -10,8 +10,7 @@ from __future__ import annotations
 import pytest
 from conftest import TINY_RECIPE, copy_workdir, run_cli
 
-from openseek_cpt.artifacts.provenance import atomic_output_dir, file_hashes, write_provenance
-from openseek_cpt.errors import UserError
+from openseek_cpt.artifacts.provenance import file_hashes
 
 
 @pytest.fixture(scope="module")
@@ -70,29 +69,3 @@ def test_train_output_inside_its_base_model_is_refused(work):
                 cwd=work)  # fmt: skip
     _refused(r, "train.output_dir", "inside the input")
     assert file_hashes(model) == before
-
-
-def test_a_stage_replaces_its_own_earlier_output_but_nothing_else(tmp_path):
-    target = tmp_path / "out"
-    for content in (b"old", b"new"):  # same stage twice: replaced (re-running a stage is expected)
-        with atomic_output_dir(target, stage="data") as tmp:
-            (tmp / "f").write_bytes(content)
-            write_provenance(tmp, stage="data")
-    assert (target / "f").read_bytes() == b"new"
-    with pytest.raises(UserError, match="output of the data stage"), atomic_output_dir(target, stage="soup"):
-        pass
-    plain = tmp_path / "mine"
-    plain.mkdir()
-    (plain / "thesis.tex").write_text("x")
-    with (
-        pytest.raises(UserError, match="not an openseek-cpt artifact"),
-        atomic_output_dir(plain, stage="data"),
-    ):
-        pass
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    with atomic_output_dir(empty, stage="data") as tmp:  # an empty directory holds nothing to lose
-        (tmp / "f").write_bytes(b"1")
-    with pytest.raises(UserError, match="is the input"), atomic_output_dir(plain, stage="x", inputs=[plain]):
-        pass
-    assert (plain / "thesis.tex").read_text() == "x" and (target / "f").read_bytes() == b"new"

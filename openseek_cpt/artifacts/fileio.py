@@ -2,7 +2,8 @@
 
 The fsync policy (one for every artifact): file data is fsynced before the name that makes it
 visible (a rename, a marker) is written, and that name's directory is fsynced after, so a crash
-leaves either the old state or the new one, never a complete-looking half.
+leaves either the old state or the new one, never a complete-looking half. Temp names come from
+temps.py, so a killed writer's leftovers are swept like every other.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import json
 import os
 from pathlib import Path
 from typing import Any
+
+from openseek_cpt.artifacts.temps import sweep_leftovers, temp_path
 
 
 def read_json(path: str | Path) -> dict[str, Any] | None:
@@ -56,9 +59,12 @@ def fsync_tree(root: str | Path) -> None:
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> None:
-    """Write pretty JSON to `path` via a temp file, fsync, rename, fsync of the directory."""
+    """Write pretty JSON to `path` via a temp file, fsync, rename, fsync of the directory.
+
+    A dead writer's temp file of `path` is swept first."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    sweep_leftovers(path.parent, path.name)
+    tmp = temp_path(path, "tmp")
     with open(tmp, "w") as f:
         f.write(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
         f.flush()

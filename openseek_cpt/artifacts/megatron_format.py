@@ -43,6 +43,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from openseek_cpt.artifacts.fileio import fsync_dir
+from openseek_cpt.artifacts.temps import sweep_leftovers, temp_path
 from openseek_cpt.errors import UserError
 
 MAGIC = b"MMIDIDX\x00\x00"
@@ -249,11 +251,14 @@ class _Writer:
         self.dtype = token_dtype(self.vocab_size)
         self.lengths: list[np.ndarray] = []
         self.buffer = np.empty(_WRITE_BLOCK_TOKENS, dtype=self.dtype)
-        self.tmp_bin = f"{self.prefix}.bin.tmp-{os.getpid()}"
-        self.tmp_idx = f"{self.prefix}.idx.tmp-{os.getpid()}"
+        self.tmp_bin = temp_path(_bin_path(self.prefix), "tmp")
+        self.tmp_idx = temp_path(_idx_path(self.prefix), "tmp")
 
     def __enter__(self) -> _Writer:
-        Path(self.prefix).parent.mkdir(parents=True, exist_ok=True)
+        directory = Path(self.prefix).parent
+        directory.mkdir(parents=True, exist_ok=True)
+        for final in (_bin_path(self.prefix), _idx_path(self.prefix)):  # a killed writer's temps
+            sweep_leftovers(directory, final.name)
         self.bin_file = open(self.tmp_bin, "wb")  # noqa: SIM115 (closed in __exit__)
         return self
 
@@ -279,6 +284,9 @@ class _Writer:
         self.lengths.append(np.asarray(lengths, dtype=np.int64))
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:  # the fsync policy (fileio): data on disk before the rename shows it
+            self.bin_file.flush()
+            os.fsync(self.bin_file.fileno())
         self.bin_file.close()
         if exc_type is not None:
             for p in (self.tmp_bin, self.tmp_idx):
@@ -300,10 +308,13 @@ class _Writer:
             f.write(lengths.astype(np.int32).tobytes())
             f.write(pointers.tobytes())
             f.write(documents.tobytes())
+            f.flush()
+            os.fsync(f.fileno())
         # Old .idx out first, new .idx in last: a reader never pairs a new .bin with an old .idx.
-        Path(self.prefix + ".idx").unlink(missing_ok=True)
-        os.replace(self.tmp_bin, self.prefix + ".bin")
-        os.replace(self.tmp_idx, self.prefix + ".idx")
+        _idx_path(self.prefix).unlink(missing_ok=True)
+        os.replace(self.tmp_bin, _bin_path(self.prefix))
+        os.replace(self.tmp_idx, _idx_path(self.prefix))
+        fsync_dir(Path(self.prefix).parent)
 
 
 def _segment_lengths(seq_lengths: pa.Array, row_lengths: np.ndarray, row_start: int) -> np.ndarray:

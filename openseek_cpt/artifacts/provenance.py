@@ -1,12 +1,8 @@
-"""Artifacts: atomic directories with a provenance.json that says what produced them.
+"""Provenance: `provenance.json` says what produced an artifact, and `verify` checks it still holds.
 
-Every stage writes its output into a temporary sibling directory and renames it into place
-at the end (after an fsync of its files, the fileio policy), so a directory with the final name
-is always complete. A stage never replaces what it did not write: an existing output directory
-must be a previous output of the same stage, and an output may not be, lie inside, or contain
-one of the stage's inputs (`atomic_output_dir(stage=, inputs=)`). `provenance.json` records
-the recipe hash, package versions, git revision, input fingerprints and the sha256 of every
-file, so `openseek-cpt verify DIR` can tell whether a directory is intact.
+It records the stage, the recipe hash, package versions, git revision, input fingerprints and the
+sha256 of every file, so `openseek-cpt verify DIR` can tell whether a directory is intact. Written
+last, inside the atomic directory (atomic.py), once every other file is there.
 """
 
 from __future__ import annotations
@@ -15,17 +11,14 @@ import contextlib
 import hashlib
 import json
 import os
-import re
-import shutil
 import subprocess
 import time
-from collections.abc import Iterable, Iterator
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from openseek_cpt import __version__
-from openseek_cpt.artifacts.fileio import canonical_hash, fsync_dir, fsync_tree, read_json
+from openseek_cpt.artifacts.fileio import canonical_hash, read_json
 from openseek_cpt.errors import UserError
 
 PROVENANCE_FILE = "provenance.json"
@@ -40,121 +33,6 @@ TRACKED_PACKAGES = (
     "numpy",
     "pyarrow",
 )
-
-
-@contextlib.contextmanager
-def atomic_output_dir(
-    final: str | Path,
-    *,
-    stage: str | None = None,
-    inputs: Iterable[str | Path] = (),
-    field: str | None = None,
-) -> Iterator[Path]:
-    """Yield a temp dir next to `final`; on success it replaces `final`, on error it is removed.
-
-    Outputs never destroy inputs: with `stage`, an existing `final` must be empty or a previous
-    output of the same stage (its provenance.json says so); `final` may not be, lie inside, or
-    contain any of `inputs`. Either is a UserError naming `field` before anything is written.
-    Leftover temp dirs of `final` from dead processes are swept first.
-    """
-    final = Path(final)
-    check_output_dir(final, stage=stage, inputs=inputs, field=field)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    sweep_leftovers(final.parent, final.name)
-    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    fsync_tree(tmp)  # the fsync policy (fileio): data on disk before the rename makes it visible
-    old = final.parent / f".{final.name}.old-{os.getpid()}"
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    fsync_dir(final.parent)
-    if old.exists():
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def check_output_dir(
-    final: str | Path, *, stage: str | None, inputs: Iterable[str | Path] = (), field: str | None = None
-) -> None:
-    """UserError unless writing `stage`'s output to `final` can replace nothing it did not write."""
-    final = Path(final)
-    field = field or (f"{stage}: output" if stage else "output")
-    target = final.resolve()
-    for item in inputs:
-        if not Path(item).exists():  # a hub name, or nothing there: nothing to destroy
-            continue
-        source = Path(item).resolve()
-        if target == source or source in target.parents:
-            raise UserError(
-                f"{field}: {str(final)!r} is {'' if target == source else 'inside '}the input {str(item)!r}; "
-                "writing there would destroy it; choose another output path"
-            )
-        if target in source.parents:
-            raise UserError(
-                f"{field}: {str(final)!r} contains the input {str(item)!r}; replacing it would destroy "
-                "the input; choose another output path"
-            )
-    if stage is None or not (final.exists() or final.is_symlink()):
-        return
-    if not final.is_dir():
-        raise UserError(
-            f"{field}: {str(final)!r} exists and is not a directory; {stage} will not replace it; "
-            "choose another path or remove it yourself"
-        )
-    prov = read_provenance(final)
-    written_by = prov.get("stage") if prov else None
-    if written_by != stage and any(final.iterdir()):
-        what = f"an output of the {written_by} stage" if written_by else "not an openseek-cpt artifact"
-        raise UserError(
-            f"{field}: {str(final)!r} exists and is {what}; {stage} replaces only its own earlier "
-            "output; choose another path or remove it yourself"
-        )
-
-
-_LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?:tmp|work|old)-(?P<pid>\d+)$")
-
-
-def sweep_leftovers(directory: str | Path, name: str | None = None) -> list[Path]:
-    """Remove `.NAME.tmp-PID` / `.NAME.work-PID` / `.NAME.old-PID` entries whose process is gone.
-
-    They are what a killed writer leaves (atomic dirs, atomic files); a live PID's are kept.
-    """
-    directory = Path(directory)
-    removed = []
-    if not directory.is_dir():
-        return removed
-    for entry in directory.iterdir():
-        m = _LEFTOVER.match(entry.name)
-        if not m or (name is not None and m.group("name") != name) or pid_alive(int(m.group("pid"))):
-            continue
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry, ignore_errors=True)
-        else:
-            entry.unlink(missing_ok=True)
-        removed.append(entry)
-    return removed
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether process `pid` runs on this host (a zombie counts as gone)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return True
-    return state != "Z"
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from openseek_cpt.artifacts.safetensors_stream import ITEMSIZE, Reader, ShardWriter, Ticket, Turns
+from openseek_cpt.artifacts.safetensors_stream import ITEMSIZE, Reader, Ticket, Turns
+from openseek_cpt.artifacts.safetensors_writer import ShardWriter
 from openseek_cpt.soup.inputs import SoupInput
 from openseek_cpt.soup.methods import combine
 from openseek_cpt.soup.numerics import Workspace, from_fp32, to_fp32

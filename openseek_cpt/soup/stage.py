@@ -25,7 +25,8 @@ import json
 import time
 from pathlib import Path
 
-from openseek_cpt.artifacts.provenance import atomic_output_dir, write_provenance
+from openseek_cpt.artifacts.atomic import atomic_output_dir
+from openseek_cpt.artifacts.provenance import write_provenance
 from openseek_cpt.errors import UserError
 from openseek_cpt.logs import get_logger
 from openseek_cpt.recipe.schema import Recipe

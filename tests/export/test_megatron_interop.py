@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from openseek_cpt.artifacts import megatron_format
-from openseek_cpt.export import stage as interop
-from tests.artifacts.test_megatron_format import ROWS, SEGMENTS, make_prepared, segments_of
+from openseek_cpt.export.megatron import export_megatron
+from tests.export.test_megatron_export import ROWS, SEGMENTS, make_prepared, segments_of
 
 pytestmark = pytest.mark.megatron
 
@@ -31,7 +31,7 @@ def _random_documents(seed: int, high: int, count: int = 50) -> list[np.ndarray]
 @pytest.mark.parametrize("vocab_size", [64, 151851], ids=["uint16", "int32"])
 def test_megatron_indexed_dataset_reads_our_export_exactly(tmp_path, vocab_size):
     prepared = make_prepared(tmp_path, manifest={"vocab_size": vocab_size})
-    prefix = interop.export_megatron(prepared, tmp_path / "mix_text_document")
+    prefix = export_megatron(prepared, tmp_path / "mix_text_document")
     theirs = indexed_dataset.IndexedDataset(str(prefix))
     expected = segments_of(ROWS, SEGMENTS)
     assert theirs.index.dtype is (np.uint16 if vocab_size < 65500 else np.int32)

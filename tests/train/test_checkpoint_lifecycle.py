@@ -17,7 +17,7 @@ from conftest import TINY_RECIPE, WatchedProcess, copy_workdir, run_cli
 from conftest import fresh_workdir as fresh
 
 from openseek_cpt.artifacts import checkpoints
-from openseek_cpt.artifacts.provenance import sweep_leftovers
+from openseek_cpt.artifacts.temps import sweep_leftovers
 from openseek_cpt.errors import EXIT_PREEMPTED
 from openseek_cpt.train import stage as train
 

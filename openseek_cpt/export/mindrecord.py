@@ -1,8 +1,8 @@
-"""Export a prepared dataset to the formats other trainers read: Megatron `.bin/.idx` and MindRecord.
+"""Export a prepared dataset as one MindRecord file, what MindSpore Transformers' pretraining reads.
 
-One prepared mix can then feed Megatron-LM or MindSpore Transformers as well as our own `train`.
-The Megatron format itself (and reading it back as a source) lives in the leaf module
-`megatron_format`; this stage only finds the split, its vocabulary and padding, and writes.
+Each packed row is padded to `data.max_length`; document boundaries travel as the eos that ends
+every document. The file is written in a temp directory beside it (`temp_path`) and moved in, so
+a half-written export never has the final name.
 """
 
 from __future__ import annotations
@@ -16,38 +16,14 @@ import datasets
 import numpy as np
 import pyarrow.compute as pc
 
-from openseek_cpt.artifacts import megatron_format, prepared, provenance
-from openseek_cpt.artifacts.fileio import write_json_atomic
+from openseek_cpt.artifacts import prepared, provenance
+from openseek_cpt.artifacts.fileio import fsync_dir, fsync_tree
+from openseek_cpt.artifacts.temps import sweep_leftovers, temp_path
 from openseek_cpt.errors import UserError
+from openseek_cpt.export.sidecar import write_sidecar
 from openseek_cpt.logs import get_logger
 
-log = get_logger("interop")
-
-
-def export_megatron(dataset_dir: str | Path, prefix: str | Path, split: str = "train") -> Path:
-    """Write `split` of a prepared dataset as PREFIX.bin/.idx; returns PREFIX.
-
-    One Megatron sequence (= document) per document segment of each packed row, so Megatron's
-    GPT dataset and MindSpore Transformers see the same documents our `train` does. Token dtype
-    from the vocabulary size (uint16 below 65,500, else int32), as Megatron chooses it.
-    PREFIX.provenance.json records what was exported: the two files are the artifact, so there is
-    no directory for `provenance.atomic_output_dir` (each file is renamed into place instead).
-    """
-    dataset, manifest = _load_split(dataset_dir, split)
-    vocab_size = _vocab_size(manifest, dataset, dataset_dir)
-    megatron_format.export_dataset(dataset, prefix, vocab_size)
-    _write_sidecar(
-        Path(f"{prefix}.provenance.json"),
-        dataset_dir,
-        split,
-        {
-            "format": "megatron",
-            "vocab_size": vocab_size,
-            "dtype": megatron_format.token_dtype(vocab_size).__name__,
-        },
-    )
-    log.info(f"export-megatron: {len(dataset)} rows of {dataset_dir}[{split}] -> {prefix}.bin/.idx")
-    return Path(prefix)
+log = get_logger("export")
 
 
 def export_mindrecord(dataset_dir: str | Path, path: str | Path, split: str = "train") -> Path:
@@ -69,7 +45,8 @@ def export_mindrecord(dataset_dir: str | Path, path: str | Path, split: str = "t
         raise UserError(
             f"export-mindrecord needs MindSpore ({exc.name or 'mindspore'} is not importable); install it with `pip install 'openseek-cpt[mindspore]'`"
         ) from None
-    dataset, manifest = _load_split(dataset_dir, split)
+    dataset = prepared.load_split(dataset_dir, split, "DATASET_DIR")
+    manifest = prepared.read_manifest(dataset_dir)
     max_length = _max_length(manifest, dataset_dir, dataset)
     if manifest.get("pad_token_id") is None and manifest.get("eos_token_id") is None:
         raise UserError(
@@ -84,7 +61,8 @@ def export_mindrecord(dataset_dir: str | Path, path: str | Path, split: str = "t
     path.parent.mkdir(parents=True, exist_ok=True)
     # MindRecord stores its file names inside the files, so write under the final name in a temp
     # directory beside it and move both files in (a half-written export never has the final name).
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    sweep_leftovers(path.parent, path.name)  # a killed earlier export's temp directory
+    tmp = temp_path(path, "tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
@@ -100,11 +78,13 @@ def export_mindrecord(dataset_dir: str | Path, path: str | Path, split: str = "t
                 ]
             )
         writer.commit()
+        fsync_tree(tmp)  # the fsync policy (fileio): data on disk before the rename shows it
         for name in (path.name, path.name + ".db"):
             os.replace(tmp / name, path.parent / name)
+        fsync_dir(path.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    _write_sidecar(
+    write_sidecar(
         Path(f"{path}.provenance.json"),
         dataset_dir,
         split,
@@ -112,29 +92,6 @@ def export_mindrecord(dataset_dir: str | Path, path: str | Path, split: str = "t
     )
     log.info(f"export-mindrecord: {len(dataset)} rows of {dataset_dir}[{split}] -> {path}")
     return path
-
-
-# --- helpers ---------------------------------------------------------------------------------------
-
-
-def _load_split(dataset_dir: str | Path, split: str) -> tuple[datasets.Dataset, dict[str, Any]]:
-    """The split and the manifest of a prepared dataset (through `prepared`, the one reader)."""
-    return prepared.load_split(dataset_dir, split, "DATASET_DIR"), prepared.read_manifest(dataset_dir)
-
-
-def _vocab_size(manifest: dict[str, Any], dataset: datasets.Dataset, dataset_dir: str | Path) -> int:
-    vocab = manifest.get("vocab_size")
-    if vocab is not None:
-        return int(vocab)
-    top = 0
-    for batch in dataset.select_columns(["input_ids"]).with_format("arrow").iter(batch_size=4096):
-        values = batch.column("input_ids").combine_chunks().flatten().to_numpy(zero_copy_only=False)
-        if values.size:
-            top = max(top, int(values.max()))
-    log.warning(
-        f"{dataset_dir}/manifest.json records no tokenizer vocab_size; using max token id + 1 = {top + 1}"
-    )
-    return top + 1
 
 
 def _recipe_data(dataset_dir: str | Path) -> dict[str, Any]:
@@ -164,18 +121,3 @@ def _pad(row: np.ndarray, max_length: int, pad_id: int, index: int) -> np.ndarra
     out = np.full(max_length, pad_id, dtype=np.int32)
     out[: len(row)] = row
     return out
-
-
-def _write_sidecar(path: Path, dataset_dir: str | Path, split: str, extra: dict[str, Any]) -> None:
-    info = {
-        "stage": "export",
-        "inputs": {
-            "dataset_dir": str(dataset_dir),
-            "split": split,
-            "fingerprint": provenance.directory_fingerprint(dataset_dir),
-        },
-        "versions": provenance.package_versions(),
-        "git_revision": provenance.git_revision(),
-        **extra,
-    }
-    write_json_atomic(path, info)

@@ -1,0 +1,97 @@
+"""Atomic output directories and the guard that keeps a stage from replacing what it did not write.
+
+Every stage writes its output into a temporary sibling directory (`temp_path(final, "tmp")`) and
+renames it into place at the end, after an fsync of its files (the fileio policy), so a directory
+with the final name is always complete. A stage never replaces what it did not write: an existing
+output directory must be a previous output of the same stage (its provenance.json says so), and an
+output may not be, lie inside, or contain one of the stage's inputs (`atomic_output_dir(stage=,
+inputs=)`). Leftovers of killed writers are swept first (temps.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from openseek_cpt.artifacts.fileio import fsync_dir, fsync_tree
+from openseek_cpt.artifacts.provenance import read_provenance
+from openseek_cpt.artifacts.temps import sweep_leftovers, temp_path
+from openseek_cpt.errors import UserError
+
+
+@contextlib.contextmanager
+def atomic_output_dir(
+    final: str | Path,
+    *,
+    stage: str | None = None,
+    inputs: Iterable[str | Path] = (),
+    field: str | None = None,
+) -> Iterator[Path]:
+    """Yield a temp dir next to `final`; on success it replaces `final`, on error it is removed.
+
+    Outputs never destroy inputs: with `stage`, an existing `final` must be empty or a previous
+    output of the same stage (its provenance.json says so); `final` may not be, lie inside, or
+    contain any of `inputs`. Either is a UserError naming `field` before anything is written.
+    Leftover temp dirs of `final` from dead processes are swept first.
+    """
+    final = Path(final)
+    check_output_dir(final, stage=stage, inputs=inputs, field=field)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    sweep_leftovers(final.parent, final.name)
+    tmp = temp_path(final, "tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    fsync_tree(tmp)  # the fsync policy (fileio): data on disk before the rename makes it visible
+    old = temp_path(final, "old")
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    fsync_dir(final.parent)
+    if old.exists():
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def check_output_dir(
+    final: str | Path, *, stage: str | None, inputs: Iterable[str | Path] = (), field: str | None = None
+) -> None:
+    """UserError unless writing `stage`'s output to `final` can replace nothing it did not write."""
+    final = Path(final)
+    field = field or (f"{stage}: output" if stage else "output")
+    target = final.resolve()
+    for item in inputs:
+        if not Path(item).exists():  # a hub name, or nothing there: nothing to destroy
+            continue
+        source = Path(item).resolve()
+        if target == source or source in target.parents:
+            raise UserError(
+                f"{field}: {str(final)!r} is {'' if target == source else 'inside '}the input {str(item)!r}; "
+                "writing there would destroy it; choose another output path"
+            )
+        if target in source.parents:
+            raise UserError(
+                f"{field}: {str(final)!r} contains the input {str(item)!r}; replacing it would destroy "
+                "the input; choose another output path"
+            )
+    if stage is None or not (final.exists() or final.is_symlink()):
+        return
+    if not final.is_dir():
+        raise UserError(
+            f"{field}: {str(final)!r} exists and is not a directory; {stage} will not replace it; "
+            "choose another path or remove it yourself"
+        )
+    prov = read_provenance(final)
+    written_by = prov.get("stage") if prov else None
+    if written_by != stage and any(final.iterdir()):
+        what = f"an output of the {written_by} stage" if written_by else "not an openseek-cpt artifact"
+        raise UserError(
+            f"{field}: {str(final)!r} exists and is {what}; {stage} replaces only its own earlier "
+            "output; choose another path or remove it yourself"
+        )

@@ -1,0 +1,240 @@
+"""The source kinds: one table, one entry per way of reading a source (hub, disk, json, ...).
+
+`detect_kind` (sources.py) picks an entry for `type: auto`; the entry's `load` opens the source in
+place and fingerprints it: Megatron `.bin/.idx` through a memory map, parquet files by row group,
+`save_to_disk` directories memory-mapped; json/text files and hub datasets go through `datasets`'
+own Arrow cache, as `load_dataset` makes it, or as a stream (`streaming: true`, `StreamedRows`).
+Adding a source type = one `Reader` entry here (with its `Rows` if none in rows.py fits) and its
+tests in tests/data/test_sources.py; the recipe's `data.sources.N.type` choices are tied to this table
+by that test.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from openseek_cpt.artifacts import megatron_format
+from openseek_cpt.artifacts.fileio import canonical_hash, read_json
+from openseek_cpt.artifacts.provenance import directory_fingerprint, read_provenance, sha256_file
+from openseek_cpt.data.rows import DatasetRows, Rows, StreamedRows
+from openseek_cpt.errors import UserError, first_line
+from openseek_cpt.recipe.schema import SourceConfig
+
+FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text"}
+# Files above this size are fingerprinted by size + mtime: hashing them would read the whole source.
+HASH_LIMIT = 1 << 30
+
+
+@dataclass(frozen=True)
+class Reader:
+    """One source kind: how it is opened (rows read in place + fingerprint of the input)."""
+
+    name: str
+    doc: str
+    # Can be read as a stream (`streaming: true`); the others are read in place already.
+    streams: bool
+    # (source config, "data.sources.N", expanded path, kind) -> (rows, fingerprint)
+    load: Callable[[SourceConfig, str, str, str], tuple[Rows, str]]
+    # A recipe may name it in `type` (folder is only what auto finds for a plain directory).
+    selectable: bool = True
+
+
+def load(kind: str, src: SourceConfig, where: str) -> tuple[Rows, str]:
+    """(rows read in place, fingerprint of the input) of `src`, read as `kind`."""
+    reader = READERS[kind]
+    if src.streaming and not reader.streams:
+        raise UserError(
+            f"{where}.streaming=true, but {src.path!r} is a {kind} source, already read in place (only "
+            "the sampled rows); streaming is for hub datasets and json/jsonl/text files: remove it"
+        )
+    return reader.load(src, where, str(Path(src.path).expanduser()), kind)
+
+
+# --------------------------------------------------------------------------- megatron
+
+
+class MegatronRows(Rows):
+    """PREFIX.bin/.idx through a memory map: one row (`input_ids`) per Megatron sequence."""
+
+    def __init__(self, prefix: str):
+        self.prefix = prefix
+        self.index = megatron_format.read_index(prefix)
+        self.column_names = ["input_ids"]
+
+    def __len__(self) -> int:
+        return len(self.index.sequence_lengths)
+
+    def take(self, indices: Any, columns: list[str] | None = None) -> Any:
+        return megatron_format.read_rows(self.index, f"{self.prefix}.bin", indices)
+
+
+def _load_megatron(src: SourceConfig, where: str, path: str, kind: str) -> tuple[Rows, str]:
+    rows = MegatronRows(path)  # validates the files first (one-line UserError)
+    return rows, f"megatron:{megatron_format.fingerprint(path)}"
+
+
+# --------------------------------------------------------------------------- parquet
+
+
+class ParquetRows(Rows):
+    """Parquet files read by row group: only the row groups (and columns) holding sampled rows."""
+
+    def __init__(self, files: list[Path]):
+        import pyarrow.parquet as pq
+
+        self.files = [pq.ParquetFile(f) for f in files]
+        self.column_names = list(self.files[0].schema_arrow.names)
+        groups = [
+            (f, g, f.metadata.row_group(g).num_rows) for f in self.files for g in range(f.num_row_groups)
+        ]
+        self.groups = [(f, g) for f, g, _ in groups]
+        self.starts = np.concatenate([[0], np.cumsum([n for _, _, n in groups])]).astype(np.int64)
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def take(self, indices: Any, columns: list[str] | None = None) -> Any:
+        import pyarrow as pa
+
+        indices = np.asarray(indices, dtype=np.int64)
+        order = np.argsort(indices, kind="stable")
+        ordered = indices[order]
+        group_of = np.searchsorted(self.starts, ordered, side="right") - 1
+        parts = []
+        for g in np.unique(group_of):
+            f, k = self.groups[g]
+            table = f.read_row_group(int(k), columns=columns)
+            parts.append(table.take(pa.array(ordered[group_of == g] - self.starts[g])))
+        table = pa.concat_tables(parts) if parts else self.files[0].schema_arrow.empty_table()
+        return table.take(pa.array(np.argsort(order, kind="stable")))
+
+
+# --------------------------------------------------------------------------- datasets-backed kinds
+
+
+def _load_disk(src: SourceConfig, where: str, path: str, kind: str) -> tuple[Rows, str]:
+    import datasets
+
+    loaded = datasets.load_from_disk(path)
+    if isinstance(loaded, datasets.DatasetDict):
+        if src.split not in loaded:
+            raise UserError(
+                f"{where}.split={src.split!r} is not a split of {src.path} (splits: {', '.join(loaded)})"
+            )
+        loaded = loaded[src.split]
+    return DatasetRows(loaded), _fingerprint_dir(Path(path))
+
+
+def _load_files(src: SourceConfig, where: str, path: str, kind: str) -> tuple[Rows, str]:
+    """json/jsonl, parquet and text: one file or a directory of them."""
+    import datasets
+
+    p = Path(path)
+    files = sorted(f for f in p.glob("*") if f.is_file()) if p.is_dir() else [p]
+    if all(f.stat().st_size == 0 for f in files):
+        raise UserError(f"{where}.path={src.path!r} is an empty source (no data); remove it or fill it")
+    if kind == "parquet":
+        try:
+            return ParquetRows(files), _fingerprint_files(files)
+        except Exception as exc:  # pyarrow's error for a damaged file, on one line
+            raise UserError(
+                f"{where}.path={src.path!r} could not be read as parquet ({type(exc).__name__}: {first_line(exc)[:300]}); "
+                "check the file or set type"
+            ) from None
+    try:
+        ds = datasets.load_dataset(
+            kind, data_files=[str(f) for f in files], split="train", streaming=src.streaming
+        )
+        if src.streaming:
+            return StreamedRows(ds, where, src.path), _fingerprint_files(files)
+    except Exception as exc:  # malformed file: the builder's error, on one line
+        raise UserError(
+            f"{where}.path={src.path!r} could not be read as {kind} ({type(exc).__name__}: {first_line(exc)[:300]}); "
+            "check the file or set type"
+        ) from None
+    return DatasetRows(ds), _fingerprint_files(files)
+
+
+def _load_hub(src: SourceConfig, where: str, path: str, kind: str) -> tuple[Rows, str]:
+    """A hub dataset id, or (kind "folder") a local directory `load_dataset` reads."""
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(
+            path,
+            name=src.name,
+            split=src.split,
+            data_files=src.data_files,
+            revision=src.revision,
+            streaming=src.streaming,
+        )
+        if src.streaming:
+            # Nothing is downloaded up front, so nothing to hash: the request is the fingerprint
+            # (with a revision, a fixed one); a local folder is fingerprinted as one.
+            request = [path, src.name, src.split, src.data_files, src.revision]
+            fingerprint = (
+                _fingerprint_dir(Path(path)) if kind == "folder" else f"stream:{canonical_hash(request)}"
+            )
+            return StreamedRows(ds, where, src.path), fingerprint
+    except Exception as exc:  # hub/network/builder errors all mean: this source cannot be read
+        first = first_line(exc)[:300]
+        hint = "no such local path either; " if kind == "hub" else ""
+        raise UserError(
+            f"{where}.path={src.path!r} could not be loaded as a {'hub dataset' if kind == 'hub' else 'folder'} "
+            f"({type(exc).__name__}: {first}); {hint}check path/name/split, HF_ENDPOINT or HF_HUB_OFFLINE"
+        ) from None
+    if isinstance(ds, datasets.DatasetDict | datasets.IterableDataset):
+        raise UserError(f"{where}: {src.path!r} did not give one split; set split (e.g. train)")
+    return DatasetRows(ds), (
+        _fingerprint_dir(Path(path)) if kind == "folder" else f"datasets:{ds._fingerprint}"
+    )
+
+
+# --------------------------------------------------------------------------- the table
+
+READERS: dict[str, Reader] = {
+    r.name: r
+    for r in (
+        Reader(
+            "hub", "a dataset on the Hugging Face hub (`load_dataset(path, name, split)`)", True, _load_hub
+        ),
+        Reader("disk", "a `save_to_disk` directory, memory-mapped", False, _load_disk),
+        Reader("json", "json/jsonl files, through the `datasets` cache", True, _load_files),
+        Reader("parquet", "parquet files, read by row group", False, _load_files),
+        Reader("text", "text files (a line per document), through the `datasets` cache", True, _load_files),
+        Reader("megatron", "a Megatron PREFIX (.bin + .idx), memory-mapped", False, _load_megatron),
+        Reader("folder", "a local directory `load_dataset` reads", True, _load_hub, selectable=False),
+    )
+}
+
+
+# --------------------------------------------------------------------------- fingerprints
+
+
+def _fingerprint_files(files: list[Path]) -> str:
+    h = hashlib.sha256()
+    for f in files:
+        st = f.stat()
+        digest = sha256_file(f) if st.st_size <= HASH_LIMIT else f"stat:{st.st_size}:{int(st.st_mtime)}"
+        h.update(f"{f.name}:{digest}\n".encode())
+    return h.hexdigest()
+
+
+def _fingerprint_dir(path: Path) -> str:
+    """The directory's provenance fingerprint, else its files (large ones by size + mtime)."""
+    if read_provenance(path):
+        return directory_fingerprint(path)
+    state = path / "state.json"
+    if state.is_file():  # a save_to_disk dir: datasets' own fingerprint + the files' sizes
+        fp = (read_json(state) or {}).get("_fingerprint", "")
+        sizes = sorted(
+            (p.relative_to(path).as_posix(), p.stat().st_size) for p in path.rglob("*") if p.is_file()
+        )
+        return canonical_hash([fp, sizes])
+    return _fingerprint_files(sorted(p for p in path.rglob("*") if p.is_file()))

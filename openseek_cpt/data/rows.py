@@ -1,0 +1,122 @@
+"""A source's rows, read in place: the `Rows` interface and the two kinds several readers share.
+
+`DatasetRows` is a memory-mapped `datasets.Dataset` (save_to_disk, or what load_dataset cached);
+`StreamedRows` reads a stream in a seeded shuffled order, only as far as the mix asks. Kinds with a
+layout of their own (Megatron, parquet) keep their `Rows` beside their reader (readers.py).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from openseek_cpt.errors import UserError, first_line
+
+# Streamed sources: rows per batch read (and per Arrow file written), rows in the shuffle buffer.
+STREAM_BATCH = 4096
+STREAM_BUFFER = 10_000
+
+
+class Rows:
+    """A source's rows, read in place: `len`, `column_names`, `take(indices, columns)` -> Arrow table."""
+
+    column_names: list[str]
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def take(self, indices: Any, columns: list[str] | None = None) -> Any:
+        """The rows `indices` (in that order) as a `pyarrow.Table` of `columns` (default: all)."""
+        raise NotImplementedError
+
+    @property
+    def documents_in_source(self) -> int | None:
+        """Rows of the whole source (None while unknown: a stream not read to its end)."""
+        return len(self)
+
+    def first_row(self) -> dict[str, Any] | None:
+        """The first row as a dict (None: the source is empty), for the checks at open time."""
+        return self.take([0]).to_pylist()[0] if len(self) else None
+
+
+class DatasetRows(Rows):
+    """A memory-mapped `datasets.Dataset` (save_to_disk, or what load_dataset cached)."""
+
+    def __init__(self, dataset: Any):
+        self.dataset = dataset
+        self.column_names = list(dataset.column_names)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def take(self, indices: Any, columns: list[str] | None = None) -> Any:
+        ds = self.dataset.select_columns(columns) if columns else self.dataset
+        return ds.with_format("arrow")[np.asarray(indices, dtype=np.int64)]
+
+
+class StreamedRows(Rows):
+    """A dataset read as a stream (`streaming: true`): rows arrive in a seeded shuffled order (data
+    files shuffled, then a buffer of STREAM_BUFFER rows) and only as many as the mix asks for are
+    downloaded and converted (`fill`), written in batches to Arrow files in the stage's work dir and
+    memory-mapped; `len` is the rows read so far. The first row is peeked at open time, for the
+    column checks."""
+
+    def __init__(self, stream: Any, where: str, path: str):
+        self.stream = stream
+        self.where, self.path = where, path  # named in the error a failing stream gives
+        self.first = next(iter(stream.take(1)), None)
+        self.column_names = list(self.first or {})
+        self.exhausted = False
+        self._iter: Any = None
+        self._tables: list[Any] = []
+        self._count = 0
+        self._dir: Path | None = None
+
+    def start(self, seed: int, work: Path) -> None:
+        """Begin reading, in the order `seed` gives, into files under `work`."""
+        self._iter = iter(self.stream.shuffle(seed=seed, buffer_size=STREAM_BUFFER).iter(STREAM_BATCH))
+        self._dir = work
+        work.mkdir(parents=True, exist_ok=True)
+
+    def fill(self, n: int) -> int:
+        """Read until `n` rows are held or the stream ends; returns the rows held."""
+        import pyarrow as pa
+
+        while self._count < n and not self.exhausted:
+            try:
+                batch = next(self._iter, None)
+            except Exception as exc:  # a malformed line far into a file, a dropped connection
+                raise UserError(
+                    f"{self.where}.path={self.path!r}: the stream failed after {self._count} rows "
+                    f"({type(exc).__name__}: {first_line(exc)[:300]}); fix the data (or the connection) "
+                    "and run again"
+                ) from None
+            if batch is None:
+                self.exhausted = True
+                break
+            table = pa.Table.from_pydict(batch)
+            path = self._dir / f"rows-{len(self._tables):06d}.arrow"
+            with pa.ipc.new_file(str(path), table.schema) as writer:
+                writer.write_table(table)
+            self._tables.append(pa.ipc.open_file(pa.memory_map(str(path))).read_all())
+            self._count += table.num_rows
+        return self._count
+
+    def __len__(self) -> int:
+        return self._count
+
+    @property
+    def documents_in_source(self) -> int | None:
+        return self._count if self.exhausted else None
+
+    def first_row(self) -> dict[str, Any] | None:
+        return self.first
+
+    def take(self, indices: Any, columns: list[str] | None = None) -> Any:
+        import pyarrow as pa
+
+        table = pa.concat_tables(self._tables, promote_options="default")  # a column null in one batch
+        table = table.select(columns) if columns else table
+        return table.take(pa.array(np.asarray(indices, dtype=np.int64)))

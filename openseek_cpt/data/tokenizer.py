@@ -1,0 +1,65 @@
+"""The tokenizer the data stage encodes with, and the limit the model puts on row length.
+
+Guardrails checked before any work: right padding, pad falls back to eos, eos required (it
+separates documents), and `data.max_length` within the model's position embeddings.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from openseek_cpt.artifacts.fileio import read_json
+from openseek_cpt.errors import UserError, first_line
+from openseek_cpt.logs import get_logger
+from openseek_cpt.recipe.schema import Recipe
+
+log = get_logger("data")
+
+
+def load_tokenizer(recipe: Recipe) -> Any:
+    """The tokenizer with the guardrails: right padding, pad falls back to eos, eos required."""
+    from transformers import AutoTokenizer
+
+    path = recipe.tokenizer_dir
+    if not Path(path).is_dir():
+        raise UserError(
+            f"data.tokenizer_dir={path!r} does not exist; run `openseek-cpt download` first or set data.tokenizer_dir"
+        )
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=recipe.assets.tokenizer_trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise UserError(
+            f"data.tokenizer_dir={path!r} has no loadable tokenizer ({first_line(exc)})"
+        ) from None
+    if tok.eos_token_id is None:
+        if tok.pad_token_id is None:
+            raise UserError(
+                f"data.tokenizer_dir={path!r}: the tokenizer has neither an eos nor a pad token; "
+                "documents need an eos separator: add eos_token to its tokenizer_config.json"
+            )
+        raise UserError(
+            f"data.tokenizer_dir={path!r}: the tokenizer has no eos token (pad is {tok.pad_token!r}); "
+            "documents need an eos separator: add eos_token to its tokenizer_config.json"
+        )
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+        log.info(f"tokenizer has no pad token: using eos {tok.eos_token!r} (id {tok.eos_token_id}) as pad")
+    tok.padding_side = "right"  # packed rows are right-padded by the collator; never left
+    return tok
+
+
+def check_max_length(recipe: Recipe) -> None:
+    """max_length must fit the model's position embeddings (config.json of assets.model_dir, if present)."""
+    cfg_path = Path(recipe.assets.model_dir, "config.json")
+    cfg = read_json(cfg_path)
+    if cfg is None:
+        return
+    limit = cfg.get("max_position_embeddings") or (cfg.get("text_config") or {}).get(
+        "max_position_embeddings"
+    )
+    if limit and recipe.data.max_length > limit:
+        raise UserError(
+            f"recipe: data.max_length={recipe.data.max_length} exceeds the model's max_position_embeddings="
+            f"{limit} ({cfg_path}); set data.max_length <= {limit}"
+        )

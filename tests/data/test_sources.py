@@ -1,0 +1,189 @@
+"""Source kinds (data/readers.py): each is read in place, only as far as its share needs, and fingerprinted.
+
+A new source kind gets its `Reader` entry in readers.py and its tests here.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from openseek_cpt.data import rows as source_rows
+from openseek_cpt.data import stage as data
+from openseek_cpt.data.readers import READERS
+from openseek_cpt.errors import UserError
+from openseek_cpt.recipe.schema import SOURCE_TYPES
+from tests.data.test_data import _recipe
+
+
+def test_the_recipe_offers_every_selectable_source_kind():
+    assert ("auto", *(name for name, r in READERS.items() if r.selectable)) == SOURCE_TYPES
+
+
+def test_megatron_prefix_is_a_source_and_an_export(tiny_workdir, monkeypatch):
+    from datasets import load_from_disk
+
+    from openseek_cpt.artifacts import megatron_format
+
+    monkeypatch.chdir(tiny_workdir)
+    code = load_from_disk("models/tiny/sources/code")
+    megatron_format.write_documents("meg/code", (np.asarray(x) for x in code["input_ids"]), 1024)
+    recipe = _recipe(tiny_workdir, "data.sources.1.path=meg/code", "data.megatron_prefix=meg/out")
+    manifest = json.loads((data.run(recipe) / "manifest.json").read_text())
+    assert manifest["sources"][1]["kind"] == "megatron"
+    back = megatron_format.read_documents("meg/out")
+    train = load_from_disk("datasets/tiny-mix")["train"]
+    assert sum(len(x) for x in back["input_ids"]) == sum(len(x) for x in train["input_ids"])
+
+
+def test_megatron_source_is_read_in_place_and_the_same_recipe_is_byte_identical(tiny_workdir, monkeypatch):
+    """Acceptance 3: no copy of the shard in the datasets cache; two runs give the same bytes."""
+    import datasets
+    from datasets import load_from_disk
+
+    from openseek_cpt.artifacts import megatron_format
+
+    monkeypatch.chdir(tiny_workdir)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tiny_workdir / "hf-cache")
+    code = load_from_disk("models/tiny/sources/code")
+    megatron_format.write_documents("meg/code", (np.asarray(x) for x in code["input_ids"]), 1024)
+    outs = [
+        data.run(_recipe(tiny_workdir, "data.sources.1.path=meg/code", f"data.output_dir=datasets/{name}"))
+        for name in ("a", "b")
+    ]
+    files = sorted(
+        p.relative_to(outs[0]) for p in outs[0].rglob("*") if p.is_file() and p.name != "provenance.json"
+    )
+    assert any(f.suffix == ".arrow" for f in files)
+    for f in files:
+        assert (outs[0] / f).read_bytes() == (outs[1] / f).read_bytes(), f
+    manifest = json.loads((outs[0] / "manifest.json").read_text())
+    meg = manifest["sources"][1]
+    assert meg["kind"] == "megatron" and meg["documents_read"] < meg["documents_in_source"]
+    cached = [p.relative_to(tiny_workdir / "hf-cache") for p in (tiny_workdir / "hf-cache").rglob("*.arrow")]
+    assert all(p.parts[0] == "json" for p in cached), cached  # only the jsonl source's builder cache
+    prov = json.loads((outs[0] / "provenance.json").read_text())
+    assert prov["inputs"]["source.code.fingerprint"] == f"megatron:{megatron_format.fingerprint('meg/code')}"
+
+
+def test_parquet_rows_read_only_the_row_groups_they_need_in_the_asked_order(tmp_path, monkeypatch):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from openseek_cpt.data.readers import ParquetRows
+
+    pq.write_table(
+        pa.table({"text": [f"row {i}" for i in range(100)], "n": list(range(100))}),
+        tmp_path / "a.parquet",
+        row_group_size=10,
+    )
+    pq.write_table(pa.table({"text": ["last"], "n": [100]}), tmp_path / "b.parquet")
+    rows = ParquetRows([tmp_path / "a.parquet", tmp_path / "b.parquet"])
+    assert len(rows) == 101 and rows.column_names == ["text", "n"]
+    read = []
+    original = pq.ParquetFile.read_row_group
+    monkeypatch.setattr(
+        pq.ParquetFile, "read_row_group", lambda self, i, **kw: read.append(i) or original(self, i, **kw)
+    )
+    table = rows.take([100, 95, 3, 3], ["text"])
+    assert table.column_names == ["text"]
+    assert table.column("text").to_pylist() == ["last", "row 95", "row 3", "row 3"]
+    assert sorted(read) == [0, 0, 9]  # row groups 0 and 9 of a.parquet, 0 of b.parquet; not the other 8
+
+
+def _write_jsonl_folder(folder: Path, files: int, docs_per_file: int) -> None:
+    """A folder of jsonl files (what a hub dataset repo looks like to `load_dataset`)."""
+    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa"]
+    folder.mkdir()
+    for f in range(files):
+        lines = [
+            json.dumps(
+                {"text": f"doc {f}-{i}: " + " ".join(words[(i * 7 + k) % 10] for k in range(40 + i % 30))}
+            )
+            for i in range(docs_per_file)
+        ]
+        (folder / f"part-{f}.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def test_a_streamed_source_reads_only_what_its_share_needs_and_is_byte_identical(tiny_workdir, monkeypatch):
+    """Issue 14: a source far larger than its share, streamed, is neither downloaded nor converted whole."""
+    import datasets
+
+    monkeypatch.chdir(tiny_workdir)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tiny_workdir / "hf-cache")
+    import pyarrow as pa
+
+    # Small batches and buffer, so the stream is read in several rounds, as a real share's would be.
+    monkeypatch.setattr(source_rows, "STREAM_BATCH", 64)
+    monkeypatch.setattr(source_rows, "STREAM_BUFFER", 200)
+    _write_jsonl_folder(tiny_workdir / "big", files=4, docs_per_file=1500)
+    stream = "data.sources.1={path: big, ratio: 0.3, streaming: true}"
+    outs = [data.run(_recipe(tiny_workdir, stream, f"data.output_dir=datasets/{n}")) for n in ("a", "b")]
+    files = sorted(
+        p.relative_to(outs[0]) for p in outs[0].rglob("*") if p.is_file() and p.name != "provenance.json"
+    )
+    for f in files:
+        assert (outs[0] / f).read_bytes() == (outs[1] / f).read_bytes(), f
+    manifest = json.loads((outs[0] / "manifest.json").read_text())
+    src = manifest["sources"][1]
+    assert src["kind"] == "folder" and src["documents_in_source"] is None  # never read to its end
+    assert src["train_rows"] == 58 and not src["upsampled"]
+    assert 0 < src["documents_read"] < 6000 // 4, src["documents_read"]
+    # The datasets cache holds the other (not streamed) jsonl source of the mix, and nothing of `big`.
+    cached = sum(
+        pa.ipc.open_stream(str(p)).read_all().num_rows for p in (tiny_workdir / "hf-cache").rglob("*.arrow")
+    )
+    assert cached == len((tiny_workdir / "models/tiny/sources/docs.jsonl").read_text().splitlines())
+    other = data.run(_recipe(tiny_workdir, stream, "data.output_dir=datasets/c", "seed=7"))
+    arrow = Path("train/data-00000-of-00001.arrow")
+    assert (outs[0] / arrow).read_bytes() != (other / arrow).read_bytes()
+
+
+def test_a_streamed_source_shorter_than_its_share_is_read_to_its_end_and_upsampled(tiny_workdir, monkeypatch):
+    monkeypatch.chdir(tiny_workdir)
+    _write_jsonl_folder(tiny_workdir / "small", files=2, docs_per_file=6)
+    recipe = _recipe(
+        tiny_workdir,
+        "data.sources.1={path: small, ratio: 0.3, streaming: true}",
+        "data.eval_size=0",
+        "data.max_repetition=60",
+    )
+    src = json.loads((data.run(recipe) / "manifest.json").read_text())["sources"][1]
+    assert src["documents_in_source"] == src["documents_read"] == 12
+    assert src["upsampled"] and src["train_rows"] == 58
+
+
+def test_a_stream_that_fails_midway_is_a_one_line_error_naming_the_source(tiny_workdir, monkeypatch):
+    """A malformed line far into a streamed file is met only when the stream gets there: still one line."""
+    monkeypatch.chdir(tiny_workdir)
+    monkeypatch.setattr(source_rows, "STREAM_BATCH", 16)
+    monkeypatch.setattr(source_rows, "STREAM_BUFFER", 32)
+    _write_jsonl_folder(tiny_workdir / "bad", files=2, docs_per_file=300)
+    good, bad = sorted((tiny_workdir / "bad").glob("*.jsonl"))  # the first row is peeked from `good`
+    good.write_text("\n".join(good.read_text().splitlines()[:20]) + "\n")  # too few for the share
+    lines = bad.read_text().splitlines()
+    lines[100] = "{this is not json"
+    bad.write_text("\n".join(lines) + "\n")
+    recipe = _recipe(
+        tiny_workdir, "data.sources.1={path: bad, ratio: 0.3, streaming: true}", "data.eval_size=0"
+    )
+    with pytest.raises(UserError) as info:
+        data.run(recipe)
+    message = str(info.value)
+    assert (
+        "\n" not in message
+        and "data.sources.1.path='bad'" in message
+        and "the stream failed after" in message
+    )
+    assert not (tiny_workdir / "datasets").exists() or not any((tiny_workdir / "datasets").iterdir())
+
+
+def test_streaming_a_source_that_is_read_in_place_is_a_one_line_error(tiny_workdir, monkeypatch):
+    monkeypatch.chdir(tiny_workdir)
+    with pytest.raises(UserError) as info:
+        data.run(_recipe(tiny_workdir, "data.sources.1.streaming=true"))
+    message = str(info.value)
+    assert "\n" not in message and "data.sources.1.streaming=true" in message and "disk source" in message
