@@ -82,12 +82,20 @@ def setup_run(recipe: Recipe) -> Setup:
     check_output_dir(
         output_dir, stage=None, inputs=[dataset_dir, recipe.train_model_dir], field="train.output_dir"
     )
-    args = build_training_args(recipe, user_args, grad_accum)
-    fingerprint = directory_fingerprint(dataset_dir)
+    args = build_training_args(recipe, user_args, grad_accum)  # train.args errors before fingerprinting
     setup = Setup(
-        output_dir, dataset_dir, fingerprint, world_size, rank, grad_accum, args, None, manifest, keep,
+        output_dir=output_dir,
+        dataset_dir=dataset_dir,
+        dataset_fingerprint=directory_fingerprint(dataset_dir),
+        world_size=world_size,
+        rank=rank,
+        grad_accum=grad_accum,
+        args=args,
+        resume_from=None,
+        manifest=manifest,
+        keep=keep,
         fsdp=fsdp.requested(),
-    )  # fmt: skip
+    )
     if rank == 0:  # before anything in output_dir is touched: a running run's files are not ours
         setup.lock = RunLock.acquire(output_dir)
         swept = checkpoints.sweep(output_dir)
@@ -117,8 +125,9 @@ def find_resume_checkpoint(recipe: Recipe, setup: Setup) -> Path | None:
             force_resume=recipe.train.force_resume,
             accelerate_config=recipe.train.accelerate_config,
         )
-        for level, note in notes if setup.rank == 0 else ():
-            log.log(level, note)
+        if setup.rank == 0:
+            for level, note in notes:
+                log.log(level, note)
     return newest
 
 
