@@ -187,12 +187,8 @@ def check_resume(
         )
     notes = []
     if marker.get("world_size") not in (None, run.world_size):
-        notes.append(
-            (
-                logging.INFO,
-                f"{ckpt} was written at world size {marker['world_size']}; resuming at {run.world_size}",
-            )
-        )
+        said = f"{ckpt} was written at world size {marker['world_size']}; resuming at {run.world_size}"
+        notes.append((logging.INFO, said))
     if marker.get("dataset_fingerprint") != run.dataset_fingerprint and not force_resume:
         raise UserError(
             f"train: {ckpt} was trained on dataset {str(marker.get('dataset_fingerprint'))[:12]} but "
@@ -200,10 +196,6 @@ def check_resume(
             "train.args.overwrite_output_dir=true, or train.force_resume=true"
         )
     if marker.get("recipe_hash") != run.recipe_hash:
-        notes.append(
-            (
-                logging.WARNING,
-                f"{ckpt} was written with another recipe (hash {str(marker.get('recipe_hash'))[:12]})",
-            )
-        )
+        said = f"{ckpt} was written with another recipe (hash {str(marker.get('recipe_hash'))[:12]})"
+        notes.append((logging.WARNING, said))
     return notes
