@@ -51,9 +51,7 @@ DEFAULT_VENV = Path.home() / ".cache" / "openseek-cpt" / "mergekit-venv"
 
 # Runs in each measured child: the time after the imports and the process's peak RSS.
 # What `openseek-cpt soup` imports (no torch), with the OpenBLAS setting its command makes first.
-IDLE_SOUP = (
-    "import os; os.environ.setdefault('OPENBLAS_NUM_THREADS', '1'); from openseek_cpt import cli; import openseek_cpt.soup.stage"
-)
+IDLE_SOUP = "import os; os.environ.setdefault('OPENBLAS_NUM_THREADS', '1'); from openseek_cpt import cli; import openseek_cpt.soup.stage"
 IDLE_MERGEKIT = "import torch, transformers; import mergekit.merge, mergekit.config"
 FLOOR = """
 import os, sys, time

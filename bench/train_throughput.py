@@ -2,8 +2,8 @@
 
     python bench/train_throughput.py [--steps 6] [--warmup 2] [--seq N] [--per-device N]
 
-The model, collator and Trainer are the ones `openseek-cpt train` builds: `train.setup_run` and
-`train.main` on a recipe (so TrainingArguments, precision, the fused optimizer, the collator's
+The model, collator and Trainer are the ones `openseek-cpt train` builds: `setup.setup_run` and
+`stage.build_trainer` on a recipe (so TrainingArguments, precision, the fused optimizer, the collator's
 document resets and the stage's callbacks are exactly the stage's), then `trainer.train()`. Only
 the inputs are synthetic: random packed rows (documents 64..seq/2 tokens) in a prepared-dataset
 directory, and, when the recipe's model is not on disk, a random-init model of its architecture.
@@ -34,7 +34,8 @@ from transformers import TrainerCallback
 from openseek_cpt.errors import first_line
 from openseek_cpt.modeling import flops
 from openseek_cpt.recipe.loader import load_recipe
-from openseek_cpt.train import stage as train
+from openseek_cpt.train.setup import setup_run
+from openseek_cpt.train.stage import build_trainer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -146,8 +147,8 @@ def openseek_small_config():
 def measure(recipe_path: Path, overrides: list[str], args, label: str) -> dict:
     """Build the Trainer exactly as `openseek-cpt train` does and time `trainer.train()`."""
     recipe = load_recipe(recipe_path, overrides)
-    setup = train.setup_run(recipe)
-    trainer = train.main(recipe, setup)
+    setup = setup_run(recipe)
+    trainer = build_trainer(recipe, setup)
     timer = StepTimer(args.warmup)
     timer.attach(trainer.model)
     trainer.add_callback(timer)

@@ -50,7 +50,7 @@ from openseek_cpt.errors import EXIT_FAILURE, EXIT_OK, EXIT_PREEMPTED, UserError
 from openseek_cpt.logs import get_logger
 
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-# The ranks read it (train.launcher_watchdog) and end themselves when this PID is gone.
+# The ranks read it (`exit_with_launcher`) and end themselves when this PID is gone.
 LAUNCHER_PID_ENV = "OPENSEEK_LAUNCHER_PID"
 log = get_logger("launch")
 
@@ -199,6 +199,7 @@ def exit_with_launcher(interval: float = 0.1) -> None:
     def watch() -> None:
         while pid_alive(pid):
             time.sleep(interval)
+        # os.write, not logging: os._exit next flushes no buffer, and another thread may hold the log lock
         os.write(2, f"[train] launcher {pid} is gone; this rank exits\n".encode())
         os._exit(EXIT_FAILURE)
 

@@ -1,19 +1,26 @@
-"""Training checkpoints: their names, their completion marker, and whether one is complete.
+"""Training checkpoints, their whole lifecycle: names, completion marker, status, the newest complete
+one, removal of incomplete ones, rotation, and the rules for resuming from one.
 
 A checkpoint is `OUTPUT_DIR/checkpoint-N/` (N = optimizer step, Trainer's naming). It is complete
 only once `openseek_checkpoint.json` (written last, atomically, after every file is fsynced) lists
-each file with its size and the files on disk agree. The train stage writes markers and rotates;
-the soup and resume read `status`. Nothing else parses checkpoint names.
+each file with its size and the files on disk agree; beside the file list the marker records the
+run that wrote it (`RunInfo`), which resume compares with the run that reads it. The train stage
+writes markers, rotates and resumes; the soup reads `status`. Nothing else parses checkpoint names.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from openseek_cpt.artifacts.fileio import fsync_tree, read_json, write_json_atomic
+from openseek_cpt.artifacts.temps import sweep_leftovers, temp_path
+from openseek_cpt.errors import UserError
 
 PREFIX = "checkpoint-"
 MARKER = "openseek_checkpoint.json"
@@ -37,6 +44,27 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
         return []
     found = [(step_of(p), p) for p in output_dir.iterdir() if p.is_dir() and step_of(p) is not None]
     return [p for _, p in sorted(found)]
+
+
+# ---- marker and status ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What a marker records about the run that wrote the checkpoint (beside its file list)."""
+
+    dataset_dir: str
+    dataset_fingerprint: str
+    recipe_hash: str
+    world_size: int
+    distributed_type: str  # "FSDP", else accelerate's type (MULTI_GPU, MULTI_CPU, NO); "DDP" when planned
+    global_batch_size: int
+    precision: str
+
+
+def marker_info(step: int, run: RunInfo) -> dict[str, Any]:
+    """What a checkpoint's marker records beside its file list (`write_marker` adds the list)."""
+    return {"step": step, **dataclasses.asdict(run)}
 
 
 @dataclass(frozen=True)
@@ -84,3 +112,89 @@ def newest_complete(output_dir: str | Path) -> Path | None:
     """The complete checkpoint with the highest step, or None."""
     complete = [c for c in list_checkpoints(output_dir) if status(c).complete]
     return complete[-1] if complete else None
+
+
+# ---- cleanup and rotation -------------------------------------------------------------------
+
+
+def sweep(output_dir: str | Path) -> list[Path]:
+    """Remove what killed writers left in the run directory and in each of its checkpoints."""
+    swept = sweep_leftovers(output_dir)
+    for ckpt in list_checkpoints(output_dir):
+        swept += sweep_leftovers(ckpt)
+    return swept
+
+
+def remove_incomplete(output_dir: str | Path) -> list[tuple[Path, str]]:
+    """Delete the checkpoints that are not complete (cut off mid-write, or damaged); (path, why) each."""
+    removed = []
+    for ckpt in list_checkpoints(output_dir):
+        state = status(ckpt)
+        if not state.complete:
+            shutil.rmtree(ckpt, ignore_errors=True)
+            removed.append(
+                (ckpt, f"damaged: {', '.join(state.files[:3])}" if state.files else f"no {MARKER}")
+            )
+    return removed
+
+
+def remove_all(output_dir: str | Path) -> None:
+    """Delete every checkpoint of the run (a run that starts over from the base model)."""
+    for ckpt in list_checkpoints(output_dir):
+        shutil.rmtree(ckpt, ignore_errors=True)
+
+
+def rotate(output_dir: Path, keep: int | None, protect: list[Path] = ()) -> list[Path]:
+    """Delete complete checkpoints older than the newest `keep` complete ones (never `protect`).
+
+    Runs after the new checkpoint's marker, so the newest complete checkpoint always survives; a
+    checkpoint is first renamed to `.checkpoint-N.work-PID` (atomic), so a kill mid-delete leaves a
+    leftover the next start sweeps, never a damaged checkpoint-N.
+    """
+    if keep is None:
+        return []
+    complete = [c for c in list_checkpoints(output_dir) if status(c).complete]
+    removed = []
+    for old in complete[:-keep]:
+        if any(old.resolve() == p.resolve() for p in protect if p.exists()):
+            continue
+        trash = temp_path(old, "work")
+        old.rename(trash)
+        shutil.rmtree(trash, ignore_errors=True)
+        removed.append(old)
+    return removed
+
+
+# ---- resume ---------------------------------------------------------------------------------
+
+
+def check_resume(
+    ckpt: Path, run: RunInfo, *, force_resume: bool, accelerate_config: str
+) -> list[tuple[int, str]]:
+    """Refuse a checkpoint of another dataset, or of another kind of run (FSDP vs DDP optimizer files).
+
+    Another world size is fine: weights and optimizer state are saved whole, whatever the world.
+    Returns (logging level, message) for each difference that is allowed, for the caller to log.
+    """
+    marker = read_marker(ckpt) or {}
+    was, now = marker.get("distributed_type"), run.distributed_type
+    if was is not None and (was == "FSDP") != (now == "FSDP"):
+        raise UserError(
+            f"train: {ckpt} was written by a {was} run (world size {marker.get('world_size')}) but this run "
+            f"is {now} (train.accelerate_config={accelerate_config}); their optimizer files "
+            "differ: resume with the config it was written with, or start another train.output_dir"
+        )
+    notes = []
+    if marker.get("world_size") not in (None, run.world_size):
+        said = f"{ckpt} was written at world size {marker['world_size']}; resuming at {run.world_size}"
+        notes.append((logging.INFO, said))
+    if marker.get("dataset_fingerprint") != run.dataset_fingerprint and not force_resume:
+        raise UserError(
+            f"train: {ckpt} was trained on dataset {str(marker.get('dataset_fingerprint'))[:12]} but "
+            f"{run.dataset_dir} is {run.dataset_fingerprint[:12]}; use another train.output_dir, "
+            "train.args.overwrite_output_dir=true, or train.force_resume=true"
+        )
+    if marker.get("recipe_hash") != run.recipe_hash:
+        said = f"{ckpt} was written with another recipe (hash {str(marker.get('recipe_hash'))[:12]})"
+        notes.append((logging.WARNING, said))
+    return notes

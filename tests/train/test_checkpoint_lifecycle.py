@@ -3,6 +3,8 @@ leftovers, one writer per run (a lock), and preemption during evaluation (CPU, t
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import os
 import random
 import shutil
@@ -18,8 +20,7 @@ from conftest import fresh_workdir as fresh
 
 from openseek_cpt.artifacts import checkpoints
 from openseek_cpt.artifacts.temps import sweep_leftovers
-from openseek_cpt.errors import EXIT_PREEMPTED
-from openseek_cpt.train import stage as train
+from openseek_cpt.errors import EXIT_PREEMPTED, UserError
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
 
@@ -50,7 +51,7 @@ def test_rotation_deletes_only_older_complete_checkpoints_and_keeps_the_newest_c
     run = tmp_path / "run"
     for step, complete in ((2, True), (4, True), (6, True), (8, False)):
         _fake_checkpoint(run, step, complete)
-    removed = train.rotate_checkpoints(run, keep=1, protect=[run / "checkpoint-4"])
+    removed = checkpoints.rotate(run, keep=1, protect=[run / "checkpoint-4"])
     assert [p.name for p in removed] == ["checkpoint-2"]
     # 4 is protected (best model), 6 is the newest complete, 8 is being written: none is touched
     assert [p.name for p in checkpoints.list_checkpoints(run)] == [
@@ -59,7 +60,53 @@ def test_rotation_deletes_only_older_complete_checkpoints_and_keeps_the_newest_c
         "checkpoint-8",
     ]
     assert not list(run.glob(".*"))  # the renamed-then-deleted directory is gone too
-    assert train.rotate_checkpoints(run, keep=None) == []
+    assert checkpoints.rotate(run, keep=None) == []
+
+
+def test_incomplete_checkpoints_are_removed_and_the_newest_complete_one_is_the_resume_point(tmp_path):
+    run = tmp_path / "run"
+    for step, complete in ((2, True), (4, True), (6, False)):
+        _fake_checkpoint(run, step, complete)
+    (run / "checkpoint-2" / "model.safetensors").write_bytes(b"cut")  # damaged: size differs
+    assert checkpoints.newest_complete(run) == run / "checkpoint-4"
+    removed = checkpoints.remove_incomplete(run)
+    assert [(p.name, why) for p, why in removed] == [
+        ("checkpoint-2", "damaged: model.safetensors"),
+        ("checkpoint-6", f"no {checkpoints.MARKER}"),
+    ]
+    assert [p.name for p in checkpoints.list_checkpoints(run)] == ["checkpoint-4"]
+
+
+def _run_info(**changes) -> checkpoints.RunInfo:
+    info = checkpoints.RunInfo("datasets/d", "f" * 64, "h" * 64, 2, "MULTI_CPU", 8, "bf16-mixed")
+    return dataclasses.replace(info, **changes)
+
+
+def test_resume_refuses_another_dataset_or_fsdp_ddp_and_notes_another_world_size_or_recipe(tmp_path):
+    ckpt = tmp_path / checkpoints.name_for(3)
+    ckpt.mkdir()
+    checkpoints.write_marker(ckpt, checkpoints.marker_info(3, _run_info()))
+    assert checkpoints.read_marker(ckpt)["distributed_type"] == "MULTI_CPU"
+
+    def check(**changes):
+        return checkpoints.check_resume(
+            ckpt, _run_info(**changes), force_resume=False, accelerate_config="c.yaml"
+        )
+
+    assert check(distributed_type="DDP") == []
+    with pytest.raises(UserError, match="written by a MULTI_CPU run .* this run is FSDP"):
+        check(distributed_type="FSDP")
+    with pytest.raises(UserError, match="force_resume"):
+        check(dataset_fingerprint="0" * 64)
+    assert (
+        checkpoints.check_resume(
+            ckpt, _run_info(dataset_fingerprint="0" * 64), force_resume=True, accelerate_config="c.yaml"
+        )
+        == []
+    )
+    notes = check(world_size=1, recipe_hash="0" * 64)
+    assert [level for level, _ in notes] == [logging.INFO, logging.WARNING]
+    assert "was written at world size 2; resuming at 1" in notes[0][1]
 
 
 def test_leftovers_of_dead_writers_are_swept_and_a_live_writers_are_kept(tmp_path):

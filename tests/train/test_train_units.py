@@ -1,4 +1,4 @@
-"""Train stage pieces: document masking as trained, precision, MoE-safe resume, bad inputs, launcher."""
+"""Train stage pieces: document masking as trained, precision, MoE-safe resume, bad inputs, teardown."""
 
 from __future__ import annotations
 
@@ -12,15 +12,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, TINY_RECIPE, copy_workdir, run_cli
+from conftest import TINY_RECIPE, copy_workdir, run_cli
 from safetensors.torch import load_file
 
 from openseek_cpt import launcher
 from openseek_cpt.artifacts.provenance import directory_fingerprint
 from openseek_cpt.errors import UserError
-from openseek_cpt.modeling import flops
 from openseek_cpt.recipe.loader import load_recipe
-from openseek_cpt.train import stage as train
+from openseek_cpt.train import training_args
+from openseek_cpt.train.model import document_logits, load_model
+from openseek_cpt.train.setup import setup_run
+from openseek_cpt.train.stage import build_trainer
 
 ONE_STEP = ["--set", "train.args.max_steps=1", "--set", "train.args.eval_strategy='no'",
             "--set", "train.args.learning_rate=2.0e-5"]  # fmt: skip
@@ -40,24 +42,24 @@ def in_prepared(prepared, monkeypatch) -> Path:
 
 def test_a_document_packed_after_others_gets_the_logits_it_gets_alone(in_prepared):
     recipe = load_recipe(TINY_RECIPE)
-    model = train.load_model(recipe)  # as training builds it: use_cache=False, fp32 weights, train mode
+    model = load_model(recipe)  # as training builds it: use_cache=False, fp32 weights, train mode
     assert model.config.use_cache is False
     g = torch.Generator().manual_seed(0)
     doc = torch.randint(1, 1000, (37,), generator=g).tolist()
     other = torch.randint(1, 1000, (50,), generator=g).tolist()
-    alone_logits, alone_loss = train.document_logits(recipe, [{"input_ids": doc, "seq_lengths": [37]}], model)
+    alone_logits, alone_loss = document_logits(recipe, [{"input_ids": doc, "seq_lengths": [37]}], model)
     packed = [{"input_ids": other + doc, "seq_lengths": [50, 37]}]
-    packed_logits, packed_loss = train.document_logits(recipe, packed, model)
+    packed_logits, packed_loss = document_logits(recipe, packed, model)
     # Same document, same kernels (bf16 autocast as in training): equal to float tolerance.
     torch.testing.assert_close(packed_logits[0, 50:], alone_logits[0], rtol=0, atol=1e-4)
     torch.testing.assert_close(packed_loss[0, 50:], alone_loss[0], rtol=0, atol=1e-4)
     # The first token of the document is not a target of the previous document.
     assert packed_loss[0, 49] == 0
     # Controls that can fail: no position reset, or a KV cache, lets the document see the other one.
-    unreset, _ = train.document_logits(recipe, [{"input_ids": other + doc, "seq_lengths": [87]}], model)
+    unreset, _ = document_logits(recipe, [{"input_ids": other + doc, "seq_lengths": [87]}], model)
     assert (unreset[0, 50:] - alone_logits[0]).abs().max() > 1e-2
     model.config.use_cache = True
-    leaked, _ = train.document_logits(recipe, packed, model)
+    leaked, _ = document_logits(recipe, packed, model)
     assert (leaked[0, 50:] - alone_logits[0]).abs().max() > 1e-2
 
 
@@ -119,8 +121,8 @@ def test_resume_restores_the_fused_moe_experts_that_the_stock_trainer_path_leave
     ckpt = prepared / "runs" / "moe" / "checkpoint-1"
     recipe = load_recipe(TINY_RECIPE, ["train.args.eval_strategy='no'", "train.output_dir=runs/moe-check"])
     monkeypatch.chdir(prepared)
-    trained = train.load_model(recipe, model_dir=str(ckpt)).state_dict()
-    trainer = train.main(recipe, train.setup_run(recipe))
+    trained = load_model(recipe, model_dir=str(ckpt)).state_dict()
+    trainer = build_trainer(recipe, setup_run(recipe))
     Trainer._load_from_checkpoint(trainer, str(ckpt))  # the stock path
     stock = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     trainer._load_from_checkpoint(str(ckpt))  # ours
@@ -180,101 +182,29 @@ def test_bad_inputs_stop_with_one_line_and_exit_2(prepared):
 
 def test_bf16_on_a_device_without_it_is_an_error_naming_the_fp32_fix():
     with pytest.raises(UserError, match="train.precision=fp32"):
-        train.precision_args("bf16-mixed", has_bf16=False)
-    assert train.precision_args("fp32", has_bf16=False) == {"bf16": False, "fp16": False}
-    assert train.precision_args("bf16-mixed", has_bf16=True)["bf16"] is True
-    assert train.precision_args("bf16-pure", has_bf16=True)["bf16"] is False  # weights are bf16 already
-    assert train.bf16_supported() is True  # CPU autocast runs bf16
+        training_args.precision_args("bf16-mixed", has_bf16=False)
+    assert training_args.precision_args("fp32", has_bf16=False) == {"bf16": False, "fp16": False}
+    assert training_args.precision_args("bf16-mixed", has_bf16=True)["bf16"] is True
+    assert (
+        training_args.precision_args("bf16-pure", has_bf16=True)["bf16"] is False
+    )  # weights are bf16 already
+    assert training_args.bf16_supported() is True  # CPU autocast runs bf16
 
 
 def test_gradient_accumulation_is_derived_from_the_world_size():
-    assert train.gradient_accumulation(1024, 16, 4) == 16
-    assert train.gradient_accumulation(8, 2, 4) == 1
+    assert training_args.gradient_accumulation(1024, 16, 4) == 16
+    assert training_args.gradient_accumulation(8, 2, 4) == 1
     with pytest.raises(UserError, match="global_batch_size=1000.*world_size=16.*per_device_batch_size=4"):
-        train.gradient_accumulation(1000, 16, 4)
-
-
-def test_launcher_derives_the_world_from_slurm_or_this_machine():
-    env = {"SLURM_JOB_ID": "4242", "SLURM_NNODES": "1", "SLURM_NODEID": "0", "SLURM_GPUS_ON_NODE": "8"}
-    w = launcher.derive_world(env=env)
-    assert (w.num_machines, w.machine_rank, w.num_processes, w.processes_per_node) == (1, 0, 8, 8)
-    assert w.main_port == 20000 + 4242 % 20000
-    assert launcher.derive_world(env={"CUDA_VISIBLE_DEVICES": "0,1,3"}).num_processes == 3
-    local = launcher.derive_world(nproc=2, env={})
-    assert (local.num_machines, local.num_processes, local.main_address) == (1, 2, "127.0.0.1")
-    configs = REPO / "recipes" / "accelerate_configs"
-    cmd = launcher.accelerate_command("r.yaml", ["train.args.max_steps=3"], local, configs / "ddp.yaml")
-    joined = " ".join(cmd)
-    assert "--num_processes 2" in joined and "--multi_gpu" in cmd and "--machine_rank 0" in joined
-    assert cmd[cmd.index("-m") :] == [
-        "-m",
-        "openseek_cpt",
-        "train",
-        "--recipe",
-        "r.yaml",
-        "--set",
-        "train.args.max_steps=3",
-    ]
-    single = launcher.accelerate_command(
-        "r.yaml", [], launcher.derive_world(nproc=1, env={}), configs / "ddp.yaml"
-    )
-    assert "--multi_gpu" not in single
-    # --multi_gpu would make accelerate ignore the config's distributed_type: never with FSDP
-    fsdp = launcher.accelerate_command("r.yaml", [], local, configs / "fsdp.yaml")
-    assert "--multi_gpu" not in fsdp and "--num_processes" in fsdp
-
-
-def test_flops_count_openseek_small_active_parameters_and_mla_attention():
-    from transformers import DeepseekV3Config
-
-    cfg = DeepseekV3Config(
-        vocab_size=151851, hidden_size=1280, intermediate_size=7168, moe_intermediate_size=896,
-        num_hidden_layers=6, first_k_dense_replace=1, num_attention_heads=10, num_key_value_heads=10,
-        n_shared_experts=2, n_routed_experts=64, num_experts_per_tok=6, n_group=1, topk_group=1,
-        kv_lora_rank=512, q_lora_rank=None, qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128,
-        tie_word_embeddings=True,
-    )  # fmt: skip
-    active = flops.active_matmul_params(cfg)
-    assert 0.38e9 < active < 0.42e9  # DESIGN.md: ~0.40B active of ~1.39B
-    assert flops.attention_head_dims(cfg) == (10, 192, 128)
-    attention = flops.training_flops_per_token(cfg, 4096) - 6 * active
-    assert attention == pytest.approx(3 * 6 * 2 * 10 * (192 + 128) * 2048)
-
-
-def test_the_sbatch_requeue_code_is_the_python_preemption_code():
-    from openseek_cpt.errors import EXIT_PREEMPTED
-
-    script = (REPO / "slurm" / "train.sbatch").read_text()
-    code = [ln for ln in script.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
-    values = [ln.split("=", 1)[1].split()[0] for ln in code if ln.startswith("EXIT_PREEMPTED=")]
-    assert values == [str(EXIT_PREEMPTED)], values
-    assert any('"$EXIT_PREEMPTED"' in ln for ln in code), "the script must test the variable, not a literal"
-
-
-def test_train_and_launcher_import_no_stage_and_not_the_cli():
-    import ast
-
-    stages = {"cli", "assets", "data", "train", "soup", "interop", "tiny"}
-    for module in ("train", "launcher"):
-        tree = ast.parse((REPO / "openseek_cpt" / f"{module}.py").read_text())
-        imported = set()
-        for node in ast.walk(tree):
-            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("openseek_cpt"):
-                imported.add(node.module.removeprefix("openseek_cpt").lstrip("."))
-                if node.module == "openseek_cpt":
-                    imported |= {alias.name for alias in node.names}
-            elif isinstance(node, ast.Import):
-                imported |= {a.name.removeprefix("openseek_cpt.") for a in node.names}
-        assert not (imported & (stages - {module})), (module, sorted(imported & stages))
+        training_args.gradient_accumulation(1000, 16, 4)
 
 
 TEARDOWN_RANK = """
 import os, sys, time, torch
-from openseek_cpt.train import stage as train
+from openseek_cpt.train.teardown import leave_process_group
 torch.distributed.init_process_group("gloo")
 if torch.distributed.get_rank() == 1 and sys.argv[1] == "hang":
     time.sleep(120)  # never reaches the barrier: rank 0's teardown cannot complete
-train.leave_process_group(exit_code=3, deadline_s=3)
+leave_process_group(exit_code=3, deadline_s=3)
 print("left", torch.distributed.is_initialized(), flush=True)
 """
 

@@ -1,0 +1,1 @@
+"""The train stage's Trainer callbacks, one per file (preemption's is in `train.preemption`)."""

@@ -1,0 +1,121 @@
+"""The model as training runs it: loaded strictly with native classes, the training dtype, no KV
+cache, and the stage's levers installed (attention, experts kernel, loss); the vocabulary check."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from openseek_cpt.artifacts import prepared
+from openseek_cpt.errors import UserError
+from openseek_cpt.logs import get_logger
+from openseek_cpt.modeling import attention, experts
+from openseek_cpt.modeling import loss as lm_loss
+from openseek_cpt.modeling.collator import PackedCollator
+from openseek_cpt.recipe.schema import Recipe
+from openseek_cpt.train.setup import process_rank
+
+log = get_logger("train")
+
+
+def load_model(recipe: Recipe, model_dir: str | None = None):
+    """The base (or a checkpoint) with native classes, strictly, in the training dtype, no KV cache."""
+    from transformers import AutoModelForCausalLM
+
+    t = recipe.train
+    model_dir = model_dir or recipe.train_model_dir
+    if not Path(model_dir, "config.json").is_file():
+        raise UserError(
+            f"train.model_dir: {model_dir!r} has no config.json; run `openseek-cpt download` or fix the path"
+        )
+    kwargs: dict[str, Any] = {
+        "trust_remote_code": recipe.assets.model_trust_remote_code,
+        "attn_implementation": t.attn_implementation,
+        "dtype": torch.bfloat16 if t.precision == "bf16-pure" else torch.float32,
+        "output_loading_info": True,
+    }
+    # Deviation: under bf16-mixed the routed experts' grouped_mm gets bf16 operands (experts.py).
+    experts_implementation = experts.resolve(t.experts_implementation, t.precision)
+    if experts_implementation:
+        kwargs["experts_implementation"] = experts_implementation
+    model, info = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    problems = {k: sorted(info.get(k) or []) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    problems = {k: v for k, v in problems.items() if v}
+    if problems:
+        summary = "; ".join(f"{k}: {len(v)} (e.g. {v[0]})" for k, v in problems.items())
+        if not t.allow_missing_keys:
+            raise UserError(
+                f"train.model_dir: {model_dir} does not match the model class ({summary}); "
+                "fix the checkpoint or set train.allow_missing_keys=true"
+            )
+        if process_rank() == 0:
+            log.warning(f"loaded {model_dir} with {summary} (train.allow_missing_keys)")
+    elif process_rank() == 0:
+        log.info(f"loaded {model_dir} strictly: no missing, unexpected or mismatched keys")
+    # Deviation from the checkpoint config: with use_cache=True a cache is built even in training,
+    # and transformers then ignores the per-document position resets (documents see each other).
+    model.config.use_cache = False
+    # Deviation: the loss from hidden states and the LM head in chunks, no full-vocab logits (loss.py).
+    return lm_loss.install(model, t.loss)
+
+
+def check_vocab(recipe: Recipe, model, manifest: dict[str, Any], dataset_dir: Path) -> None:
+    """The dataset's tokenizer must be the model's (same vocabulary size and eos)."""
+    data_vocab = manifest.get("vocab_size")
+    model_vocab = model.config.vocab_size
+    if data_vocab is None:
+        if process_rank() == 0:
+            log.warning(
+                f"{dataset_dir}/manifest.json records no tokenizer vocab size; vocabulary not checked"
+            )
+        return
+    expected = model_vocab
+    try:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(
+            recipe.train_model_dir, trust_remote_code=recipe.assets.tokenizer_trust_remote_code
+        )
+        expected = len(tokenizer)
+    except (OSError, ValueError):
+        pass  # no tokenizer beside the model: only the embedding size can be checked
+    if int(data_vocab) != expected or int(data_vocab) > model_vocab:
+        raise UserError(
+            f"train.dataset_dir: {dataset_dir} was tokenized with a vocabulary of {data_vocab} tokens but the "
+            f"model {recipe.train_model_dir} uses {expected} (embeddings {model_vocab}); rebuild the dataset "
+            "with the model's tokenizer (data.tokenizer_dir)"
+        )
+
+
+def document_logits(
+    recipe: Recipe, rows: list[dict[str, Any]], model=None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, per-token loss) of packed rows, with the model, collator and mode training uses.
+
+    The model is loaded by `load_model` (config as trained: use_cache=False, training dtype), kept
+    in train mode, and run under the same autocast the Trainer uses for the recipe's precision.
+    """
+    model = model if model is not None else load_model(recipe)
+    model.train()
+    batch = PackedCollator(
+        pad_token_id=prepared.pad_token_id({}, model.config),
+        varlen=attention.needs_varlen(recipe.train.attn_implementation),
+    )(rows)
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    model.to(device_type)
+    batch = {k: v.to(device_type) if torch.is_tensor(v) else v for k, v in batch.items()}
+    autocast = recipe.train.precision == "bf16-mixed"
+    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast):
+        out = model(**{k: v for k, v in batch.items() if k != "labels"})  # + varlen fields if any
+    logits = out.logits.float()
+    shift_logits = logits[:, :-1]
+    shift_labels = batch["labels"][:, 1:]
+    loss = torch.nn.functional.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.shape[-1]),
+        shift_labels.reshape(-1),
+        reduction="none",
+        ignore_index=-100,
+    ).view(shift_labels.shape)
+    return logits, loss

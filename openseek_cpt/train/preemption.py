@@ -1,0 +1,93 @@
+"""Preemption: SIGTERM/SIGUSR1 -> save at the end of the current optimizer step (or right after the
+running evaluation; a save in progress is the preemption save) and stop, every rank agreeing.
+
+The stage then leaves the process group and raises `errors.Preempted` (the CLI exits EXIT_PREEMPTED,
+the requeue code); the restart resumes from that checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+from openseek_cpt.artifacts import checkpoints
+from openseek_cpt.logs import get_logger
+
+log = get_logger("train")
+
+
+class PreemptionCallback(TrainerCallback):
+    """SIGTERM/SIGUSR1 -> save at the end of the current optimizer step and stop (all ranks agree)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.requested = False
+        self.triggered = False
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+        # os.write (async-signal-safe), not logging/print: the handler may interrupt a write to the same stream
+        os.write(1, f"[train] received signal {signum}: saving at the end of this step\n".encode())
+
+    def _agreed(self, args) -> bool:
+        flag = torch.tensor([1.0 if self.requested else 0.0], device=args.device)
+        # A signal may reach only some ranks: agree, or the others would wait in a collective forever.
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return flag.item() > 0
+
+    def on_step_end(self, args, state, control, **kw):
+        if not self.triggered and self._agreed(args):
+            self.triggered = True
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+    def on_evaluate(self, args, state, control, **kw):
+        # A signal during a (long) evaluation: save right after it, before another step.
+        return self.on_step_end(args, state, control)
+
+    def on_save(self, args, state, control, **kw):
+        # A signal while a checkpoint was written: that checkpoint is the preemption save; stop.
+        if not self.triggered and self._agreed(args):
+            self.triggered = True
+            control.should_training_stop = True
+        return control
+
+
+@contextlib.contextmanager
+def signals_caught(trainer) -> Iterator[PreemptionCallback]:
+    """Catch the preemption signals while the body runs (training, then the final save: a signal
+    during the save lets it finish); yields the trainer's PreemptionCallback."""
+    callback = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, PreemptionCallback))
+    callback.install()
+    try:
+        yield callback
+    finally:
+        callback.uninstall()
+
+
+def saved_checkpoint(trainer, output_dir: Path) -> Path:
+    """The checkpoint the preemption save wrote (Trainer saved it at the step training stopped)."""
+    step = trainer.state.global_step
+    if trainer.is_world_process_zero():
+        log.info(f"preempted: checkpoint at step {step} saved; exiting for requeue")
+    return output_dir / checkpoints.name_for(step)

@@ -1,0 +1,99 @@
+"""The stage's Trainer: deterministic data order, completion markers and rotation after them,
+MoE-safe resume, FSDP handled as `train.fsdp` says, throughput and router metrics in the logs."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from transformers import Trainer
+
+from openseek_cpt.artifacts import checkpoints
+from openseek_cpt.logs import get_logger
+from openseek_cpt.modeling import router_balance
+from openseek_cpt.recipe.schema import Recipe
+from openseek_cpt.train import fsdp
+from openseek_cpt.train.callbacks.throughput import throughput_metrics
+from openseek_cpt.train.model import load_model
+from openseek_cpt.train.sampler import EpochPermutationSampler
+from openseek_cpt.train.setup import Setup
+
+log = get_logger("train")
+
+
+class CPTTrainer(Trainer):
+    """Trainer with: deterministic data order, completion markers, MoE-safe resume, throughput logs."""
+
+    def __init__(self, *a, setup: Setup, recipe: Recipe, **kw):
+        self.setup = setup  # before Trainer.__init__: create_accelerator_and_postprocess reads it
+        self.recipe = recipe
+        super().__init__(*a, **kw)
+        self.tokens_local = 0
+
+    def _get_train_sampler(self, train_dataset=None):
+        # Deviation: a permutation per epoch from (seed, epoch) only, so resume replays it exactly.
+        self.epoch_sampler = EpochPermutationSampler(len(train_dataset or self.train_dataset), self.args.seed)
+        return self.epoch_sampler
+
+    def _run_epoch(self, *args, epoch, **kwargs):
+        if 0 < self.state.max_steps <= self.state.global_step:
+            # Deviation: Trainer checks max_steps only after a step, so a run resumed from its last
+            # checkpoint (0 steps left) trained one step more (checkpoint-13, a different final/).
+            self.control.should_training_stop = True
+            return None
+        # Deviation: under DDP a resumed epoch's loader is SkipBatchSampler(BatchSamplerShard(...)),
+        # which hides the sampler from every set_epoch path, so a run resumed after its first epoch
+        # would replay epoch 0's order; set the epoch on the sampler itself.
+        self.epoch_sampler.set_epoch(epoch)
+        return super()._run_epoch(*args, epoch=epoch, **kwargs)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        self.tokens_local += int(inputs["input_ids"].numel())
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        ckpt = Path(self.args.output_dir) / checkpoints.name_for(self.state.global_step)
+        self.accelerator.wait_for_everyone()  # every rank's files (rng_state_N.pth) are written
+        if self.is_world_process_zero():
+            kind = "FSDP" if fsdp.is_fsdp(self) else str(self.accelerator.distributed_type).rsplit(".", 1)[-1]
+            run = self.setup.run_info(self.recipe, kind)
+            checkpoints.write_marker(ckpt, checkpoints.marker_info(self.state.global_step, run))
+            protect = [Path(self.state.best_model_checkpoint)] if self.state.best_model_checkpoint else []
+            checkpoints.rotate(Path(self.args.output_dir), self.setup.keep, protect)
+        self.accelerator.wait_for_everyone()
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        # Deviation: the stock path loads the safetensors state dict as is, which leaves native
+        # deepseek_v3's fused experts random; from_pretrained converts per-expert keys correctly.
+        model = model if model is not None else self.model
+        loaded = load_model(self.recipe, model_dir=resume_from_checkpoint)
+        if fsdp.is_fsdp(self):
+            result = fsdp.load_full_state_dict(model, loaded.state_dict())
+        else:
+            result = model.load_state_dict(loaded.state_dict(), strict=True)
+        del loaded
+        if self.is_world_process_zero():
+            log.info(f"model weights restored from {resume_from_checkpoint} ({result})")
+
+    def create_accelerator_and_postprocess(self):
+        super().create_accelerator_and_postprocess()
+        fsdp.configure_accelerator(self, self.setup.fsdp)
+
+    def _save_optimizer_and_scheduler(self, output_dir):
+        if not fsdp.is_fsdp(self):
+            return super()._save_optimizer_and_scheduler(output_dir)
+        fsdp.save_optimizer_and_scheduler(self, output_dir)
+
+    def save_model(self, output_dir=None, _internal_call=False):
+        if not fsdp.is_fsdp(self):
+            return super().save_model(output_dir, _internal_call)
+        fsdp.save_model(self, output_dir)
+
+    def log(self, logs, start_time=None):
+        if "loss" in logs:
+            logs.update(throughput_metrics(self))
+            logs.update(router_balance.take_metrics(self.callback_handler.callbacks))
+        if "eval_loss" in logs:
+            logs["eval_perplexity"] = math.exp(min(logs["eval_loss"], 50.0))
+        super().log(logs, start_time)
