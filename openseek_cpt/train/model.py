@@ -11,7 +11,7 @@ import torch
 from openseek_cpt.artifacts import prepared
 from openseek_cpt.errors import UserError
 from openseek_cpt.logs import get_logger
-from openseek_cpt.modeling import attention, experts
+from openseek_cpt.modeling import attention, experts, router_precision
 from openseek_cpt.modeling import loss as lm_loss
 from openseek_cpt.modeling.collator import PackedCollator
 from openseek_cpt.recipe.schema import Recipe
@@ -40,6 +40,7 @@ def load_model(recipe: Recipe, model_dir: str | None = None):
     experts_implementation = experts.resolve(t.experts_implementation, t.precision)
     if experts_implementation:
         kwargs["experts_implementation"] = experts_implementation
+    attention.prepare(t.attn_implementation)  # flex: q/k/v in one dtype under autocast
     model, info = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
     problems = {k: sorted(info.get(k) or []) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
     problems = {k: v for k, v in problems.items() if v}
@@ -57,6 +58,8 @@ def load_model(recipe: Recipe, model_dir: str | None = None):
     # Deviation from the checkpoint config: with use_cache=True a cache is built even in training,
     # and transformers then ignores the per-document position resets (documents see each other).
     model.config.use_cache = False
+    # Deviation: the MoE routers compute in fp32 under autocast too (router_precision.py).
+    router_precision.keep_routers_fp32(model)
     # Deviation: the loss from hidden states and the LM head in chunks, no full-vocab logits (loss.py).
     return lm_loss.install(model, t.loss)
 

@@ -51,18 +51,26 @@ def build_training_args(recipe: Recipe, user_args: dict[str, Any], grad_accum: i
         "gradient_accumulation_steps": grad_accum,
         "seed": recipe.seed,
         "use_cpu": not torch.cuda.is_available(),
-        "activation_checkpointing": t.gradient_checkpointing,
+        checkpointing_arg(TrainingArguments): t.gradient_checkpointing,
         "remove_unused_columns": False,  # deviation: keep seq_lengths for the collator
         **precision_args(t.precision, bf16_supported()),
     }
     # Deviation: DDP's unused-parameter search is off (native MoE experts are fused tensors, all used).
     user_args.setdefault("ddp_find_unused_parameters", False)
-    # tf32 for what stays fp32 under bf16-mixed (the router's fp32 linear, fp32 paths); Ampere+ only.
-    if torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0):
-        user_args.setdefault("tf32", True)
+    # No tf32 by default: under bf16-mixed the one fp32 matmul left is the router's, kept fp32 on
+    # purpose (router_precision.py); tf32's 10-bit mantissa would undo that.
     if t.gradient_checkpointing:
-        user_args.setdefault("activation_checkpointing_kwargs", {"use_reentrant": False})
+        user_args.setdefault(checkpointing_arg(TrainingArguments) + "_kwargs", {"use_reentrant": False})
     try:
         return TrainingArguments(**derived, **user_args)
     except (ValueError, TypeError) as exc:
         raise UserError(f"train.args: {first_line(exc)}") from None
+
+
+def checkpointing_arg(training_arguments: type) -> str:
+    """TrainingArguments' name of the activation checkpointing switch: `activation_checkpointing`
+    since transformers 5.2x, `gradient_checkpointing` before (5.17 on some GPU machines)."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(training_arguments)}
+    return "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"

@@ -237,3 +237,14 @@ def test_a_rank_whose_process_group_teardown_hangs_exits_with_its_code_after_the
         assert ranks[0].returncode == 3, err[-2000:]
         assert "process-group teardown still running after 3 s" in err and "leave_process_group" in err
         assert "left" not in out and 3 <= took < 45, (took, err[-2000:])
+
+
+def test_the_checkpointing_switch_is_named_as_the_installed_transformers_names_it():
+    """transformers 5.17 (some GPU machines) has only gradient_checkpointing; 5.2x activation_checkpointing."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    older = dataclasses.make_dataclass("Older", [("gradient_checkpointing", bool, False)])
+    assert training_args.checkpointing_arg(older) == "gradient_checkpointing"
+    assert training_args.checkpointing_arg(TrainingArguments) == "activation_checkpointing"
