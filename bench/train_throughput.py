@@ -1,6 +1,7 @@
 """Training throughput (tokens/s), MFU and where a step goes, measured through the train stage.
 
     python bench/train_throughput.py [--steps 6] [--warmup 2] [--seq N] [--per-device N]
+                                     [--budget SECONDS] [--rows 0,0,0]
 
 The model, collator and Trainer are the ones `openseek-cpt train` builds: `setup.setup_run` and
 `stage.build_trainer` on a recipe (so TrainingArguments, precision, the fused optimizer, the collator's
@@ -10,34 +11,39 @@ directory, and, when the recipe's model is not on disk, a random-init model of i
 
 On a GPU: recipes/openseek/config.yaml (OpenSeek-Small-v1: deepseek_v3, 1.39B total / 0.40B
 active, seq 4096, bf16-mixed); on CPU: recipes/tiny/config.yaml with the tiny model (the figures
-then only show relative costs). Prints, for the recipe as is and the ablation rows measured in the
-same run (stock stack -> bf16 experts -> fused CE -> flex/varlen attention -> torch.compile, each
-adding one lever; see `ablation`): tokens/s per device, MFU (openseek_cpt.modeling.flops against the
-device's bf16 peak), peak GPU memory and the ratio to the first row, plus the first row's step
-breakdown (data + logging, forward, backward + clip, optimizer), timed by callbacks and forward
-hooks on the stage's own Trainer.
+then only show relative costs). One row per lever (see `ablation`), each printed, and appended to
+$OUT/train_throughput.txt when OUT is set, as it finishes: tokens/s per device, MFU
+(openseek_cpt.modeling.flops against the device's bf16 peak), the row's own peak memory (GPU
+allocated, or CPU peak RSS, above what the process held when the row started; rows are garbage
+collected in between) and the ratio to the first row, then the first row's step breakdown. A
+row that fails is reported and skipped; `--budget` stops starting rows once spent. On a GPU
+machine without network: bench/device/run.sh.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
-from transformers import TrainerCallback
-
-from openseek_cpt.errors import first_line
-from openseek_cpt.modeling import flops
-from openseek_cpt.recipe.loader import load_recipe
-from openseek_cpt.train.setup import setup_run
-from openseek_cpt.train.stage import build_trainer
-
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # `python bench/train_throughput.py` from a checkout, nothing installed
+
+import torch  # noqa: E402
+from transformers import TrainerCallback  # noqa: E402
+
+from openseek_cpt import doctor  # noqa: E402
+from openseek_cpt.errors import first_line  # noqa: E402
+from openseek_cpt.modeling import flops  # noqa: E402
+from openseek_cpt.recipe.loader import load_recipe  # noqa: E402
+from openseek_cpt.train.setup import setup_run  # noqa: E402
+from openseek_cpt.train.stage import build_trainer  # noqa: E402
 
 
 def sync() -> None:
@@ -144,58 +150,108 @@ def openseek_small_config():
     )  # fmt: skip
 
 
+class PeakMemory:
+    """Peak memory of one row above the memory held when the row starts: GPU allocated bytes, or
+    on CPU the process's peak RSS (Linux resets VmHWM on `echo 5 > /proc/self/clear_refs`)."""
+
+    def __init__(self) -> None:
+        gc.collect()  # the previous row's Trainer sits in reference cycles (bound forwards)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        else:
+            Path("/proc/self/clear_refs").write_text("5")
+            self.base = self._status("VmRSS")
+
+    @staticmethod
+    def _status(field: str) -> int:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+        return 0
+
+    def mib(self) -> float:
+        peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else self._status("VmHWM")
+        return (peak - self.base) / 2**20
+
+
 def measure(recipe_path: Path, overrides: list[str], args, label: str) -> dict:
     """Build the Trainer exactly as `openseek-cpt train` does and time `trainer.train()`."""
+    memory = PeakMemory()
     recipe = load_recipe(recipe_path, overrides)
     setup = setup_run(recipe)
     trainer = build_trainer(recipe, setup)
     timer = StepTimer(args.warmup)
     timer.attach(trainer.model)
     trainer.add_callback(timer)
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
     trainer.train()
-    peak_mem = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
+    peak_mib = memory.mib()
     seq = setup.manifest["max_length"]
     tokens = timer.steps * recipe.train.global_batch_size * seq
     tps = tokens / timer.total
     peak, device = flops.device_peak_flops()
     config = trainer.accelerator.unwrap_model(trainer.model).config
     mfu = flops.training_flops_per_token(config, seq) * tps / peak if peak else float("nan")
-    del trainer
+    parts = {k: v / timer.total for k, v in timer.parts.items()}
+    del trainer, setup, timer
+    gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    return {"label": label, "tps": tps, "mfu": mfu, "device": device, "peak_gib": peak_mem,
-            **{k: v / timer.total for k, v in timer.parts.items()}}  # fmt: skip
+    return {"label": label, "tps": tps, "mfu": mfu, "device": device, "peak_mib": peak_mib, **parts}
 
 
 def ablation(gpu: bool) -> list[tuple[list[str], str]]:
-    """Issue 10's ablation, each row adding one lever to the previous: stock stack -> bf16 experts
-    -> fused CE -> mask-free packed attention -> torch.compile. Rows whose kernel is not installed
-    are left out (flash-attn, liger); on CPU only the rows that run there (no flex backward on CPU)."""
+    """Each row adds one lever to the previous: stock stack -> bf16 experts -> chunked CE -> Liger
+    CE -> flex -> flash varlen; torch.compile is measured on sdpa and on flex apart, so a failing
+    kernel costs one row, not the rest. Rows whose kernel is not installed are left out; flex only
+    on a GPU (torch's CPU flex has no backward)."""
     import importlib.util
 
     stock = ["train.loss=hf", "train.experts_implementation=grouped_mm", "train.attn_implementation=sdpa"]
-    rows = [(stock, "baseline: stock (fp32 experts, full logits, sdpa)")]
     bf16 = [
         "train.loss=hf",
         "train.experts_implementation=grouped_mm_autocast",
         "train.attn_implementation=sdpa",
     ]
-    rows.append((bf16, "+ bf16 experts (grouped_mm_autocast)"))
-    fused = ["train.loss=chunked", *bf16[1:]]
-    rows.append((fused, "+ fused CE (chunked)"))
+    chunked = ["train.loss=chunked", *bf16[1:]]
+    rows = [
+        (stock, "stock: fp32 grouped_mm experts, full logits, sdpa"),
+        (bf16, "+ bf16 experts (grouped_mm_autocast)"),
+        (chunked, "+ chunked CE"),
+    ]
+    best_loss = chunked[0]
     if gpu and importlib.util.find_spec("liger_kernel"):
-        rows.append((["train.loss=liger", *bf16[1:]], "+ fused CE (liger)"))
-    attn = fused
+        rows.append((["train.loss=liger", *bf16[1:]], "+ Liger fused CE (instead of chunked)"))
+    rows.append(([*chunked, "train.args.torch_compile=true"], "chunked CE + torch.compile (sdpa)"))
     if gpu:
-        attn = [*fused[:2], "train.attn_implementation=flex_attention"]
-        rows.append((attn, "+ flex_attention (block mask)"))
+        flex = [best_loss, bf16[1], "train.attn_implementation=flex_attention"]
+        rows.append((flex, "chunked CE + flex_attention (block mask)"))
+        rows.append(([*flex, "train.args.torch_compile=true"], "chunked CE + flex + torch.compile"))
         if importlib.util.find_spec("flash_attn"):
-            attn = [*fused[:2], "train.attn_implementation=flash_attention_2"]
-            rows.append((attn, "+ flash_attention_2 varlen"))
-        rows.append(([*attn, "train.args.torch_compile=true"], "+ torch.compile"))
+            rows.append(
+                (
+                    [best_loss, bf16[1], "train.attn_implementation=flash_attention_2"],
+                    "chunked CE + flash_attention_2 varlen",
+                )
+            )
     return rows
+
+
+HEADER = f"{'variant':<52} {'tokens/s/dev':>12} {'MFU':>6} {'peak MiB':>9}  vs first"
+
+
+def row_line(r: dict, first: dict | None) -> str:
+    ratio = f"x{r['tps'] / first['tps']:.2f}" if first else "x1.00"
+    return f"{r['label']:<52} {r['tps']:>12.0f} {r['mfu']:>6.3f} {r['peak_mib']:>9.0f}  {ratio}"
+
+
+def report(line: str, out_file: Path | None) -> None:
+    """Print one line now and append it to $OUT's file, so a time-out keeps every finished row."""
+    print(line, flush=True)
+    if out_file is not None:
+        with out_file.open("a") as f:
+            f.write(line + "\n")
 
 
 def main() -> None:
@@ -205,15 +261,24 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--per-device", type=int, default=None, help="sequences per step (default: the recipe's)")
     p.add_argument("--seq", type=int, default=None, help="tokens per sequence (default: the recipe's)")
+    p.add_argument("--budget", type=float, default=0, help="seconds after which no new row starts (0: none)")
+    p.add_argument(
+        "--rows", default=None, help="comma-separated row numbers to run (default: all), e.g. 0,0,0"
+    )
     args = p.parse_args()
+    started = time.monotonic()
     gpu = torch.cuda.is_available()
+    out_dir = os.environ.get("OUT")
+    out_file = Path(out_dir) / "train_throughput.txt" if out_dir else None
     recipe_path = Path(args.recipe or REPO / "recipes" / ("openseek" if gpu else "tiny") / "config.yaml")
     base = load_recipe(recipe_path)
     per_device = args.per_device or base.train.per_device_batch_size
     seq = args.seq or base.data.max_length
-    print(f"{'GPU' if gpu else 'CPU'}: {recipe_path}, {per_device} x {seq} tokens per step, {args.steps} steps "
-          f"after {args.warmup} warmup; load average {os.getloadavg()[0]:.2f}")  # fmt: skip
+    experts_path = doctor.grouped_gemm_check(torch.cuda.get_device_capability(0)).detail if gpu else "cpu"
+    report(f"{'GPU' if gpu else 'CPU'}: {recipe_path}, {per_device} x {seq} tokens per step, {args.steps} steps "
+           f"after {args.warmup} warmup; experts: {experts_path}; load average {os.getloadavg()[0]:.2f}", out_file)  # fmt: skip
     work = Path(tempfile.mkdtemp(prefix="train-throughput-"))
+    results: list[dict] = []
     try:
         model_dir = model_dir_for(recipe_path, work)
         vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
@@ -227,24 +292,34 @@ def main() -> None:
             "train.args.logging_steps=1", "train.args.dataloader_num_workers=0",
             "train.args.dataloader_pin_memory=false",
         ]  # fmt: skip
-        variants = ablation(gpu)  # the recipe's own defaults are the "+ fused CE (chunked)" row
-        results = []
-        for extra, label in variants:
+        variants = ablation(gpu)
+        chosen = [int(i) for i in args.rows.split(",")] if args.rows else range(len(variants))
+        report(HEADER, out_file)
+        for i in chosen:
+            extra, label = variants[i]
+            if args.budget and time.monotonic() - started > args.budget:
+                report(f"{label}: not started (--budget {args.budget:g} s spent)", out_file)
+                continue
             shutil.rmtree(work / "run", ignore_errors=True)
             try:
-                results.append(measure(recipe_path, common + extra, args, label))
+                r = measure(recipe_path, common + extra, args, label)
             except Exception as exc:  # a variant the device or version lacks: report, keep going
-                print(f"{label}: skipped ({type(exc).__name__}: {first_line(exc)[:160]})")
+                gc.collect()
+                report(f"{label}: failed ({type(exc).__name__}: {first_line(exc)[:160]})", out_file)
+                continue
+            report(row_line(r, results[0] if results else None), out_file)
+            results.append(r)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    base_r = results[0]
-    print(f"device: {base_r['device']}; load average after {os.getloadavg()[0]:.2f}")
-    print(f"{'variant':<52} {'tokens/s/dev':>12} {'MFU':>6} {'peak GiB':>9}  vs first")
-    for r in results:
-        print(f"{r['label']:<52} {r['tps']:>12.0f} {r['mfu']:>6.3f} {r['peak_gib']:>9.1f}  "
-              f"x{r['tps'] / base_r['tps']:.2f}")  # fmt: skip
-    parts = ", ".join(f"{k} {base_r[k]:.0%}" for k in ("data+log", "forward", "backward+clip", "optimizer"))
-    print(f"baseline step: {parts}")
+    if not results:
+        report("no row finished", out_file)
+        raise SystemExit(1)
+    first = results[0]
+    parts = ", ".join(f"{k} {first[k]:.0%}" for k in ("data+log", "forward", "backward+clip", "optimizer"))
+    report(
+        f"device: {first['device']}; first row's step: {parts}; load average {os.getloadavg()[0]:.2f}",
+        out_file,
+    )
 
 
 if __name__ == "__main__":
