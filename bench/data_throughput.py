@@ -4,7 +4,7 @@
                                     [--num-proc N] [--repeats 3] [--workdir DIR]
 
 --case tiktoken: the same end-to-end measurement with OpenSeek's kind of tokenizer (remote code
-over tiktoken, 151,851 ids; tiny_assets.write_qwen_tokenizer); the ceiling is the tiktoken
+over tiktoken, 151,851 ids; fixtures.write_qwen_tokenizer); the ceiling is the tiktoken
 `Encoding.encode_ordinary_batch` of the same texts on all cores (its threads), and the stage's ids
 are checked against `tokenizer(texts)` on a sample of the corpus.
 --case megatron: a Megatron `.bin/.idx` shard of --shard-tokens (default 1e9) and one 10x smaller;
@@ -14,7 +14,7 @@ output, peak while running) for each: work and disk must follow the share, not t
 
 Builds the tiny assets (no download) and a text corpus from the standard library's sources, then:
 1. raw ceiling: the tokenizer's batch encoding of exactly the text the stage will read, Rust threads
-   on every core, in tokens/s: `tokenizer(texts)` (the acceptance's ceiling) and, stricter, the Rust
+   on every core, in tokens/s: `tokenizer(texts)` (the ceiling the stage is held to) and, stricter, the Rust
    backend's `encode_batch_fast` (what the stage calls once it has checked that the ids are equal);
 2. end-to-end: `openseek-cpt data` in a fresh interpreter (start, imports, tokenize, pack, sample,
    save, exit) on a one-source mix whose share needs the whole corpus, in tokens/s, and its ratio to

@@ -11,14 +11,13 @@ and 8 checkpoints of it, then measures in this run, for base + 2 and base + 8 ch
 - the compute floor: sha256 of every input byte, plus one bf16->fp32 multiply-add per input
   element, each timed alone on one core (in memory), the sum divided over the cores.
 The soup runs --repeats times (default 3), each run right after its own warm I/O floor and compute
-floor, because a shared machine's speed drifts over minutes (on the 2-core VM of the figures in
-CHANGELOG, +-5% for the soup, which streams its inputs from DRAM, and up to 4x for the warm I/O
-floor; the compute floor, in cache, holds within 2%); the summary takes the median of each time
-(peak RSS: the highest of the runs) and prints every run's ratio; mergekit and the cold floor run
-once.
+floor, because a shared machine's speed drifts over minutes (the warm I/O floor far more than the
+soup, which streams its inputs from DRAM, or the compute floor, in cache; docs/benchmarks.md); the
+summary takes the median of each time (peak RSS: the highest of the runs) and prints every run's
+ratio; mergekit and the cold floor run once.
 Peak RSS is each process's own maximum (wait4), also shown above an idle process of the same tool
 that only did its imports. Both outputs are compared with the fp32 mean rounded once to bf16, and
-the soup's merge_info hashes with sha256 of the files. Targets (issue 11): soup wall <= 1.5x
+the soup's merge_info hashes with sha256 of the files. Targets: soup wall <= 1.5x
 max(warm I/O floor, compute floor) and < 0.5x mergekit; RSS above idle <= 4x the largest tensor
 and < 1/4 of mergekit's; 2 vs 8 checkpoints: memory within 10%.
 

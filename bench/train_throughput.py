@@ -136,7 +136,7 @@ def model_dir_for(recipe_path: Path, work: Path) -> Path:
 
 
 def openseek_small_config():
-    """BAAI/OpenSeek-Small-v1's architecture (DESIGN.md facts)."""
+    """BAAI/OpenSeek-Small-v1's architecture (its config.json's sizes)."""
     from transformers import DeepseekV3Config
 
     return DeepseekV3Config(

@@ -66,7 +66,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
 def cmd_soup(args: argparse.Namespace) -> int:
     recipe = _recipe(args)
     # The merge makes no BLAS call; the OpenBLAS threads numpy starts at import poll for work on
-    # the cores the merge keeps busy (1-4% of its CPU, measured). Set before numpy's first import.
+    # the cores the merge keeps busy, taking CPU from it. Set before numpy's first import.
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     from openseek_cpt.soup import stage as soup
 
@@ -164,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = stage("recipe", cmd_recipe, "print a recipe as loaded (checked), or its keys", recipe_required=False)
     p.add_argument("--keys", action="store_true", help="every key: type, default (or value), doc")
-    p.add_argument("--markdown", action="store_true", help="the keys as the README's markdown table")
+    p.add_argument("--markdown", action="store_true", help="the keys as docs/recipe.md's markdown table")
 
     p = stage(
         "doctor",

@@ -24,9 +24,10 @@ from typing import Any
 
 import numpy as np
 
+from openseek_cpt.data import STAGE
 from openseek_cpt.logs import get_logger
 
-log = get_logger("data")
+log = get_logger(STAGE)
 
 PATHS = ("tiktoken", "rust", "tokenizer")
 
@@ -162,7 +163,7 @@ class Encoder:
 
         `encode_to_numpy` hands each text's ids over as a buffer (no Python int per token) and
         releases the GIL while it encodes: on `threads` threads, each encoding a contiguous slice,
-        it measured 1.3x the Encoding's own `encode_ordinary_batch` (bench/data_throughput.py).
+        it beats the Encoding's own `encode_ordinary_batch` (bench/data_throughput.py; docs/benchmarks.md).
         """
         if self.nfc:
             texts = [

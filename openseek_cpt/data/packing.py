@@ -3,7 +3,7 @@
 The data stage asks this table (never a strategy's name) what a strategy does: whether it drops
 the tokens of a document past `max_length`, whether it makes one row per document, whether a
 document can continue in another row. Recipe validation takes its choices from the same table.
-Adding a strategy = one `Strategy` entry here; tests/test_packing.py then checks its declared
+Adding a strategy = one `Strategy` entry here; tests/data/test_packing.py then checks its declared
 properties against what its `pack` function really does to a dataset.
 """
 

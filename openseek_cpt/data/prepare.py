@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from openseek_cpt.artifacts.fileio import canonical_hash
-from openseek_cpt.data import packing
+from openseek_cpt.data import STAGE, packing
 from openseek_cpt.data.encoder import Encoder
 from openseek_cpt.data.rows import DatasetRows, StreamedRows
 from openseek_cpt.data.sources import OpenSource
@@ -30,7 +30,7 @@ ESTIMATE_DOCS = 256
 # Tokens per packing worker below which packing stays in this process (see tokenize_and_pack).
 PACK_TOKENS_PER_WORKER = 32_000_000
 
-log = get_logger("data")
+log = get_logger(STAGE)
 
 
 def short_hash(obj: Any) -> str:
@@ -150,9 +150,9 @@ def tokenize_and_pack(
 
     d = recipe.data
     # num_proc worker processes tokenize (but the tiktoken path, below). Each tokenizes single-threaded
-    # (tokenizers turns its Rust threads off in a fork once the parent used them); on 2 cores that
-    # measured ~10% faster than one process on Rust threads, as the Python around the encoding
-    # (ids -> Arrow, cache files) runs in parallel too.
+    # (tokenizers turns its Rust threads off in a fork once the parent used them); that beats one
+    # process on Rust threads, as the Python around the encoding (ids -> Arrow, cache files) runs in
+    # parallel too (docs/benchmarks.md).
     num_proc = max(1, min(d.num_proc, len(indices) // 1000 + 1))  # no worker pool for tiny chunks
     common = {"num_proc": num_proc if num_proc > 1 else None, "load_from_cache_file": False}
     docs = read_rows(src, indices, work / f"{tag}-rows-in.arrow", short_hash([tag, "select"]))
@@ -179,7 +179,7 @@ def tokenize_and_pack(
         check_token_ids(src, docs.data.column("input_ids"), len(encoder.tokenizer))
     docs = docs.remove_columns("special_text")
     # Packing runs on worker processes only when each gets enough tokens to repay the pool's
-    # start (~0.5 s: fork, pickling); in this process TRL packs ~40 M tokens/s (measured, 2 cores).
+    # start (fork, pickling), as TRL packs fast in this process (figures: docs/benchmarks.md).
     pack_procs = max(1, min(num_proc, int(lengths.sum()) // PACK_TOKENS_PER_WORKER))
     kwargs = {
         **common,

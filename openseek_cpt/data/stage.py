@@ -22,6 +22,7 @@ from openseek_cpt.artifacts import prepared
 from openseek_cpt.artifacts.atomic import atomic_output_dir
 from openseek_cpt.artifacts.provenance import directory_fingerprint, write_provenance
 from openseek_cpt.artifacts.temps import sweep_leftovers, temp_path
+from openseek_cpt.data import STAGE
 from openseek_cpt.data.encoder import Encoder
 from openseek_cpt.data.prepare import prepare_source, short_hash
 from openseek_cpt.data.sample import largest_remainder, sample_and_save
@@ -31,7 +32,7 @@ from openseek_cpt.errors import UserError
 from openseek_cpt.logs import get_logger
 from openseek_cpt.recipe.schema import Recipe
 
-log = get_logger("data")
+log = get_logger(STAGE)
 
 
 def run(recipe: Recipe) -> Path:
@@ -76,7 +77,7 @@ def run(recipe: Recipe) -> Path:
             for s in sources
         ]
         read = [recipe.tokenizer_dir, *(s.config.path for s in sources)]
-        with atomic_output_dir(out, stage="data", inputs=read, field="data.output_dir") as tmp:
+        with atomic_output_dir(out, stage=STAGE, inputs=read, field="data.output_dir") as tmp:
             manifest = sample_and_save(packed, train_counts, eval_counts, recipe, tmp, build_id)
             manifest.update(
                 tokenizer_dir=recipe.tokenizer_dir,
@@ -98,7 +99,7 @@ def run(recipe: Recipe) -> Path:
                     load_from_disk(str(tmp / "train")), d.megatron_prefix, len(tokenizer)
                 )
                 log.info(f"Megatron copy of train written to {d.megatron_prefix}.bin/.idx")
-            write_provenance(tmp, stage="data", recipe=recipe, inputs=inputs)
+            write_provenance(tmp, stage=STAGE, recipe=recipe, inputs=inputs)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print_summary(manifest)

@@ -10,11 +10,12 @@ from pathlib import Path
 from typing import Any
 
 from openseek_cpt.artifacts.fileio import read_json
+from openseek_cpt.data import STAGE
 from openseek_cpt.errors import UserError, first_line
 from openseek_cpt.logs import get_logger
 from openseek_cpt.recipe.schema import Recipe
 
-log = get_logger("data")
+log = get_logger(STAGE)
 
 
 def load_tokenizer(recipe: Recipe) -> Any:

@@ -12,10 +12,11 @@ from typing import Any
 import datasets
 
 from openseek_cpt.artifacts import megatron_format, prepared
+from openseek_cpt.export import STAGE
 from openseek_cpt.export.sidecar import write_sidecar
 from openseek_cpt.logs import get_logger
 
-log = get_logger("export")
+log = get_logger(STAGE)
 
 
 def export_megatron(dataset_dir: str | Path, prefix: str | Path, split: str = "train") -> Path:

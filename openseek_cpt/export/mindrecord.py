@@ -20,10 +20,11 @@ from openseek_cpt.artifacts import prepared, provenance
 from openseek_cpt.artifacts.fileio import fsync_dir, fsync_tree
 from openseek_cpt.artifacts.temps import sweep_leftovers, temp_path
 from openseek_cpt.errors import UserError
+from openseek_cpt.export import STAGE
 from openseek_cpt.export.sidecar import write_sidecar
 from openseek_cpt.logs import get_logger
 
-log = get_logger("export")
+log = get_logger(STAGE)
 
 
 def export_mindrecord(dataset_dir: str | Path, path: str | Path, split: str = "train") -> Path:

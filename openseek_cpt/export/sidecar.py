@@ -8,12 +8,13 @@ from typing import Any
 
 from openseek_cpt.artifacts import provenance
 from openseek_cpt.artifacts.fileio import write_json_atomic
+from openseek_cpt.export import STAGE
 
 
 def write_sidecar(path: Path, dataset_dir: str | Path, split: str, extra: dict[str, Any]) -> None:
     """Record the exported split, its input's fingerprint, versions and `extra`, atomically."""
     info = {
-        "stage": "export",
+        "stage": STAGE,
         "inputs": {
             "dataset_dir": str(dataset_dir),
             "split": split,

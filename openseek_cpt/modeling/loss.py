@@ -11,7 +11,7 @@ comes from the final hidden states and the LM head weight directly:
   stock path computes them) are upcast to fp32, the loss and the gradients w.r.t. hidden states
   and weight are computed at once and the chunk's logits freed. Peak extra memory is one chunk of
   fp32 logits (2048 x V x 4 B = 1.2 GiB for OpenSeek) + an fp32 weight gradient, instead of three
-  full-vocab tensors. Equality with the stock loss and gradients: tests/test_loss.py.
+  full-vocab tensors. Equality with the stock loss and gradients: tests/modeling/test_loss.py.
 - `liger`: Liger-Kernel's fused linear cross-entropy (Triton, CUDA only; `pip install .[gpu]`).
 - `hf`: the stock forward (full logits), kept as the reference and for A/B benchmarks.
 

@@ -94,7 +94,7 @@ def keys_text(recipe: Recipe | None = None) -> str:
 
 
 def keys_markdown() -> str:
-    """The README's key table (generated: tests check README.md holds exactly this)."""
+    """docs/recipe.md's key table (generated: tests/test_docs.py checks docs/recipe.md holds exactly this)."""
     lines = ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
     for k in keys():
         cells = [f"`{k.key}`", f"`{k.type}`", f"`{_show(k.value)}`", k.doc]

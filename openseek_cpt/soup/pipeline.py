@@ -33,10 +33,10 @@ from openseek_cpt.soup.plan import KeyPlan
 # Elements per chunk of a key streamed through the fp32 accumulator (1 MB of fp32): a chunk read
 # is hashed and widened while it is still in the core's cache.
 CHUNK_ELEMS = 1 << 18
-# Worker threads of the merge: one per core (a third on 2 cores was slower on a quiet machine).
+# Worker threads of the merge: one per core (more threads than cores only compete for them).
 WORKERS = max(2, min(8, os.cpu_count() or 2))
 # Finished chunks that may wait, copied, for the one before them to be written (see OutputQueue):
-# with one worker per core more than 2 never sped it up, and each parked chunk is memory.
+# with one worker per core a deeper queue does not speed it up, and each parked chunk is memory.
 MAX_PARKED = 2
 
 

@@ -60,7 +60,7 @@ def build_tokenizer(corpus: list[str]):
 
 
 def tiny_config(vocab_size: int, eos_token_id: int):
-    """OpenSeek-Small-v1's architecture, shrunk (see DESIGN.md for the real sizes)."""
+    """OpenSeek-Small-v1's architecture, shrunk (the real sizes: `real_shape_config` below)."""
     return openseek_config(
         vocab_size=vocab_size,
         hidden_size=64,
@@ -233,7 +233,7 @@ def write_qwen_tokenizer(out_dir: str | Path) -> Path:
 
 
 def real_shape_config(num_layers: int = REAL_LAYERS):
-    """OpenSeek-Small-v1's config (DESIGN.md) with `num_layers` layers: every tensor keeps its real shape."""
+    """BAAI/OpenSeek-Small-v1's config.json with `num_layers` layers: every tensor keeps its real shape."""
     return openseek_config(
         vocab_size=REAL_VOCAB,
         hidden_size=1280,

@@ -1,6 +1,6 @@
 """Remote code of the real-shape fixture's tokenizer: a slow tokenizer over tiktoken, as OpenSeek ships.
 
-Never imported by the package: `tiny_assets.build_real_shape_hub` copies this file into a local
+Never imported by the package: `fixtures.build_real_shape_hub` copies this file into a local
 "hub" directory whose tokenizer_config.json names it in `auto_map`, so `AutoTokenizer` loads it with
 `trust_remote_code=True` exactly as it loads BAAI/OpenSeek-Small-v1's tokenizer. Modelled on the
 public Qwen tokenizer that OpenSeek's derives from: the Qwen BPE ranks (`qwen.tiktoken`, 151,643

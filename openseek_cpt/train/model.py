@@ -15,9 +15,10 @@ from openseek_cpt.modeling import attention, experts, router_precision
 from openseek_cpt.modeling import loss as lm_loss
 from openseek_cpt.modeling.collator import PackedCollator
 from openseek_cpt.recipe.schema import Recipe
+from openseek_cpt.train import STAGE
 from openseek_cpt.train.setup import process_rank
 
-log = get_logger("train")
+log = get_logger(STAGE)
 
 
 def load_model(recipe: Recipe, model_dir: str | None = None):

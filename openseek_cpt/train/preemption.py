@@ -19,8 +19,9 @@ from transformers import TrainerCallback
 
 from openseek_cpt.artifacts import checkpoints
 from openseek_cpt.logs import get_logger
+from openseek_cpt.train import STAGE
 
-log = get_logger("train")
+log = get_logger(STAGE)
 
 
 class PreemptionCallback(TrainerCallback):

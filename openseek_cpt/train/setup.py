@@ -16,10 +16,10 @@ from openseek_cpt.artifacts.run_lock import RunLock
 from openseek_cpt.errors import UserError
 from openseek_cpt.logs import get_logger
 from openseek_cpt.recipe.schema import Recipe
-from openseek_cpt.train import fsdp
+from openseek_cpt.train import STAGE, fsdp
 from openseek_cpt.train.training_args import build_training_args, gradient_accumulation
 
-log = get_logger("train")
+log = get_logger(STAGE)
 
 
 def process_rank() -> int:

@@ -33,10 +33,10 @@ What it guarantees, and where the HF stack needed help (each marked where it is 
   evaluation; a save in progress is the preemption save), raise `errors.Preempted` (the CLI exits
   EXIT_PREEMPTED). Under `openseek-cpt launch`, a rank exits when the launcher is gone.
 
-`train.args` goes to `transformers.TrainingArguments`, except the keys in recipe.DERIVED_ARGS, which the
-stage sets from the recipe (giving one is a UserError naming the recipe key to use instead), and
-`overwrite_output_dir: true` (not a TrainingArguments field in transformers 5), which means: delete
-the checkpoints in output_dir and start from the base model.
+`train.args` goes to `transformers.TrainingArguments`, except the keys in recipe/checks.py's
+DERIVED_ARGS, which the stage sets from the recipe (giving one is a UserError naming the recipe key
+to use instead), and `overwrite_output_dir: true` (not a TrainingArguments field in transformers 5),
+which means: delete the checkpoints in output_dir and start from the base model.
 """
 
 from __future__ import annotations

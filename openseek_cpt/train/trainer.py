@@ -12,13 +12,13 @@ from openseek_cpt.artifacts import checkpoints
 from openseek_cpt.logs import get_logger
 from openseek_cpt.modeling import router_balance
 from openseek_cpt.recipe.schema import Recipe
-from openseek_cpt.train import fsdp
+from openseek_cpt.train import STAGE, fsdp
 from openseek_cpt.train.callbacks.throughput import throughput_metrics
 from openseek_cpt.train.model import load_model
 from openseek_cpt.train.sampler import EpochPermutationSampler
 from openseek_cpt.train.setup import Setup
 
-log = get_logger("train")
+log = get_logger(STAGE)
 
 
 class CPTTrainer(Trainer):

@@ -1,6 +1,6 @@
 """The stages as users submit them (`make data|train|soup`) on a real two-node Slurm cluster (CPU, gloo).
 
-The cluster is Debian's slurm-wlm started by tests/slurm_cluster.py (two slurmd on this host). Every
+The cluster is Debian's slurm-wlm started by tests/cluster/slurm_cluster.py (two slurmd on this host). Every
 job is submitted by the Makefile exactly as on a GPU cluster, with RUNTIME=none (the venv on PATH)
 and GPUS_PER_NODE=0. Training runs 2 nodes x 1 process at the tiny recipe's global batch (8), and
 is compared with a single-process run, and with itself after a requeue and after a time-limit signal.
@@ -36,8 +36,8 @@ pytestmark = [
 ]
 
 DDP_CONFIG = REPO / "recipes" / "accelerate_configs" / "ddp.yaml"
-# Long enough (about 80 s of training on a quiet 2-core machine, more when loaded) for a requeue or
-# a time-limit signal to land mid-run: Slurm checks time limits only every 30 s.
+# Long enough for a requeue or a time-limit signal to land mid-run: Slurm checks time limits only
+# every 30 s.
 STEPS = 1000
 SAVE_STEPS = STEPS // 4  # the tiny recipe keeps 4 checkpoints
 SET = (

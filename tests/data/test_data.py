@@ -77,7 +77,7 @@ def _recipe(workdir: Path, *overrides: str, monkeypatch=None):
 
 
 def test_mix_of_source_kinds_realizes_ratios_and_reports_them(tiny_workdir):
-    """Acceptance 2 + 7: json+formatting, pre-tokenized disk, org/name-like local disk dir, parquet."""
+    """A mix of json+formatting, pre-tokenized disk, org/name-like local disk and parquet meets its ratios."""
     _add_text_sources(tiny_workdir)
     raw = yaml.safe_load(TINY_RECIPE.read_text())
     raw["data"]["sources"][0]["ratio"], raw["data"]["sources"][1]["ratio"] = 0.4, 0.3
@@ -129,7 +129,7 @@ def test_mix_of_source_kinds_realizes_ratios_and_reports_them(tiny_workdir):
 
 
 def test_bfd_split_loses_no_token_and_no_segment_spans_two_documents(tiny_workdir, monkeypatch):
-    """Acceptance 3, on every document of both tiny sources (many map batches, two processes)."""
+    """bfd_split loses no token and splits no segment across documents (both tiny sources, two processes)."""
     recipe = _recipe(tiny_workdir, "data.max_length=64", "data.num_proc=2", monkeypatch=monkeypatch)
     tok = load_tokenizer(recipe)
     encoder = Encoder(tok)
@@ -228,7 +228,7 @@ def test_fast_backend_path_gives_the_tokenizers_own_ids(tiny_workdir, monkeypatc
 
 
 def test_a_fast_path_that_disagrees_is_not_used_and_the_ids_stay_correct(tiny_workdir, monkeypatch):
-    """Bad input (acceptance 5): a backend whose ids differ from tokenizer(texts) -> fallback, said, correct."""
+    """A backend whose ids differ from tokenizer(texts) is not used: the fallback is said and correct."""
     recipe = _recipe(tiny_workdir, monkeypatch=monkeypatch)
     tok = load_tokenizer(recipe)
     texts = ["Hello World", "MiXeD case text", "lower"]
@@ -249,7 +249,7 @@ def test_a_fast_path_that_disagrees_is_not_used_and_the_ids_stay_correct(tiny_wo
 
 
 def test_same_recipe_is_byte_identical_and_seed_changes_order(tiny_workdir, monkeypatch):
-    """Acceptance 4: the data files (arrow, state, info, manifest) are identical; another seed reorders."""
+    """The same recipe gives identical data files (arrow, state, info, manifest); another seed reorders."""
     monkeypatch.chdir(tiny_workdir)
     first = data.run(_recipe(tiny_workdir, "data.output_dir=datasets/a"))
     second = data.run(_recipe(tiny_workdir, "data.output_dir=datasets/b"))
@@ -289,7 +289,7 @@ def test_short_source_is_upsampled_with_whole_repeats_and_reported(tiny_workdir,
 
 
 def test_a_source_repeated_more_than_max_repetition_is_a_one_line_error(tiny_workdir, monkeypatch):
-    """Acceptance 5: 5 tiny documents cannot fill 58 rows without repeating one row 58 times."""
+    """5 tiny documents cannot fill 58 rows without repeating one row 58 times: a one-line error."""
     from datasets import Dataset
 
     monkeypatch.chdir(tiny_workdir)
@@ -334,7 +334,7 @@ def _bad(workdir: Path, *args: str):
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_leaves_no_output(tiny_workdir, overrides, expect):
-    """Acceptance 5."""
+    """Bad input is one line on stderr, exit 2, and no output left behind."""
     (tiny_workdir / "empty.jsonl").write_text("")
     if "no_eos_tokenizer" in overrides[0]:
         tok = _tokenizer(tiny_workdir)

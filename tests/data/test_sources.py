@@ -40,7 +40,7 @@ def test_megatron_prefix_is_a_source_and_an_export(tiny_workdir, monkeypatch):
 
 
 def test_megatron_source_is_read_in_place_and_the_same_recipe_is_byte_identical(tiny_workdir, monkeypatch):
-    """Acceptance 3: no copy of the shard in the datasets cache; two runs give the same bytes."""
+    """A Megatron shard is read in place (no copy in the datasets cache); two runs give the same bytes."""
     import datasets
     from datasets import load_from_disk
 
@@ -109,7 +109,7 @@ def _write_jsonl_folder(folder: Path, files: int, docs_per_file: int) -> None:
 
 
 def test_a_streamed_source_reads_only_what_its_share_needs_and_is_byte_identical(tiny_workdir, monkeypatch):
-    """Issue 14: a source far larger than its share, streamed, is neither downloaded nor converted whole."""
+    """A source far larger than its share, streamed, is neither downloaded nor converted whole."""
     import datasets
 
     monkeypatch.chdir(tiny_workdir)

@@ -1,7 +1,7 @@
-"""OpenSeek's kind of tokenizer (remote code over tiktoken, 151,851 ids) in the data stage (issue 14).
+"""OpenSeek's kind of tokenizer (remote code over tiktoken, 151,851 ids) in the data stage.
 
 The tokenizer is the real-shape fixture's: the Qwen BPE ranks (fetched once into the cache, see
-tiny_assets.qwen_ranks) behind a slow `PreTrainedTokenizer` loaded with trust_remote_code.
+fixtures.qwen_ranks) behind a slow `PreTrainedTokenizer` loaded with trust_remote_code.
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def test_special_token_strings_in_text_are_encoded_as_text_on_every_path(tokeniz
 
 
 def test_a_tiktoken_path_that_disagrees_is_not_used_and_ids_stay_correct(tokenizer_dir):
-    """Acceptance 5: the fast path is checked, not trusted."""
+    """The fast path is checked, not trusted: one that disagrees with the tokenizer is not used."""
     tok = _tokenizer(tokenizer_dir)
     texts = _texts()
     right = Encoder(tok).encode(texts)
@@ -116,7 +116,7 @@ def _recipe(work: Path, tokenizer_dir: Path, sources: list[dict], **data_keys):
 
 
 def test_data_stage_with_the_tiktoken_tokenizer_reports_its_path_and_special_text(tokenizer_dir, tmp_path):
-    """Acceptance 1 (ids) and 2: manifest says which path ran; a document quoting specials has no control token."""
+    """The ids are the tokenizer's, the manifest names the path that ran, quoted specials stay text."""
     texts = _texts()
     with open(tmp_path / "web.jsonl", "w") as f:
         for t in [*texts[:150], SPECIAL_DOC, *texts[150:]]:
@@ -146,7 +146,7 @@ def test_data_stage_with_the_tiktoken_tokenizer_reports_its_path_and_special_tex
 
 
 def test_megatron_source_with_ids_beyond_the_vocab_is_refused(tokenizer_dir, tmp_path):
-    """Acceptance 5: an int32 shard tokenized with a bigger vocabulary -> one line naming both sizes."""
+    """An int32 shard tokenized with a bigger vocabulary is refused in one line naming both sizes."""
     rng = np.random.default_rng(0)
     docs = [rng.integers(0, 150000, size=50) for _ in range(200)]
     docs[137][7] = REAL_VOCAB + 48  # one bad id in one document

@@ -3,7 +3,7 @@
 Each test collates 4 packed rows exactly as training does (PackedCollator: per-document
 position_ids, no attention_mask, `varlen` fields for flash kernels), runs the tiny deepseek_v3 in
 train mode with use_cache=False (as load_model configures it), and compares every document's
-logits with the same document run alone. Tolerance 1e-4 absolute on fp32 logits (measured: ~4e-7).
+logits with the same document run alone. Tolerance 1e-4 absolute on fp32 logits.
 
 flash-attention has no CPU kernel: `standin_flash` replaces only the kernel functions (dense and
 varlen, written with SDPA per segment) inside transformers' flash-attention module; the wiring

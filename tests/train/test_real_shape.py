@@ -1,6 +1,6 @@
-"""The real-shape fixture through every stage: download -> data -> train -> soup (issue 14, acceptance 4).
+"""The real-shape fixture through every stage: download -> data -> train -> soup.
 
-A local "hub" repo shaped like BAAI/OpenSeek-Small-v1 (tiny_assets.build_real_shape_hub): its kind
+A local "hub" repo shaped like BAAI/OpenSeek-Small-v1 (fixtures.build_real_shape_hub): its kind
 of tokenizer (remote code over tiktoken, 151,851 ids, eos `<|extra_204|>`, pad `<|endoftext|>`)
 and a random deepseek_v3 with the real per-layer shapes (hidden 1280, MLA, 64 experts of 896 top-6
 + 2 shared, dense first layer 7168, tied 151,851 x 1280 embedding) at 2 layers so a CPU trains it.

@@ -6,8 +6,9 @@ import torch
 from transformers import TrainerCallback
 
 from openseek_cpt.logs import get_logger
+from openseek_cpt.train import STAGE
 
-log = get_logger("train")
+log = get_logger(STAGE)
 
 
 class ShardingReport(TrainerCallback):
