@@ -198,14 +198,19 @@ def test_image_saves_as_the_docker_archive_that_apptainer_builds_the_sif_from(po
     save = next(line for line in dry.splitlines() if " save " in line).split()
     archive = tmp_path / "openseek-cpt.tar"
     save[save.index("-o") + 1] = str(archive)  # the same command, written here instead of build/
-    subprocess.run(save, env=podman_env, check=True, capture_output=True, timeout=1800)
-    with tarfile.open(archive) as tar:
-        manifest = json.load(tar.extractfile("manifest.json"))
-    assert manifest[0]["RepoTags"] == [image]
-    if shutil.which("apptainer") is None:
-        pytest.skip(NO_APPTAINER)
-    sif = tmp_path / "openseek-cpt.sif"
-    subprocess.run(["apptainer", "build", str(sif), f"docker-archive://{archive}"], check=True, timeout=3600)
-    out = subprocess.run(["apptainer", "exec", str(sif), "python", "-c", "import torch; print(torch.version.cuda)"],
-                         capture_output=True, text=True, check=True).stdout  # fmt: skip
-    assert out.strip() == "12.8"
+    try:
+        subprocess.run(save, env=podman_env, check=True, capture_output=True, timeout=1800)
+        with tarfile.open(archive) as tar:
+            manifest = json.load(tar.extractfile("manifest.json"))
+        assert manifest[0]["RepoTags"] == [image]
+        if shutil.which("apptainer") is None:
+            pytest.skip(NO_APPTAINER)
+        sif = tmp_path / "openseek-cpt.sif"
+        subprocess.run(
+            ["apptainer", "build", str(sif), f"docker-archive://{archive}"], check=True, timeout=3600
+        )
+        out = subprocess.run(["apptainer", "exec", str(sif), "python", "-c", "import torch; print(torch.version.cuda)"],
+                             capture_output=True, text=True, check=True).stdout  # fmt: skip
+        assert out.strip() == "12.8"
+    finally:
+        archive.unlink(missing_ok=True)  # as large as the image; pytest keeps its last temp folders
