@@ -116,6 +116,7 @@ test-lock-gpu: ## install the GPU lock in a scratch venv (--require-hashes), pip
 	rm -rf $(REPO)/build/gpu-lock-venv
 
 .PHONY: test-image-gpu test-lock-gpu
+
 download: ## fetch base model + tokenizer into assets.model_dir (run where the network is)
 	openseek-cpt download --recipe $(RECIPE) $(OVERRIDES)
 
