@@ -28,7 +28,7 @@ FLAVOR ?= gpu# image flavour: gpu (CUDA 12.8 torch 2.10.0) or cpu (torch 2.13.0+
 IMAGE ?= openseek-cpt:$(FLAVOR)# image tag (pyxis: a squashfs path or registry reference)
 SIF ?= openseek-cpt.sif# Apptainer image file built by `make sif`
 ENGINE ?= $(shell docker info >/dev/null 2>&1 && echo docker || echo podman)# image builder: docker if its daemon answers, else podman
-BASE_IMAGE ?=# override the flavour's base image (e.g. a local or mirrored one)
+BASE_IMAGE ?=# override the flavour's base image (gpu: e.g. debian:bookworm-slim, no CUDA base needed; a local or mirrored one)
 CA_BUNDLE ?=# CA bundle file of a TLS-intercepting proxy, passed to the build as a secret
 WHEELS ?=# folder of wheels (e.g. the torch CPU wheel) for the build's pip --find-links (podman)
 BUILD_ARGS ?=# extra arguments for `$(ENGINE) build`
@@ -50,7 +50,8 @@ BASE_cpu := debian:bookworm-slim
 TORCH_gpu := torch==2.10.0
 TORCH_cpu := torch==2.13.0+cpu
 TORCH_CPU_INDEX := --extra-index-url https://download.pytorch.org/whl/cpu --index-strategy unsafe-best-match
-PYVER_gpu := 3.12
+PYVER_gpu := 3.11# Debian bookworm's Python; the GPU lock must resolve the same for NVIDIA's Ubuntu 24.04 (3.12)
+PYVER_gpu_nvidia := 3.12
 PYVER_cpu := 3.11
 OVERRIDES := $(foreach kv,$(SET),--set $(kv))
 
@@ -68,7 +69,7 @@ HAVE_SLURM ?= $(shell command -v sbatch 2>/dev/null)# non-empty when sbatch is o
 help: ## this list of targets and variables
 	@echo "usage: make TARGET [VAR=value ...]"
 	@echo "targets:"
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z-]+):.*## (.*)/  \1\t\2/' | expand -t 12
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z-]+):.*## (.*)/\1\t\2/' | awk -F'\t' '{printf "  %-15s %s\n", $$1, $$2}'
 	@echo "variables (NAME=default: meaning):"
 	@grep -E '^[A-Z_]+ \?=' $(MAKEFILE_LIST) | sed -E 's/^([A-Z_]+) \?= ?([^#]*)# ?(.*)/  \1=\2\n\t\3/' | expand -t 6
 
@@ -95,6 +96,10 @@ lock: ## regenerate the GPU, CPU and test (CI) locks in container/ with uv, hash
 	  $(if $(filter cpu,$(f)),$(if $(WHEELS),--find-links $(abspath $(WHEELS)),$(TORCH_CPU_INDEX))) \
 	  --custom-compile-command 'make lock' \
 	  -o $(LOCK_$(f)) --quiet &&) true
+	cd $(REPO) && printf 'setuptools>=68\n$(TORCH_gpu)\n' | build/lock-venv/bin/uv pip compile pyproject.toml - --extra gpu \
+	  -c $(LOCK_gpu) --python-platform x86_64-manylinux_2_28 --python-version $(PYVER_gpu_nvidia) --no-header --no-annotate --quiet \
+	  | diff - <(sed -n 's/^\([a-z0-9_.-]*==[^ ]*\).*/\1/p' $(LOCK_gpu)) \
+	  || { echo "make lock: $(notdir $(LOCK_gpu)) resolves differently for Python $(PYVER_gpu_nvidia) (NVIDIA's base)"; exit 1; }
 	cd $(REPO) && printf 'setuptools>=68\n$(TORCH_cpu)\nmegatron-core==0.16.1\n' | build/lock-venv/bin/uv pip compile pyproject.toml - \
 	  --extra test --extra mindspore -c $(LOCK_cpu) --generate-hashes --python-platform x86_64-manylinux_2_28 --python-version $(PYVER_cpu) \
 	  $(if $(WHEELS),--find-links $(abspath $(WHEELS)),$(TORCH_CPU_INDEX)) --custom-compile-command 'make lock' -o $(LOCK_test) --quiet
@@ -105,6 +110,21 @@ device-wheels: ## download bench/device/wheels.txt for a GPU machine without net
 	  --only-binary=:all: --implementation cp --python-version $(DEVICE_PY) --platform manylinux_2_28_x86_64 \
 	  --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform any -d $(WHEEL_DIR)
 	du -sh $(WHEEL_DIR)
+
+test-image-gpu: ## build openseek-cpt:gpu (podman, Debian base) and check it inside: CUDA, cuDNN, NCCL, Triton, tiny, lever tests
+	cd $(REPO) && $(PY) -m pytest -q -m container tests/cluster/test_image_gpu.py
+
+test-lock-gpu: ## install the GPU lock in a scratch venv (--require-hashes), pip check, CUDA 12.8 + cuDNN 9 load
+	rm -rf $(REPO)/build/gpu-lock-venv && python3 -m venv $(REPO)/build/gpu-lock-venv
+	$(REPO)/build/gpu-lock-venv/bin/pip install -q --no-deps --require-hashes -r $(LOCK_gpu)
+	$(REPO)/build/gpu-lock-venv/bin/pip install -q --no-deps --no-index --no-build-isolation $(REPO)
+	$(REPO)/build/gpu-lock-venv/bin/pip check
+	$(REPO)/build/gpu-lock-venv/bin/python -c "import torch; v = torch.backends.cudnn.version(); \
+	  print('torch', torch.__version__, 'CUDA', torch.version.cuda, 'cuDNN', v, 'NCCL', torch.cuda.nccl.version()); \
+	  assert torch.version.cuda == '12.8' and v // 10000 == 9"
+	rm -rf $(REPO)/build/gpu-lock-venv
+
+.PHONY: test-image-gpu test-lock-gpu
 
 download: ## fetch base model + tokenizer into assets.model_dir (run where the network is)
 	openseek-cpt download --recipe $(RECIPE) $(OVERRIDES)

@@ -18,76 +18,25 @@ import sys
 import tarfile
 from pathlib import Path
 
+import podman_images
 import pytest
 import slurm_cluster
 from conftest import REPO, clean_make_env
+from podman_images import BASE, CA_BUNDLE, missing, podman
 
 IMAGE = "localhost/openseek-cpt:test-cpu"
-BASE = "localbase:bookworm"
-CONTAINERS_CONF = """\
-[containers]
-default_ulimits = ["nofile=20000:20000", "nproc=32768:32768"]
 
-[engine]
-runtime = "runc"
-cgroup_manager = "cgroupfs"
-"""
-
-
-def _missing() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root for podman build/run here (CI runs as root)"
-    absent = [t for t in ("podman", "buildah", "runc", "debootstrap") if shutil.which(t) is None]
-    if absent:
-        return f"missing {', '.join(absent)}: apt-get install -y podman buildah runc debootstrap"
-    return None
-
-
-pytestmark = [pytest.mark.container, pytest.mark.skipif(bool(_missing()), reason=str(_missing()))]
+pytestmark = [pytest.mark.container, pytest.mark.skipif(bool(missing()), reason=str(missing()))]
 
 
 @pytest.fixture(scope="module")
 def podman_env(tmp_path_factory) -> dict[str, str]:
-    """Environment for podman commands: a containers.conf that works on this host (runc, cgroupfs)."""
-    conf = tmp_path_factory.mktemp("podman") / "containers.conf"
-    conf.write_text(CONTAINERS_CONF)
-    return {**os.environ, "CONTAINERS_CONF": str(conf)}
-
-
-def podman(env: dict, *args: str, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
-    r = subprocess.run(["podman", *args], env=env, capture_output=True, text=True, timeout=timeout)
-    if check:
-        assert r.returncode == 0, f"podman {' '.join(args)}:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
-    return r
+    return podman_images.podman_env(tmp_path_factory.mktemp("podman"))
 
 
 @pytest.fixture(scope="module")
 def base_image(podman_env, tmp_path_factory) -> str:
-    """A minimal local Debian bookworm image (debootstrap + import), made once per machine."""
-    if podman(podman_env, "image", "exists", BASE, check=False).returncode == 0:
-        return BASE
-    rootfs = tmp_path_factory.mktemp("rootfs")
-    subprocess.run(
-        ["debootstrap", "--variant=minbase", "bookworm", str(rootfs), apt_mirror()],
-        check=True, capture_output=True, timeout=900,
-    )  # fmt: skip
-    tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
-    subprocess.run(
-        ["podman", "import", "-", BASE], stdin=tar.stdout, env=podman_env, check=True, capture_output=True
-    )
-    tar.wait()
-    shutil.rmtree(rootfs, ignore_errors=True)
-    return BASE
-
-
-def apt_mirror() -> str:
-    """The Debian mirror apt already uses here (deb822 or one-line sources)."""
-    for src in [*Path("/etc/apt/sources.list.d").glob("*.sources"), Path("/etc/apt/sources.list")]:
-        if src.is_file():
-            m = re.search(r"^(?:URIs:|deb)\s+(\S+/debian)/?\s", src.read_text(), re.M)
-            if m:
-                return m.group(1)
-    return "http://deb.debian.org/debian"
+    return podman_images.local_base(podman_env, tmp_path_factory.mktemp("base"))
 
 
 def find_links() -> str | None:
@@ -104,9 +53,8 @@ def find_links() -> str | None:
 def image(podman_env, base_image) -> str:
     """`make image` of the CPU flavour with podman, the proxy CA secret and the local wheels."""
     args = ["ENGINE=podman", "FLAVOR=cpu", f"BASE_IMAGE={base_image}", f"IMAGE={IMAGE}"]
-    bundle = Path("/etc/ssl/certs/ca-certificates.crt")
-    if bundle.is_file():
-        args.append(f"CA_BUNDLE={bundle}")
+    if CA_BUNDLE.is_file():
+        args.append(f"CA_BUNDLE={CA_BUNDLE}")
     wheels = find_links()
     if wheels:
         args.append(f"WHEELS={wheels}")
