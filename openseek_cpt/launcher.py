@@ -48,6 +48,7 @@ from pathlib import Path
 from openseek_cpt.artifacts.temps import pid_alive
 from openseek_cpt.errors import EXIT_FAILURE, EXIT_OK, EXIT_PREEMPTED, UserError
 from openseek_cpt.logs import get_logger
+from openseek_cpt.shipped import find_shipped
 
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 # The ranks read it (`exit_with_launcher`) and end themselves when this PID is gone.
@@ -73,9 +74,8 @@ def launch_train(recipe_path: str | Path, overrides: Sequence[str] = (), nproc: 
 
     recipe = load_recipe(recipe_path, overrides)  # fail fast, before any process starts
     config_file = recipe.train.accelerate_config
-    shipped = Path(__file__).resolve().parents[1] / config_file  # the repo's recipes/accelerate_configs
-    if not Path(config_file).is_file() and not Path(config_file).is_absolute() and shipped.is_file():
-        config_file = str(shipped)
+    if not Path(config_file).is_file() and not Path(config_file).is_absolute():
+        config_file = str(find_shipped(config_file) or config_file)  # recipes/accelerate_configs
     if not Path(config_file).is_file():
         raise UserError(
             f"train.accelerate_config: {config_file!r} does not exist; point it at an Accelerate YAML"

@@ -17,16 +17,18 @@ from openseek_cpt.artifacts.fileio import read_json
 from openseek_cpt.errors import UserError
 from openseek_cpt.logs import get_logger
 from openseek_cpt.recipe.loader import load_recipe
+from openseek_cpt.shipped import find_shipped
 
 log = get_logger("tiny")
 
 
 def default_recipe() -> Path:
     """The tiny recipe: from the checkout (or $OPENSEEK_CPT_HOME, set in the image)."""
-    roots = [os.environ.get("OPENSEEK_CPT_HOME"), Path(__file__).resolve().parents[1], Path.cwd()]
-    for root in roots:
-        if root and (p := Path(root) / "recipes" / "tiny" / "config.yaml").is_file():
-            return p
+    relative = Path("recipes", "tiny", "config.yaml")
+    if found := find_shipped(relative) or (
+        (Path.cwd() / relative) if (Path.cwd() / relative).is_file() else None
+    ):
+        return found
     raise UserError(
         "tiny: recipes/tiny/config.yaml not found; pass --recipe or set OPENSEEK_CPT_HOME to the repo"
     )

@@ -34,6 +34,7 @@ LEVER_TESTS = (
     "tests/modeling/test_attention_isolation.py",
     "tests/modeling/test_experts.py",
     "tests/modeling/test_router_balance.py",
+    "tests/modeling/test_precision_under_autocast.py",
     "tests/train/test_real_shape.py",
 )
 PYTEST = ("pytest", "iniconfig", "pluggy")  # from the test lock; the GPU lock has pygments + packaging
