@@ -17,6 +17,7 @@ DOCS = REPO / "docs"
 PAGES = (
     "recipe",
     "cluster",
+    "container",
     "artifacts",
     "data",
     "training",
