@@ -49,6 +49,11 @@ def run(recipe: Any = None, allow_cpu: bool = False) -> int:
     print(
         f"doctor: {len(checks)} checks, {len(failed)} failed" + (f" ({', '.join(failed)})" if failed else "")
     )
+    if any(c.name == "gpu" and c.status != "ok" for c in checks):
+        print(
+            "doctor: no GPU visible: not a training node"
+            + ("" if allow_cpu else "; --allow-cpu checks the rest")
+        )
     return EXIT_FAILURE if failed else EXIT_OK
 
 
@@ -162,7 +167,11 @@ def smoke_step(attn: str, loss: str, device: str = "cuda") -> Check:
 def driver_check(no_gpu: str) -> Check:
     smi = shutil.which("nvidia-smi")
     if smi is None:
-        return Check(no_gpu, "driver", "nvidia-smi not found (no NVIDIA driver on this machine?)")
+        return Check(
+            no_gpu,
+            "driver",
+            "nvidia-smi not found (no NVIDIA driver here, or a container run without --gpus/--nv/CDI)",
+        )
     try:
         out = subprocess.run(
             [smi, "--query-gpu=driver_version", "--format=csv,noheader"],
@@ -241,9 +250,12 @@ def nccl_check(gpu: bool, no_gpu: str) -> Check:
     if not dist.is_available() or not dist.is_nccl_available():
         gloo = dist.is_available() and dist.is_gloo_available()
         return Check(no_gpu, "nccl", f"not available in this torch build (gloo: {'yes' if gloo else 'no'})")
-    version = ".".join(map(str, torch.cuda.nccl.version())) if gpu else "?"
+    try:
+        version = ".".join(map(str, torch.cuda.nccl.version()))  # the library loads without a GPU
+    except (RuntimeError, AttributeError):
+        version = "?"
     if not gpu:
-        return Check(no_gpu, "nccl", "built in, but no GPU to run it on")
+        return Check(no_gpu, "nccl", f"{version} built in, but no GPU to run it on")
     if dist.is_initialized():
         return Check("ok", "nccl", f"{version} (process group already running)")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")

@@ -103,3 +103,12 @@ def test_an_h100_pcie_is_counted_at_its_own_peak_not_the_sxm_one(monkeypatch):
         monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, n=name: n)
         assert flops.device_peak_flops() == (peak, name)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the report of a machine without a GPU")
+def test_without_a_gpu_the_last_line_is_a_plain_verdict(tmp_path):
+    r = run_cli("doctor", "--recipe", OPENSEEK_RECIPE, cwd=tmp_path)
+    assert (
+        r.stdout.splitlines()[-1]
+        == "doctor: no GPU visible: not a training node; --allow-cpu checks the rest"
+    )
