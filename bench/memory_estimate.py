@@ -16,9 +16,13 @@ extrapolated; the fixed parts are counted exactly:
   layer, added analytically;
 - weights, gradients and AdamW state: fp32 (bf16-mixed), from the parameter count of the 6-layer
   model built on the meta device;
-- transients (the larger counts, they do not overlap): the chunked loss's one chunk of fp32 logits +
-  its bf16 gradient (loss.CHUNK_TOKENS) in forward; in backward, gradients of one MoE layer's
-  activations (assumed as large as what the layer keeps).
+- DDP's gradient buckets: with `gradient_as_bucket_view=False` (the Trainer's default) DDP keeps
+  its own flat fp32 copy of every gradient for the all-reduce, one more 4 bytes per parameter;
+- the CUDA context, cuBLAS workspaces and NCCL's buffers: not tensors, counted as CONTEXT_GIB;
+- transients (the larger counts, they do not overlap): the chunked loss's one chunk of fp32 logits,
+  the full-size fp32 temporary `logsumexp` makes of it, and its bf16 gradient (loss.CHUNK_TOKENS) in
+  forward; in backward, gradients of one MoE layer's activations (assumed as large as what the
+  layer keeps).
 The stock path's loss memory (full bf16 logits + fp32 copy + fp32 log-softmax) is printed for
 comparison, and activation checkpointing's effect (keep each layer's input only; +1 forward of compute).
 CPU autocast casts a few ops differently from CUDA autocast; the estimate is +-10%, not a measurement.
@@ -37,6 +41,8 @@ from openseek_cpt.testing.fixtures import real_shape_config
 FULL_LAYERS = 6  # OpenSeek-Small-v1: 1 dense + 5 MoE layers
 
 GIB = 2**30
+# CUDA context + cuBLAS workspaces + NCCL buffers per process: 1-3 GiB on H100-class GPUs.
+CONTEXT_GIB = 2.0
 PROBE = "openseek_memory_probe"
 
 
@@ -144,7 +150,9 @@ def main() -> None:
     acts = f["c0"] + f["c1"] * tokens + moe_layers * (f["d0"] + f["d1"] * tokens)
     n = parameter_count()
     states = {"fp32 weights": 4 * n, "fp32 gradients": 4 * n, "AdamW exp_avg + exp_avg_sq": 8 * n}
-    chunk = loss.CHUNK_TOKENS * config.vocab_size * (4 + 2)
+    buckets = 4 * n
+    context = CONTEXT_GIB * GIB
+    chunk = loss.CHUNK_TOKENS * config.vocab_size * (4 + 4 + 2)  # logits, logsumexp's temporary, grad
     backward_work = f["d1"] * tokens  # gradients of one MoE layer's activations, alive while it runs
     mask = args.batch * args.seq * args.seq  # bool (B,1,S,S)
     sdpa_extra = mask + config.num_hidden_layers * 2 * mask  # + a bf16 bias per layer kept for backward
@@ -163,10 +171,15 @@ def main() -> None:
     for k, v in states.items():
         row(k, v)
     row(f"activations kept for backward ({moe_layers} MoE layers, mask-free attention)", acts)
-    row(f"chunked-loss transient (one {loss.CHUNK_TOKENS}-token chunk, fp32 + bf16 grad)", chunk)
+    row("DDP gradient buckets (a flat fp32 copy of the gradients)", buckets)
+    row(f"CUDA context, cuBLAS workspaces, NCCL buffers (counted as {CONTEXT_GIB:g} GiB)", context)
+    row(
+        f"chunked-loss transient (one {loss.CHUNK_TOKENS}-token chunk: fp32, logsumexp temp, bf16 grad)",
+        chunk,
+    )
     row("backward working set (one MoE layer's activation gradients)", backward_work)
-    total = sum(states.values()) + acts + max(chunk, backward_work)
-    row("TOTAL, flash varlen / flex_attention", total)
+    total = sum(states.values()) + buckets + context + acts + max(chunk, backward_work)
+    row("TOTAL, DDP, flash varlen / flex_attention", total)
     row("TOTAL, sdpa (+ dense mask + a bf16 bias per layer)", total + sdpa_extra)
     row("for comparison: the stock loss's logits (bf16 + fp32 copy + fp32 log-softmax)", stock_loss)
     row(
@@ -175,8 +188,8 @@ def main() -> None:
     )
     row("TOTAL, activation checkpointing (+1 forward of compute), flash/flex", total - acts + ckpt_acts)
     verdict = "fits" if total <= args.budget_gib * GIB else "does NOT fit"
-    print(f"verdict: {verdict} in {args.budget_gib:g} GiB with the chunked loss and mask-free attention "
-          "(allocator fragmentation and NCCL buffers take a few GiB more on a GPU)")  # fmt: skip
+    print(f"verdict: {verdict} in {args.budget_gib:g} GiB with DDP, the chunked loss and mask-free attention "
+          "(allocator fragmentation takes a few GiB more of reserved memory on a GPU)")  # fmt: skip
 
 
 if __name__ == "__main__":
