@@ -75,3 +75,19 @@ def apt_mirror() -> str:
             if m:
                 return m.group(1)
     return "http://deb.debian.org/debian"
+
+
+def save_as_make_sif_does(env: dict, image: str, archive: Path, timeout: float = 1800) -> list[dict]:
+    """Run the `podman save` line of `make sif` (dry-run), writing to `archive`; its manifest.json."""
+    import json
+    import tarfile
+
+    from conftest import REPO, clean_make_env
+
+    dry = subprocess.run(["make", "-s", "-n", "-C", str(REPO), "sif", "ENGINE=podman", f"IMAGE={image}"],
+                         env=clean_make_env(env), capture_output=True, text=True, check=True).stdout  # fmt: skip
+    save = next(line for line in dry.splitlines() if " save " in line).split()
+    save[save.index("-o") + 1] = str(archive)  # the same command, written here instead of build/
+    subprocess.run(save, env=env, check=True, capture_output=True, timeout=timeout)
+    with tarfile.open(archive) as tar:
+        return json.load(tar.extractfile("manifest.json"))

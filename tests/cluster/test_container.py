@@ -15,14 +15,13 @@ import re
 import shutil
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import podman_images
 import pytest
 import slurm_cluster
 from conftest import REPO, clean_make_env
-from podman_images import BASE, CA_BUNDLE, missing, podman
+from podman_images import BASE, CA_BUNDLE, missing, podman, save_as_make_sif_does
 
 IMAGE = "localhost/openseek-cpt:test-cpu"
 
@@ -101,15 +100,7 @@ def test_image_saves_as_the_docker_archive_that_the_apptainer_definition_bootstr
     podman_env, image, tmp_path
 ):
     """`make sif` up to apptainer (not installable here): the archive it feeds `apptainer build`."""
-    env = clean_make_env(podman_env)
-    dry = subprocess.run(["make", "-s", "-n", "-C", str(REPO), "sif", "ENGINE=podman", f"IMAGE={image}"], env=env,
-                         capture_output=True, text=True, check=True).stdout  # fmt: skip
-    save = next(line for line in dry.splitlines() if " save " in line).split()
-    archive = tmp_path / "openseek-cpt.tar"
-    save[save.index("-o") + 1] = str(archive)  # the same command, written here instead of build/
-    subprocess.run(save, env=podman_env, check=True, capture_output=True, timeout=600)
-    with tarfile.open(archive) as tar:
-        manifest = json.load(tar.extractfile("manifest.json"))
+    manifest = save_as_make_sif_does(podman_env, image, tmp_path / "openseek-cpt.tar", timeout=600)
     assert manifest[0]["RepoTags"] == [image]
     assert "build/openseek-cpt.tar" in (REPO / "container" / "openseek-cpt.def").read_text()
 

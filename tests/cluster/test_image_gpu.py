@@ -16,13 +16,12 @@ import re
 import shutil
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import podman_images
 import pytest
 from conftest import REPO, clean_make_env
-from podman_images import CA_BUNDLE, missing, podman
+from podman_images import CA_BUNDLE, missing, podman, save_as_make_sif_does
 
 IMAGE = "localhost/openseek-cpt:gpu"
 GPU_LOCK = REPO / "container" / "requirements.lock"
@@ -193,16 +192,9 @@ def test_gpu_lever_tests_pass_inside_the_image_on_the_shipped_torch_and_transfor
 
 
 def test_image_saves_as_the_docker_archive_that_apptainer_builds_the_sif_from(podman_env, image, tmp_path):
-    env = clean_make_env(podman_env)
-    dry = subprocess.run(["make", "-s", "-n", "-C", str(REPO), "sif", "ENGINE=podman", f"IMAGE={image}"], env=env,
-                         capture_output=True, text=True, check=True).stdout  # fmt: skip
-    save = next(line for line in dry.splitlines() if " save " in line).split()
     archive = tmp_path / "openseek-cpt.tar"
-    save[save.index("-o") + 1] = str(archive)  # the same command, written here instead of build/
     try:
-        subprocess.run(save, env=podman_env, check=True, capture_output=True, timeout=1800)
-        with tarfile.open(archive) as tar:
-            manifest = json.load(tar.extractfile("manifest.json"))
+        manifest = save_as_make_sif_does(podman_env, image, archive)
         assert manifest[0]["RepoTags"] == [image]
         if shutil.which("apptainer") is None:
             pytest.skip(NO_APPTAINER)
