@@ -28,7 +28,7 @@ FLAVOR ?= gpu# image flavour: gpu (CUDA 12.8 torch 2.10.0) or cpu (torch 2.13.0+
 IMAGE ?= openseek-cpt:$(FLAVOR)# image tag (pyxis: a squashfs path or registry reference)
 SIF ?= openseek-cpt.sif# Apptainer image file built by `make sif`
 ENGINE ?= $(shell docker info >/dev/null 2>&1 && echo docker || echo podman)# image builder: docker if its daemon answers, else podman
-BASE_IMAGE ?=# override the flavour's base image (gpu: e.g. debian:bookworm-slim, no CUDA base needed; a local or mirrored one)
+BASE_IMAGE ?=# override the flavour's base image (default debian:bookworm-slim; gpu: nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04 works too; a local or mirrored one)
 CA_BUNDLE ?=# CA bundle file of a TLS-intercepting proxy, passed to the build as a secret
 WHEELS ?=# folder of wheels (e.g. the torch CPU wheel) for the build's pip --find-links (podman)
 BUILD_ARGS ?=# extra arguments for `$(ENGINE) build`
@@ -45,7 +45,8 @@ GIT_REV := $(shell git -C $(REPO) rev-parse HEAD 2>/dev/null || echo unknown)
 LOCK_gpu := $(REPO)/container/requirements.lock
 LOCK_cpu := $(REPO)/container/requirements-cpu.lock
 LOCK_test := $(REPO)/container/requirements-test.lock# CI: the CPU lock + test tools + interop readers
-BASE_gpu := nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
+BASE_gpu := debian:bookworm-slim# NVIDIA_BASE works too: BASE_IMAGE=$(NVIDIA_BASE)
+NVIDIA_BASE := nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
 BASE_cpu := debian:bookworm-slim
 TORCH_gpu := torch==2.10.0
 TORCH_cpu := torch==2.13.0+cpu
@@ -65,7 +66,7 @@ SBATCH := sbatch --parsable $(if $(PARTITION),--partition=$(PARTITION)) $(if $(A
 	$(if $(WAIT),--wait) --output=$(LOGDIR)/%x-%j.out $(SBATCH_ARGS)
 HAVE_SLURM ?= $(shell command -v sbatch 2>/dev/null)# non-empty when sbatch is on PATH; HAVE_SLURM= runs data/train/soup here
 
-.PHONY: help image sif lock device-wheels download data train soup tiny test test-fast
+.PHONY: help image sif lock device-wheels test-image-gpu test-lock-gpu download data train soup tiny test test-fast
 help: ## this list of targets and variables
 	@echo "usage: make TARGET [VAR=value ...]"
 	@echo "targets:"
@@ -124,7 +125,6 @@ test-lock-gpu: ## install the GPU lock in a scratch venv (--require-hashes), pip
 	  assert torch.version.cuda == '12.8' and v // 10000 == 9"
 	rm -rf $(REPO)/build/gpu-lock-venv
 
-.PHONY: test-image-gpu test-lock-gpu
 
 download: ## fetch base model + tokenizer into assets.model_dir (run where the network is)
 	openseek-cpt download --recipe $(RECIPE) $(OVERRIDES)

@@ -23,7 +23,8 @@ from packaging.version import Version
 REPO = Path(__file__).resolve().parents[1]
 GPU_LOCK = REPO / "container" / "requirements.lock"
 CPU_LOCK = REPO / "container" / "requirements-cpu.lock"
-TARGETS = ("help", "image", "sif", "lock", "download", "data", "train", "soup", "tiny", "test")
+TARGETS = ("help", "image", "sif", "lock", "device-wheels", "test-image-gpu", "test-lock-gpu", "download", "data",
+           "train", "soup", "tiny", "test", "test-fast")  # fmt: skip
 VARIABLES = ("RECIPE", "SLURM_NODES", "GPUS_PER_NODE", "PARTITION", "ACCOUNT", "TIME", "RUNTIME", "IMAGE",
              "SIF", "ENGINE", "LOCAL", "WAIT", "SET", "FLAVOR", "CA_BUNDLE", "WHEELS", "MOUNTS", "LOGDIR")  # fmt: skip
 
@@ -82,15 +83,17 @@ def test_cpu_lock_holds_the_cpu_torch_and_no_cuda_libraries():
     assert not [n for n in pins if n.startswith("nvidia-") or n == "triton"]
 
 
-def test_dockerfile_defaults_to_the_cuda_12_cudnn_base_and_the_gpu_lock_and_labels_the_revision():
+def test_dockerfile_defaults_to_the_tested_debian_base_and_the_gpu_lock_and_labels_the_revision():
+    """The default base is the one `make test-image-gpu` builds: CUDA/cuDNN/NCCL come from the lock."""
     text = code_lines(REPO / "container" / "Dockerfile")
     base = re.search(r"^ARG BASE_IMAGE=(\S+)", text, re.M).group(1)
-    assert re.fullmatch(r"nvidia/cuda:12\.8\.\d+-cudnn-runtime-ubuntu(22|24)\.04", base), base
+    assert base == "debian:bookworm-slim", base
     assert re.search(r"^ARG LOCK=container/requirements\.lock$", text, re.M)
     assert "--require-hashes" in text and 'org.opencontainers.image.revision="${GIT_REV}"' in text
     assert "id=ca_bundle" in text  # the proxy CA is a build secret, never a layer
-    # Ubuntu 24.04 ships Python 3.12, the version the GPU lock was resolved for.
-    assert "ubuntu24.04" in base and "--python-version 3.12" in make("-n", "lock").stdout
+    # Debian bookworm's Python 3.11 resolves the GPU lock; NVIDIA's Ubuntu 24.04 (3.12) is checked too.
+    lock = make("-n", "lock").stdout
+    assert "--python-version 3.11" in lock and "--python-version 3.12" in lock
 
 
 def test_apptainer_definition_bootstraps_from_the_archive_that_make_sif_writes():
@@ -185,7 +188,7 @@ def test_make_image_passes_flavour_base_lock_revision_proxy_ca_and_wheels():
     assert "-v /opt/wheels:/wheels:ro --build-arg PIP_FIND_LINKS=/wheels" in dry
     gpu = make("-n", "image", "ENGINE=docker").stdout
     assert (
-        "nvidia/cuda:12.8" in gpu
+        "BASE_IMAGE=debian:bookworm-slim" in gpu
         and "LOCK=container/requirements.lock" in gpu
         and "-t openseek-cpt:gpu" in gpu
     )
