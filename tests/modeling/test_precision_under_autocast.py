@@ -35,6 +35,15 @@ def batch() -> dict:
     return {k: v for k, v in PackedCollator(pad_token_id=0)(rows).items() if k != "labels"}
 
 
+@pytest.fixture(autouse=True)
+def fresh_compile_caches():
+    """Each test compiles flex afresh: torch 2.10's CPU inductor fails to build a bf16 flex kernel
+    recompiled after an fp32 one in the same process (a C++ compile error; not the GPU path)."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
 @pytest.fixture
 def flex_kernel_dtypes(monkeypatch):
     """Records (q, k, v) dtypes at transformers' call of the flex kernel, then calls it."""
