@@ -102,11 +102,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     intact = True
     for directory in args.dirs:
-        ok, lines = provenance.verify(directory)
-        print(f"{directory}: {'intact' if ok else 'DAMAGED'}")
+        status, lines = provenance.verify_status(directory)
+        print(f"{directory}: {status}")
         for line in lines:
             print(f"  {line}")
-        intact &= ok
+        intact &= status != "DAMAGED"
     return 0 if intact else 1
 
 

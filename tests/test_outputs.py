@@ -7,6 +7,10 @@ byte for byte afterwards.
 
 from __future__ import annotations
 
+import json
+import shutil
+import struct
+
 import pytest
 from conftest import TINY_RECIPE, copy_workdir, run_cli
 
@@ -69,3 +73,28 @@ def test_train_output_inside_its_base_model_is_refused(work):
                 cwd=work)  # fmt: skip
     _refused(r, "train.output_dir", "inside the input")
     assert file_hashes(model) == before
+
+
+def test_soup_of_a_safetensors_file_with_aliased_keys_is_one_line_exit_2(work):
+    """Two keys on the same bytes (the safetensors library refuses such a file): refused, not merged."""
+    bad = work / "models" / "aliased"
+    shutil.copytree(work / "runs" / "tiny" / "final", bad)
+    raw = (bad / "model.safetensors").read_bytes()
+    (length,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + length])
+    by_shape: dict[str, list[str]] = {}
+    for key, info in header.items():
+        if key != "__metadata__":
+            by_shape.setdefault(json.dumps([info["dtype"], info["shape"]]), []).append(key)
+    first, second = sorted(
+        next(k for k in by_shape.values() if len(k) > 1), key=lambda k: header[k]["data_offsets"]
+    )[:2]
+    header[second]["data_offsets"] = header[first]["data_offsets"]
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    assert len(blob) <= length
+    blob = blob.ljust(length)  # the same length (padded with spaces): the data stays where it was
+    (bad / "model.safetensors").write_bytes(raw[:8] + blob + raw[8 + length :])
+    r = run_cli("soup", "--recipe", str(TINY_RECIPE), "--set", "soup.checkpoints=[runs/tiny/checkpoint-2, models/aliased]",
+                "--set", "soup.output_dir=models/soup-aliased", "--set", "soup.evaluate=false", cwd=work)  # fmt: skip
+    _refused(r, "models/aliased/model.safetensors", f"{second} and {first} share the same bytes")
+    assert not list((work / "models").glob("*soup-aliased*"))

@@ -5,17 +5,20 @@ renames it into place at the end, after an fsync of its files (the fileio policy
 with the final name is always complete. A stage never replaces what it did not write: an existing
 output directory must be a previous output of the same stage (its provenance.json says so), and an
 output may not be, lie inside, or contain one of the stage's inputs (`atomic_output_dir(stage=,
-inputs=)`). Leftovers of killed writers are swept first (temps.py).
+inputs=)`). Leftovers of killed writers are swept first (temps.py). File outputs (a Megatron
+PREFIX.bin/.idx, a MindRecord file) follow the same rule through `check_output_files`: an existing
+file may be replaced only when its sidecar `*.provenance.json` says this stage wrote it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from openseek_cpt.artifacts.fileio import fsync_dir, fsync_tree
+from openseek_cpt.artifacts.fileio import fsync_dir, fsync_tree, read_json
 from openseek_cpt.artifacts.provenance import read_provenance
 from openseek_cpt.artifacts.temps import sweep_leftovers, temp_path
 from openseek_cpt.errors import UserError
@@ -65,21 +68,7 @@ def check_output_dir(
     """UserError unless writing `stage`'s output to `final` can replace nothing it did not write."""
     final = Path(final)
     field = field or (f"{stage}: output" if stage else "output")
-    target = final.resolve()
-    for item in inputs:
-        if not Path(item).exists():  # a hub name, or nothing there: nothing to destroy
-            continue
-        source = Path(item).resolve()
-        if target == source or source in target.parents:
-            raise UserError(
-                f"{field}: {str(final)!r} is {'' if target == source else 'inside '}the input {str(item)!r}; "
-                "writing there would destroy it; choose another output path"
-            )
-        if target in source.parents:
-            raise UserError(
-                f"{field}: {str(final)!r} contains the input {str(item)!r}; replacing it would destroy "
-                "the input; choose another output path"
-            )
+    _check_not_an_input(final, inputs, field)
     if stage is None or not (final.exists() or final.is_symlink()):
         return
     if not final.is_dir():
@@ -95,3 +84,65 @@ def check_output_dir(
             f"{field}: {str(final)!r} exists and is {what}; {stage} replaces only its own earlier "
             "output; choose another path or remove it yourself"
         )
+
+
+def check_output_files(
+    files: Iterable[str | Path],
+    *,
+    sidecar: str | Path,
+    stage: str,
+    inputs: Iterable[str | Path] = (),
+    field: str,
+) -> None:
+    """UserError unless `stage` may write `files` and their `sidecar` (which records who wrote them).
+
+    Each may not be, or lie inside, one of `inputs` (give a Megatron source as its .bin and .idx);
+    an existing one is replaced only when `sidecar` exists and names `stage` as its writer (this
+    stage's own earlier output); none may be a directory; the nearest existing parent must be a
+    writable directory. Called before any work, so a refusal costs nothing."""
+    sidecar = Path(sidecar)
+    inputs = list(inputs)
+    outputs = [Path(f) for f in files] + [sidecar]
+    for path in outputs:
+        _check_not_an_input(path, inputs, field)
+        if path.is_dir():
+            raise UserError(
+                f"{field}: {str(path)!r} is a directory; {stage} writes a file there; choose another path"
+            )
+    written_by = (read_json(sidecar) or {}).get("stage")
+    existing = [p for p in outputs if p.exists() or p.is_symlink()]
+    if existing and written_by != stage:
+        what = (
+            f"written by the {written_by} stage"
+            if written_by
+            else f"not written by {stage} (no {sidecar.name} says so)"
+        )
+        raise UserError(
+            f"{field}: {str(existing[0])!r} exists and was {what}; {stage} replaces only its own earlier "
+            "output; choose another path or remove it yourself"
+        )
+    parent = outputs[0].absolute().parent
+    while not parent.exists() and not parent.is_symlink():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"{field}: {str(parent)!r} is a file, not a directory; choose another path")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"{field}: cannot write in {str(parent)!r} (permission denied); choose another path")
+
+
+def _check_not_an_input(final: Path, inputs: Iterable[str | Path], field: str) -> None:
+    target = final.resolve()
+    for item in inputs:
+        if not Path(item).exists():  # a hub name, or nothing there: nothing to destroy
+            continue
+        source = Path(item).resolve()
+        if target == source or source in target.parents:
+            raise UserError(
+                f"{field}: {str(final)!r} is {'' if target == source else 'inside '}the input {str(item)!r}; "
+                "writing there would destroy it; choose another output path"
+            )
+        if target in source.parents:
+            raise UserError(
+                f"{field}: {str(final)!r} contains the input {str(item)!r}; replacing it would destroy "
+                "the input; choose another output path"
+            )

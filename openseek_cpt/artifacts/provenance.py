@@ -2,7 +2,9 @@
 
 It records the stage, the recipe hash, package versions, git revision, input fingerprints and the
 sha256 of every file, so `openseek-cpt verify DIR` can tell whether a directory is intact. Written
-last, inside the atomic directory (atomic.py), once every other file is there.
+last, inside the atomic directory (atomic.py), once every other file is there. Its `seal` holds the
+hash of each of its own fields, so an edit to provenance.json itself (the recipe, the fingerprint, the
+stage) shows as damage naming the field.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from openseek_cpt.artifacts.fileio import canonical_hash, read_json
 from openseek_cpt.errors import UserError
 
 PROVENANCE_FILE = "provenance.json"
+SEAL = "seal"  # {field: canonical hash of its value} for every other field of provenance.json
 TRACKED_PACKAGES = (
     "torch",
     "transformers",
@@ -125,8 +128,31 @@ def write_provenance(
     }
     if extra:
         prov.update(extra)
+    prov = json.loads(json.dumps(prov))  # the values as verify will read them back (tuples as lists)
+    prov[SEAL] = seal_of(prov)
     Path(directory, PROVENANCE_FILE).write_text(json.dumps(prov, indent=2, sort_keys=True) + "\n")
     return prov
+
+
+def seal_of(prov: dict[str, Any]) -> dict[str, str]:
+    """The canonical hash of every field of `prov` except the seal itself."""
+    return {key: canonical_hash(value) for key, value in prov.items() if key != SEAL}
+
+
+def seal_problems(prov: dict[str, Any]) -> list[str]:
+    """What in `prov` no longer matches its seal, and a fingerprint that is not that of its `files`."""
+    seal = prov[SEAL] if isinstance(prov.get(SEAL), dict) else {}
+    actual = seal_of(prov)
+    edited = sorted(key for key in actual.keys() | seal.keys() if actual.get(key) != seal.get(key))
+    problems = (
+        [f"modified: {PROVENANCE_FILE} (field {', '.join(edited)} edited after it was written)"]
+        if edited
+        else []
+    )
+    files = prov.get("files")
+    if not isinstance(files, dict) or prov.get("fingerprint") != fingerprint_of_hashes(files):
+        problems.append(f"modified: {PROVENANCE_FILE} (fingerprint is not the hash of its files)")
+    return problems
 
 
 def read_provenance(directory: str | Path) -> dict[str, Any] | None:
@@ -134,7 +160,17 @@ def read_provenance(directory: str | Path) -> dict[str, Any] | None:
 
 
 def verify(directory: str | Path) -> tuple[bool, list[str]]:
-    """Recompute every file hash; returns (intact, lines describing the directory and any damage)."""
+    """Recompute every file hash; returns (no damage found, lines describing the directory and any damage)."""
+    status, lines = verify_status(directory)
+    return status != "DAMAGED", lines
+
+
+def verify_status(directory: str | Path) -> tuple[str, list[str]]:
+    """Recompute every file hash and check provenance.json against its seal.
+
+    Returns ("intact" | "unsealed" | "DAMAGED", lines describing the directory and any damage).
+    "unsealed": every file matches, but provenance.json has no seal (written before seals existed), so
+    its own content (recipe, stage, inputs) cannot be checked."""
     directory = Path(directory)
     if not directory.is_dir():
         raise UserError(f"verify: {str(directory)!r} is not a directory; pass an artifact directory")
@@ -143,9 +179,10 @@ def verify(directory: str | Path) -> tuple[bool, list[str]]:
         raise UserError(
             f"verify: {directory} has no readable {PROVENANCE_FILE}; it was not made by openseek-cpt"
         )
-    recorded: dict[str, str] = prov.get("files", {})
+    recorded = prov.get("files") if isinstance(prov.get("files"), dict) else {}
     actual = file_hashes(directory)
-    problems = []
+    sealed = SEAL in prov
+    problems = seal_problems(prov) if sealed else []
     for name, digest in recorded.items():
         if name not in actual:
             problems.append(f"missing: {name}")
@@ -159,4 +196,9 @@ def verify(directory: str | Path) -> tuple[bool, list[str]]:
         f"inputs: {json.dumps(prov.get('inputs', {}), sort_keys=True)}",
         f"files: {len(recorded)}  fingerprint: {prov.get('fingerprint')}",
     ]
-    return (not problems), about + problems
+    if problems:
+        return "DAMAGED", about + problems
+    if not sealed:
+        note = f"unsealed: {PROVENANCE_FILE} has no {SEAL} (written before openseek-cpt sealed it)"
+        return "unsealed", about + [note + "; its own content is not checked"]
+    return "intact", about

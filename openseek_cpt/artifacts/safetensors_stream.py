@@ -1,9 +1,11 @@
 """Streaming safetensors reads: headers parsed once and checked, tensors' byte ranges read with pread.
 
 A leaf module (the soup uses it; it knows nothing of averaging). Guarantees:
-- each file's header is read and parsed once (`open_model`) and checked: known dtype, shape x
-  item size == the tensor's byte span, spans inside the file; the index (if any) must name
-  exactly the keys its shards hold;
+- each file's header is read and parsed once (`open_model`) and checked as strictly as the
+  safetensors library does: no key twice, known dtype, shape x item size == the tensor's byte span,
+  and the spans, sorted, tile the data section exactly (no overlap, no two keys on the same bytes,
+  no gap, nothing past the end or left over); the index (if any) must name exactly the keys its
+  shards hold;
 - reads go from the file straight into the caller's buffer (`os.preadv`): no mmap (pages of
   files already read do not stay in the process), no new memory per read;
 - the sha256 of every input file comes from the same reads that feed the caller, fed to the hash
@@ -141,7 +143,9 @@ def _read_header(path: Path, field_name: str) -> tuple[dict[str, TensorInfo], by
             raise bad(f"header length {length} does not fit in {size} bytes")
         blob = f.read(length)
     try:
-        header = json.loads(blob)
+        header = json.loads(blob, object_pairs_hook=_unique_keys)
+    except _DuplicateKey as exc:
+        raise bad(f"key {exc.args[0]!r} appears twice in the header") from None
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise bad("header is not JSON") from None
     if not isinstance(header, dict):
@@ -162,7 +166,41 @@ def _read_header(path: Path, field_name: str) -> tuple[dict[str, TensorInfo], by
         if math.prod(shape) * ITEMSIZE[dtype] != b - a:
             raise bad(f"{key} has shape {list(shape)} {dtype} but {b - a} bytes")
         out[key] = TensorInfo(dtype, shape, path.name, start + a, start + b)
+    _check_layout(out, start, size, bad)
     return out, head + blob, size
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
+def _check_layout(
+    tensors: dict[str, TensorInfo], start: int, size: int, bad: Callable[[str], UserError]
+) -> None:
+    """The spans, sorted, must tile [start, size) exactly, as the safetensors library requires."""
+    end, previous = start, None
+    for key, info in sorted(tensors.items(), key=lambda kv: (kv[1].start, kv[1].end, kv[0])):
+        a, b = info.start - start, info.end - start
+        if previous is not None and info.start < end:
+            p = tensors[previous]
+            pa, pb = p.start - start, p.end - start
+            if (a, b) == (pa, pb):
+                raise bad(f"{key} and {previous} share the same bytes {a}..{b} (aliased keys)")
+            raise bad(f"{key} (bytes {a}..{b}) overlaps {previous} (bytes {pa}..{pb})")
+        if info.start > end:
+            raise bad(f"{key} starts at byte {a}, leaving bytes {end - start}..{a} of no key")
+        end, previous = info.end, key
+    if end != size:
+        raise bad(f"bytes {end - start}..{size - start} of the data section belong to no key")
 
 
 # --------------------------------------------------------------------------- reading

@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from openseek_cpt.artifacts import prepared
-from openseek_cpt.artifacts.atomic import atomic_output_dir
+from openseek_cpt.artifacts.atomic import atomic_output_dir, check_output_dir, check_output_files
+from openseek_cpt.artifacts.fileio import write_json_atomic
 from openseek_cpt.artifacts.provenance import directory_fingerprint, write_provenance
 from openseek_cpt.artifacts.temps import sweep_leftovers, temp_path
 from openseek_cpt.data import STAGE
@@ -41,6 +42,9 @@ def run(recipe: Recipe) -> Path:
     d = recipe.data
     if not d.sources:
         raise UserError("recipe: data.sources is empty; list at least one source with path and ratio")
+    out = Path(d.output_dir)
+    read = [recipe.tokenizer_dir, *(s.path for s in d.sources)]
+    check_outputs(recipe, out, read)
     tokenizer = load_tokenizer(recipe)
     check_max_length(recipe)
     sources = open_sources(d.sources)
@@ -59,7 +63,6 @@ def run(recipe: Recipe) -> Path:
     shaping = {k: v for k, v in d.__dict__.items() if k not in ("output_dir", "megatron_prefix", "sources")}
     build_id = short_hash([shaping, [s.__dict__ for s in d.sources], recipe.seed, inputs])
 
-    out = Path(d.output_dir)
     sweep_leftovers(out.parent, out.name)  # a killed earlier build's work dir
     work = temp_path(out, "work")
     work.mkdir(parents=True, exist_ok=True)
@@ -76,7 +79,6 @@ def run(recipe: Recipe) -> Path:
             )
             for s in sources
         ]
-        read = [recipe.tokenizer_dir, *(s.config.path for s in sources)]
         with atomic_output_dir(out, stage=STAGE, inputs=read, field="data.output_dir") as tmp:
             manifest = sample_and_save(packed, train_counts, eval_counts, recipe, tmp, build_id)
             manifest.update(
@@ -98,6 +100,10 @@ def run(recipe: Recipe) -> Path:
                 megatron_format.export_dataset(
                     load_from_disk(str(tmp / "train")), d.megatron_prefix, len(tokenizer)
                 )
+                write_json_atomic(
+                    megatron_sidecar(d.megatron_prefix),
+                    {"stage": STAGE, "dataset_dir": str(out), "split": "train", "recipe_hash": recipe.hash()},
+                )
                 log.info(f"Megatron copy of train written to {d.megatron_prefix}.bin/.idx")
             write_provenance(tmp, stage=STAGE, recipe=recipe, inputs=inputs)
     finally:
@@ -105,6 +111,26 @@ def run(recipe: Recipe) -> Path:
     print_summary(manifest)
     log.info(f"saved to {out} in {time.perf_counter() - started:.1f} s")
     return out
+
+
+def check_outputs(recipe: Recipe, out: Path, read: list[str]) -> None:
+    """Refuse, before any work, outputs that would replace what the stage did not write or its inputs."""
+    check_output_dir(out, stage=STAGE, inputs=read, field="data.output_dir")
+    prefix = recipe.data.megatron_prefix
+    if prefix:
+        megatron_inputs = [*read, *(f"{path}.{ext}" for path in read for ext in ("bin", "idx"))]
+        check_output_files(
+            [f"{prefix}.bin", f"{prefix}.idx"],
+            sidecar=megatron_sidecar(prefix),
+            stage=STAGE,
+            inputs=[*megatron_inputs, out],
+            field="data.megatron_prefix",
+        )
+
+
+def megatron_sidecar(prefix: str) -> Path:
+    """Where the data stage records that it wrote PREFIX.bin/.idx (so a rerun may replace them)."""
+    return Path(f"{prefix}.provenance.json")
 
 
 def print_summary(manifest: dict[str, Any]) -> None:

@@ -12,6 +12,7 @@ from typing import Any
 import datasets
 
 from openseek_cpt.artifacts import megatron_format, prepared
+from openseek_cpt.artifacts.atomic import check_output_files
 from openseek_cpt.export import STAGE
 from openseek_cpt.export.sidecar import write_sidecar
 from openseek_cpt.logs import get_logger
@@ -26,8 +27,17 @@ def export_megatron(dataset_dir: str | Path, prefix: str | Path, split: str = "t
     GPT dataset and MindSpore Transformers see the same documents our `train` does. Token dtype
     from the vocabulary size (uint16 below 65,500, else int32), as Megatron chooses it.
     PREFIX.provenance.json records what was exported: the two files are the artifact, so there is
-    no directory for `atomic_output_dir` (each file is renamed into place instead).
+    no directory for `atomic_output_dir` (each file is renamed into place instead). Existing files
+    are replaced only when that sidecar says an earlier export wrote them.
     """
+    bin_path, idx_path = Path(f"{prefix}.bin"), Path(f"{prefix}.idx")
+    check_output_files(
+        [bin_path, idx_path],
+        sidecar=Path(f"{prefix}.provenance.json"),
+        stage=STAGE,
+        inputs=[dataset_dir],
+        field="export-megatron: PREFIX",
+    )
     dataset = prepared.load_split(dataset_dir, split, "DATASET_DIR")
     manifest = prepared.read_manifest(dataset_dir)
     vocab_size = _vocab_size(manifest, dataset, dataset_dir)

@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow.compute as pc
 
 from openseek_cpt.artifacts import prepared, provenance
+from openseek_cpt.artifacts.atomic import check_output_files
 from openseek_cpt.artifacts.fileio import fsync_dir, fsync_tree
 from openseek_cpt.artifacts.temps import sweep_leftovers, temp_path
 from openseek_cpt.errors import UserError
@@ -40,6 +41,18 @@ def export_mindrecord(dataset_dir: str | Path, path: str | Path, split: str = "t
     Name the file `*.mindrecord`: its `dataset_dir` discovery only picks names matching
     `mindrecord\\d*$`.
     """
+    path = Path(path)
+    if path.suffix == ".db":
+        raise UserError(
+            f"export-mindrecord: PATH {path} ends in .db, the name MindRecord gives its index; pass the data file name"
+        )
+    check_output_files(
+        [path, Path(f"{path}.db")],
+        sidecar=Path(f"{path}.provenance.json"),
+        stage=STAGE,
+        inputs=[dataset_dir],
+        field="export-mindrecord: PATH",
+    )
     try:
         from mindspore.mindrecord import FileWriter
     except ImportError as exc:
@@ -54,11 +67,6 @@ def export_mindrecord(dataset_dir: str | Path, path: str | Path, split: str = "t
             f"{dataset_dir}/manifest.json records no pad_token_id or eos_token_id; rebuild the dataset with `openseek-cpt data`"
         )
     pad_id = prepared.pad_token_id(manifest)
-    path = Path(path)
-    if path.suffix == ".db":
-        raise UserError(
-            f"export-mindrecord: PATH {path} ends in .db, the name MindRecord gives its index; pass the data file name"
-        )
     path.parent.mkdir(parents=True, exist_ok=True)
     # MindRecord stores its file names inside the files, so write under the final name in a temp
     # directory beside it and move both files in (a half-written export never has the final name).

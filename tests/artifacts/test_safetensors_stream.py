@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from openseek_cpt.artifacts.safetensors_stream import INDEX_FILE, SINGLE_FILE, Reader, open_model
 from openseek_cpt.errors import UserError
@@ -91,3 +91,48 @@ def test_an_index_that_disagrees_with_its_shards_is_refused(tmp_path):
     (tmp_path / "m" / INDEX_FILE).write_text(json.dumps({"weight_map": {"a.weight": SINGLE_FILE}}))
     with pytest.raises(UserError, match="does not match its shard files"):
         open_model(tmp_path / "m", "f")
+
+
+def _hand_made(path: Path, entries: dict[str, tuple[int, int]], data_bytes: int) -> Path:
+    """A safetensors file written by hand: 8-byte length, JSON header (F32 [n] tensors), bytes."""
+    header = {
+        k: {"dtype": "F32", "shape": [(b - a) // 4], "data_offsets": [a, b]} for k, (a, b) in entries.items()
+    }
+    blob = json.dumps(header).encode()
+    path.mkdir(parents=True, exist_ok=True)
+    (path / SINGLE_FILE).write_bytes(struct.pack("<Q", len(blob)) + blob + bytes(range(256))[:data_bytes])
+    return path
+
+
+def test_a_hand_made_file_that_tiles_its_data_is_read(tmp_path):
+    model = open_model(_hand_made(tmp_path / "m", {"b": (8, 16), "a": (0, 8)}, 16), "f")
+    assert sorted(model.tensors) == ["a", "b"]
+
+
+@pytest.mark.parametrize(
+    ("entries", "data_bytes", "words"),
+    [
+        ({"a": (0, 8), "b": (0, 8)}, 8, r"b and a share the same bytes 0\.\.8 \(aliased keys\)"),
+        ({"a": (0, 8), "b": (4, 12)}, 12, r"b \(bytes 4\.\.12\) overlaps a \(bytes 0\.\.8\)"),
+        ({"a": (0, 4), "b": (8, 12)}, 12, r"b starts at byte 8, leaving bytes 4\.\.8 of no key"),
+        ({"a": (0, 8)}, 12, r"bytes 8\.\.12 of the data section belong to no key"),
+        ({"a": (0, 8), "b": (8, 16)}, 12, r"b spans bytes 8\.\.16, outside the file"),
+    ],
+    ids=["aliased", "overlapping", "gap", "trailing-bytes", "out-of-bounds"],
+)
+def test_offsets_are_checked_as_strictly_as_the_safetensors_library(tmp_path, entries, data_bytes, words):
+    path = _hand_made(tmp_path / "m", entries, data_bytes)
+    with pytest.raises(Exception):  # noqa: B017 - the library refuses it too, with its own error
+        load_file(path / SINGLE_FILE)
+    with pytest.raises(UserError, match=words) as info:
+        open_model(path, "soup.checkpoints")
+    assert "\n" not in str(info.value) and f"{path / SINGLE_FILE}" in str(info.value)
+
+
+def test_a_key_given_twice_in_a_header_is_refused(tmp_path):
+    path = tmp_path / "m"
+    path.mkdir()
+    blob = b'{"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, "a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}'
+    (path / SINGLE_FILE).write_bytes(struct.pack("<Q", len(blob)) + blob + bytes(4))
+    with pytest.raises(UserError, match="key 'a' appears twice in the header"):
+        open_model(path, "f")
