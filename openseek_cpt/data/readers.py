@@ -23,6 +23,7 @@ from openseek_cpt.artifacts import megatron_format
 from openseek_cpt.artifacts.fileio import canonical_hash, read_json
 from openseek_cpt.artifacts.provenance import directory_fingerprint, read_provenance, sha256_file
 from openseek_cpt.data.rows import DatasetRows, Rows, StreamedRows
+from openseek_cpt.data.text_checks import first_bad_line
 from openseek_cpt.errors import UserError, first_line
 from openseek_cpt.recipe.schema import SourceConfig
 
@@ -135,8 +136,7 @@ def _load_files(src: SourceConfig, where: str, path: str, kind: str) -> tuple[Ro
     """json/jsonl, parquet and text: one file or a directory of them."""
     import datasets
 
-    p = Path(path)
-    files = sorted(f for f in p.glob("*") if f.is_file()) if p.is_dir() else [p]
+    files = source_files(path)
     if all(f.stat().st_size == 0 for f in files):
         raise UserError(f"{where}.path={src.path!r} is an empty source (no data); remove it or fill it")
     if kind == "parquet":
@@ -153,12 +153,23 @@ def _load_files(src: SourceConfig, where: str, path: str, kind: str) -> tuple[Ro
         )
         if src.streaming:
             return StreamedRows(ds, where, src.path), _fingerprint_files(files)
-    except Exception as exc:  # malformed file: the builder's error, on one line
+    except Exception as exc:  # malformed file: its first bad line, else the builder's error, on one line
+        bad = first_bad_line(files, kind)
+        if bad is not None:
+            raise UserError(
+                f"{where}.path={src.path!r} could not be read as {kind}: {bad}; fix or drop that line"
+            ) from None
         raise UserError(
             f"{where}.path={src.path!r} could not be read as {kind} ({type(exc).__name__}: {first_line(exc)[:300]}); "
             "check the file or set type"
         ) from None
     return DatasetRows(ds), _fingerprint_files(files)
+
+
+def source_files(path: str) -> list[Path]:
+    """The files of a json/jsonl, parquet or text source: the file, or a directory's files in order."""
+    p = Path(path)
+    return sorted(f for f in p.glob("*") if f.is_file()) if p.is_dir() else [p]
 
 
 def _load_hub(src: SourceConfig, where: str, path: str, kind: str) -> tuple[Rows, str]:
