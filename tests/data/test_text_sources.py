@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import TINY_RECIPE, run_cli
 
@@ -108,3 +109,30 @@ def test_invalid_utf8_in_a_text_file_names_file_and_line(tiny_workdir):
     (tiny_workdir / "bytes.txt").write_bytes(b"\n".join(lines) + b"\n")
     _one_line_error(_data(tiny_workdir, "{path: bytes.txt, ratio: 0.3}"), "bytes.txt:12", "UTF-8")
     _nothing_written(tiny_workdir)
+
+
+def test_the_sample_check_tokenizes_a_bounded_prefix_of_long_documents(tiny_workdir, monkeypatch):
+    """The estimate and fast-path check run in the main process on each sample document's prefix
+    only (a 50 MB one-line document took ~12 GB there); the estimate still follows the whole length."""
+    from datasets import Dataset
+
+    from openseek_cpt.data import prepare
+    from openseek_cpt.data.encoder import Encoder
+    from openseek_cpt.data.packing import get
+    from openseek_cpt.data.sources import open_sources
+    from openseek_cpt.data.tokenizer import load_tokenizer
+    from tests.data.test_data import _recipe
+
+    monkeypatch.chdir(tiny_workdir)
+    texts = [" ".join(f"word{i % 97} alpha beta" for i in range(n)) for n in (30_000, 60_000, 50)]
+    Dataset.from_dict({"text": texts}).save_to_disk("long")
+    recipe = _recipe(tiny_workdir, "data.sources.1={path: long, ratio: 0.3}")
+    src = open_sources(recipe.data.sources)[1]
+    encoder = Encoder(load_tokenizer(recipe))
+    seen: list[int] = []
+    original = encoder.choose_path
+    monkeypatch.setattr(encoder, "choose_path", lambda t: seen.extend(map(len, t)) or original(t))
+    estimate = prepare.estimate_tokens_per_doc(src, encoder, np.arange(3), 10**9, get("bfd_split"))
+    assert max(len(t) for t in texts) > 1_000_000 and max(seen) <= 100_000, seen
+    exact = np.mean([len(x) + 1 for x in encoder.reference_ids(texts)])
+    assert abs(estimate - exact) < 0.02 * exact, (estimate, exact)
