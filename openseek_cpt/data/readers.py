@@ -11,6 +11,7 @@ by that test.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -152,7 +153,8 @@ def _load_files(src: SourceConfig, where: str, path: str, kind: str) -> tuple[Ro
             kind, data_files=[str(f) for f in files], split="train", streaming=src.streaming
         )
         if src.streaming:
-            return StreamedRows(ds, where, src.path), _fingerprint_files(files)
+            locate = functools.partial(first_bad_line, files, kind)
+            return StreamedRows(ds, where, src.path, locate), _fingerprint_files(files)
     except Exception as exc:  # malformed file: its first bad line, else the builder's error, on one line
         bad = first_bad_line(files, kind)
         if bad is not None:
@@ -166,10 +168,13 @@ def _load_files(src: SourceConfig, where: str, path: str, kind: str) -> tuple[Ro
     return DatasetRows(ds), _fingerprint_files(files)
 
 
-def source_files(path: str) -> list[Path]:
-    """The files of a json/jsonl, parquet or text source: the file, or a directory's files in order."""
+def source_files(path: str, recursive: bool = False) -> list[Path]:
+    """The files of a json/jsonl, parquet or text source: the file, or a directory's files in order
+    (`recursive`: those of its subdirectories too, as a folder source's)."""
     p = Path(path)
-    return sorted(f for f in p.glob("*") if f.is_file()) if p.is_dir() else [p]
+    if not p.is_dir():
+        return [p]
+    return sorted(f for f in (p.rglob("*") if recursive else p.glob("*")) if f.is_file())
 
 
 def _load_hub(src: SourceConfig, where: str, path: str, kind: str) -> tuple[Rows, str]:
@@ -192,8 +197,18 @@ def _load_hub(src: SourceConfig, where: str, path: str, kind: str) -> tuple[Rows
             fingerprint = (
                 _fingerprint_dir(Path(path)) if kind == "folder" else f"stream:{canonical_hash(request)}"
             )
-            return StreamedRows(ds, where, src.path), fingerprint
+            locate = (
+                functools.partial(first_bad_line, source_files(path, True), kind)
+                if kind == "folder"
+                else None
+            )
+            return StreamedRows(ds, where, src.path, locate), fingerprint
     except Exception as exc:  # hub/network/builder errors all mean: this source cannot be read
+        bad = first_bad_line(source_files(path, recursive=True), kind) if kind == "folder" else None
+        if bad is not None:
+            raise UserError(
+                f"{where}.path={src.path!r} could not be read as a folder: {bad}; fix or drop that line"
+            ) from None
         first = first_line(exc)[:300]
         hint = "no such local path either; " if kind == "hub" else ""
         raise UserError(

@@ -89,7 +89,9 @@ def open_source(index: int, src: SourceConfig, label: str) -> OpenSource:
     elif src.text_field in columns:
         content = "text"
         files = (
-            readers.source_files(str(Path(src.path).expanduser())) if kind in FILE_BUILDERS.values() else []
+            readers.source_files(str(Path(src.path).expanduser()), recursive=kind == "folder")
+            if kind in (*FILE_BUILDERS.values(), "folder")
+            else []
         )
         check_text_column(rows, src.text_field, where, src.path, files)
     else:

@@ -17,6 +17,8 @@ import numpy as np
 from openseek_cpt.data.rows import Rows, StreamedRows
 from openseek_cpt.errors import UserError
 
+# Files a folder source reads line by line (checked line by line when it fails).
+LINE_SUFFIXES = (".json", ".jsonl", ".txt")
 # Rows read per step while looking for the first non-string one (only on the error path).
 SCAN_ROWS = 1 << 16
 
@@ -30,9 +32,15 @@ def is_string_type(type_: Any) -> bool:
 def check_text_column(rows: Rows, field: str, where: str, path: str, files: list[Path]) -> None:
     """Raise a one-line UserError unless column `field` of `rows` holds strings (or nulls) only.
 
-    A stream (`StreamedRows`) is not checked here: it holds no rows before the stage reads it.
+    A stream (`StreamedRows`) holds no rows before the stage reads it: its batches are checked as
+    they are read, and its jsonl files (if local) here, when `datasets` saw a non-string value.
     """
     if isinstance(rows, StreamedRows):
+        rows.text_field = field
+        feature = (getattr(rows.stream, "features", None) or {}).get(field)
+        place = _line_of_non_string(files, field) if files and type(feature).__name__ == "Json" else None
+        if place is not None:
+            raise not_text(where, field, path, *place)
         return
     type_ = rows.take([0], [field]).schema.field(field).type
     if is_string_type(type_):
@@ -42,10 +50,15 @@ def check_text_column(rows: Rows, field: str, where: str, path: str, files: list
     at = f"row {index}"
     if place is not None:
         at, found = f"{place[0]} (row {index})", place[1]
-    raise UserError(
-        f"{where}.text_field={field!r}: {path} is not text at {at}, which holds {found}; "
-        f"every row's {field!r} must be a string (the column is read as {type_}, so every document would "
-        "be tokenized as that): fix or drop that row, or give a formatting function that makes its text"
+    raise not_text(where, field, path, at, found, f" (the column is read as {type_})")
+
+
+def not_text(where: str, field: str, path: str, at: str, found: str, note: str = "") -> UserError:
+    """The one-line error for a row whose text is not a string."""
+    return UserError(
+        f"{where}.text_field={field!r}: {path} is not text at {at}, which holds {found}; every row's "
+        f"{field!r} must be a string{note}: fix or drop that row, or give a formatting function that "
+        "makes its text"
     )
 
 
@@ -69,14 +82,14 @@ def _first_non_string(rows: Rows, field: str) -> tuple[int, str]:
                 if len(valid):
                     return start + int(valid[0]), str(chunk.type)
             start += len(chunk)
-    return 0, "no string"
+    return 0, "only nulls (no text at all)"
 
 
 def _line_of_non_string(files: list[Path], field: str) -> tuple[str, str] | None:
     """("file:line", type name) of the first jsonl line whose `field` is neither a string nor null."""
     for f in files:
         if f.suffix.lower() not in (".jsonl", ".json"):
-            return None
+            continue
         with f.open("rb") as lines:
             for n, raw in enumerate(lines, 1):
                 if not raw.strip():
@@ -92,15 +105,25 @@ def _line_of_non_string(files: list[Path], field: str) -> tuple[str, str] | None
 
 
 def first_bad_line(files: list[Path], kind: str) -> str | None:
-    """ "file:line: what is wrong" of the first line that is not UTF-8 (or, for json, not JSON)."""
+    """ "file:line: what is wrong" of the first line that is not UTF-8 (or, for json, not JSON).
+
+    `kind` json or text reads every file so; folder, those named .json/.jsonl/.txt by their suffix.
+    """
     for f in files:
+        suffix = f.suffix.lower()
+        if kind == "folder":
+            if suffix not in LINE_SUFFIXES:
+                continue
+            kind_of_file = "text" if suffix == ".txt" else "json"
+        else:
+            kind_of_file = kind
         with f.open("rb") as lines:
             for n, raw in enumerate(lines, 1):
                 try:
                     line = raw.decode("utf-8")
                 except UnicodeDecodeError as exc:
                     return f"{f.name}:{n}: invalid UTF-8 (byte {exc.start} of the line: {raw[exc.start : exc.start + 1]!r})"
-                if kind != "json" or not line.strip():
+                if kind_of_file != "json" or not line.strip():
                     continue
                 try:
                     json.loads(line)

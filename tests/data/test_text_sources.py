@@ -136,3 +136,26 @@ def test_the_sample_check_tokenizes_a_bounded_prefix_of_long_documents(tiny_work
     assert max(len(t) for t in texts) > 1_000_000 and max(seen) <= 100_000, seen
     exact = np.mean([len(x) + 1 for x in encoder.reference_ids(texts)])
     assert abs(estimate - exact) < 0.02 * exact, (estimate, exact)
+
+
+def test_a_streamed_json_row_whose_text_is_not_a_string_refuses_the_source(tiny_workdir):
+    rows = _docs(97)
+    rows[60]["text"] = 5
+    (tiny_workdir / "streamed").mkdir()
+    _write_jsonl(tiny_workdir / "streamed/part-0.jsonl", rows)
+    _one_line_error(
+        _data(tiny_workdir, "{path: streamed, ratio: 0.3, streaming: true}"),
+        "data.sources.1",
+        "part-0.jsonl:61",
+        "holds int",
+    )
+    _nothing_written(tiny_workdir)
+
+
+def test_a_malformed_line_in_a_folder_source_names_file_and_line(tiny_workdir):
+    rows = [json.dumps(r) for r in _docs(40)]
+    rows[4] = "{not json"
+    (tiny_workdir / "parts").mkdir()
+    (tiny_workdir / "parts/part-0.jsonl").write_text("\n".join(rows) + "\n")
+    _one_line_error(_data(tiny_workdir, "{path: parts, ratio: 0.3}"), "part-0.jsonl:5", "JSON")
+    _nothing_written(tiny_workdir)
