@@ -1,6 +1,8 @@
 """Documents -> token ids for the data stage: raw text is text, and the fastest path that gives the same ids.
 
 Guarantees:
+- A null, empty or whitespace-only text is no document (`__call__` drops it; the data stage counts
+  the rows dropped as `documents_empty`): it would be a lone eos, packed and trained on.
 - Every document ends with exactly one eos (a trailing eos the tokenizer or the text added is
   dropped first), and pre-tokenized documents get an eos only where they lack one.
 - Raw text is text: a special-token string inside a document (`<|endoftext|>`, `<|extra_204|>`
@@ -113,7 +115,8 @@ class Encoder:
     def __call__(self, table: Any, content: str, text_field: str, formatting: Any) -> Any:
         if content == "tokens":
             return self.from_ids(table.column("input_ids"))
-        return self.from_texts(self.texts(table, content, text_field, formatting))
+        texts = self.texts(table, content, text_field, formatting)
+        return self.from_texts([t for t in texts if not is_empty(t)])
 
     @staticmethod
     def texts(table: Any, content: str, text_field: str, formatting: Any) -> list[str | None]:
@@ -202,6 +205,8 @@ class Encoder:
 
     def from_texts(self, texts: list[str | None]) -> Any:
         texts = [t or "" for t in texts]
+        if not texts:  # a batch of empty texts only (tokenizer([]) is not an empty batch everywhere)
+            return documents_table(np.empty(0, np.int32), np.empty(0, np.int64), np.empty(0, np.uint8))
         special = np.fromiter((self.has_special_text(t) for t in texts), dtype=np.uint8, count=len(texts))
         if self.path == "tiktoken":  # ids stay in numpy from the encoder to Arrow
             values, lengths = self._tiktoken_arrays(texts)
@@ -241,6 +246,11 @@ class Encoder:
         decomposed, composed = "Cafe\u0301 n\u0303", "Caf\u00e9 \u00f1"
         ids = self.tokenizer([decomposed, composed], add_special_tokens=False)["input_ids"]
         return ids[0] == ids[1] != self.encoding.encode_ordinary(decomposed)
+
+
+def is_empty(text: str | None) -> bool:
+    """A null, empty or whitespace-only text: no document (it would be a lone eos), skipped and counted."""
+    return not text or text.isspace()
 
 
 def _tiktoken_encoding(tokenizer: Any) -> Any:

@@ -1,8 +1,9 @@
 """Tokenize and pack one source: only as many randomly chosen documents as its share needs.
 
-`prepare_source` estimates tokens per document from a sample, reads that many documents (plus
-`read_margin`, topped up if short), tokenizes them (encoder.py) and packs them (packing.py) into
-rows with `input_ids`, `seq_lengths` (document segments) and `n_docs`. Every datasets operation
+`prepare_source` estimates tokens per document from a sample (on each sample document's first
+SAMPLE_CHARS characters), reads that many documents (plus `read_margin`, topped up if short),
+tokenizes them (encoder.py) and packs them (packing.py) into rows with `input_ids`, `seq_lengths`
+(document segments) and `n_docs`. Every datasets operation
 gets an explicit cache file in the stage's work dir and a fingerprint from `short_hash`, so nothing
 random or path-dependent reaches the output.
 """
@@ -18,7 +19,7 @@ import numpy as np
 
 from openseek_cpt.artifacts.fileio import canonical_hash
 from openseek_cpt.data import STAGE, packing
-from openseek_cpt.data.encoder import Encoder
+from openseek_cpt.data.encoder import Encoder, is_empty
 from openseek_cpt.data.rows import DatasetRows, StreamedRows
 from openseek_cpt.data.sources import OpenSource
 from openseek_cpt.errors import UserError
@@ -27,6 +28,10 @@ from openseek_cpt.recipe.schema import Recipe
 
 # Documents tokenized in-process to estimate tokens per document of a source.
 ESTIMATE_DOCS = 256
+# Characters of each sample document tokenized in this process (the estimate and the fast-path check):
+# a longer document is checked on its prefix and its tokens extrapolated, so a 50 MB single-line
+# document costs the main process no more than this.
+SAMPLE_CHARS = 100_000
 # Tokens per packing worker below which packing stays in this process (see tokenize_and_pack).
 PACK_TOKENS_PER_WORKER = 32_000_000
 
@@ -48,6 +53,7 @@ class PackedSource:
     tokens_read: int = 0
     tokens_dropped: int = 0
     special_text_documents: int = 0
+    empty_documents: int = 0  # null, empty or whitespace-only texts: read, skipped
 
 
 def prepare_source(
@@ -86,6 +92,7 @@ def prepare_source(
         parts.append(part)
         result.special_text_documents += special
         result.documents_read += len(chunk)
+        result.empty_documents += len(chunk) - len(lengths)
         result.tokens_read += int(lengths.sum())
         if strategy.truncates_documents:
             result.tokens_dropped += int(np.maximum(lengths - d.max_length, 0).sum())
@@ -109,12 +116,24 @@ def estimate_tokens_per_doc(
     table = src.rows.take(sample, src.columns)
     if src.content != "tokens":
         texts = encoder.texts(table, src.content, src.config.text_field, src.formatting)
-        if encoder.path_note == "not checked yet":  # once per run, on the first text source's sample
+        kept = np.array([not is_empty(t) for t in texts], dtype=bool)
+        texts = [t for t, k in zip(texts, kept, strict=True) if k]  # empty texts: 0 tokens, skipped
+        chars = [len(t) for t in texts]
+        texts = [t[:SAMPLE_CHARS] for t in texts]  # a bounded prefix: memory does not follow the longest
+        if not texts:
+            ids = []
+        elif encoder.path_note == "not checked yet":  # once per run, on the first text source's sample
             log.info(f"{src.label}: checking the fast tokenizer paths on {len(texts)} sample documents")
             ids = encoder.choose_path(texts)
         else:
-            ids = encoder.reference_ids([t or "" for t in texts])
-        lengths = np.array([len(x) + (not x or x[-1] != encoder.eos) for x in ids], dtype=np.int64)
+            ids = encoder.reference_ids(texts)
+        lengths = np.zeros(len(kept), dtype=np.int64)
+        lengths[kept] = [
+            len(x) + (not x or x[-1] != encoder.eos)
+            if n <= SAMPLE_CHARS
+            else math.ceil(len(x) * n / SAMPLE_CHARS) + 1  # the prefix's tokens per character, scaled
+            for x, n in zip(ids, chars, strict=True)
+        ]
     else:
         docs = encoder(table, src.content, src.config.text_field, src.formatting)
         lengths = pc.list_value_length(docs.column("input_ids")).to_numpy()
@@ -144,8 +163,8 @@ def check_token_ids(src: OpenSource, column: Any, vocab: int) -> None:
 def tokenize_and_pack(
     src: OpenSource, encoder: Encoder, indices: np.ndarray, recipe: Recipe, work: Path, tag: str
 ) -> tuple[Any, np.ndarray, int]:
-    """(packed rows of the documents `indices` of `src`, their token lengths incl. eos, documents
-    whose text held special-token strings)."""
+    """(packed rows of the documents `indices` of `src`, their token lengths incl. eos (none for an
+    empty text: it is skipped), documents whose text held special-token strings)."""
     import pyarrow.compute as pc
 
     d = recipe.data

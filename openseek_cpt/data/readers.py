@@ -11,6 +11,7 @@ by that test.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from openseek_cpt.artifacts import megatron_format
 from openseek_cpt.artifacts.fileio import canonical_hash, read_json
 from openseek_cpt.artifacts.provenance import directory_fingerprint, read_provenance, sha256_file
 from openseek_cpt.data.rows import DatasetRows, Rows, StreamedRows
+from openseek_cpt.data.text_checks import first_bad_line
 from openseek_cpt.errors import UserError, first_line
 from openseek_cpt.recipe.schema import SourceConfig
 
@@ -135,8 +137,7 @@ def _load_files(src: SourceConfig, where: str, path: str, kind: str) -> tuple[Ro
     """json/jsonl, parquet and text: one file or a directory of them."""
     import datasets
 
-    p = Path(path)
-    files = sorted(f for f in p.glob("*") if f.is_file()) if p.is_dir() else [p]
+    files = source_files(path)
     if all(f.stat().st_size == 0 for f in files):
         raise UserError(f"{where}.path={src.path!r} is an empty source (no data); remove it or fill it")
     if kind == "parquet":
@@ -152,13 +153,28 @@ def _load_files(src: SourceConfig, where: str, path: str, kind: str) -> tuple[Ro
             kind, data_files=[str(f) for f in files], split="train", streaming=src.streaming
         )
         if src.streaming:
-            return StreamedRows(ds, where, src.path), _fingerprint_files(files)
-    except Exception as exc:  # malformed file: the builder's error, on one line
+            locate = functools.partial(first_bad_line, files, kind)
+            return StreamedRows(ds, where, src.path, locate), _fingerprint_files(files)
+    except Exception as exc:  # malformed file: its first bad line, else the builder's error, on one line
+        bad = first_bad_line(files, kind)
+        if bad is not None:
+            raise UserError(
+                f"{where}.path={src.path!r} could not be read as {kind}: {bad}; fix or drop that line"
+            ) from None
         raise UserError(
             f"{where}.path={src.path!r} could not be read as {kind} ({type(exc).__name__}: {first_line(exc)[:300]}); "
             "check the file or set type"
         ) from None
     return DatasetRows(ds), _fingerprint_files(files)
+
+
+def source_files(path: str, recursive: bool = False) -> list[Path]:
+    """The files of a json/jsonl, parquet or text source: the file, or a directory's files in order
+    (`recursive`: those of its subdirectories too, as a folder source's)."""
+    p = Path(path)
+    if not p.is_dir():
+        return [p]
+    return sorted(f for f in (p.rglob("*") if recursive else p.glob("*")) if f.is_file())
 
 
 def _load_hub(src: SourceConfig, where: str, path: str, kind: str) -> tuple[Rows, str]:
@@ -181,8 +197,18 @@ def _load_hub(src: SourceConfig, where: str, path: str, kind: str) -> tuple[Rows
             fingerprint = (
                 _fingerprint_dir(Path(path)) if kind == "folder" else f"stream:{canonical_hash(request)}"
             )
-            return StreamedRows(ds, where, src.path), fingerprint
+            locate = (
+                functools.partial(first_bad_line, source_files(path, True), kind)
+                if kind == "folder"
+                else None
+            )
+            return StreamedRows(ds, where, src.path, locate), fingerprint
     except Exception as exc:  # hub/network/builder errors all mean: this source cannot be read
+        bad = first_bad_line(source_files(path, recursive=True), kind) if kind == "folder" else None
+        if bad is not None:
+            raise UserError(
+                f"{where}.path={src.path!r} could not be read as a folder: {bad}; fix or drop that line"
+            ) from None
         first = first_line(exc)[:300]
         hint = "no such local path either; " if kind == "hub" else ""
         raise UserError(

@@ -7,6 +7,7 @@ layout of their own (Megatron, parquet) keep their `Rows` beside their reader (r
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -61,11 +62,13 @@ class StreamedRows(Rows):
     files shuffled, then a buffer of STREAM_BUFFER rows) and only as many as the mix asks for are
     downloaded and converted (`fill`), written in batches to Arrow files in the stage's work dir and
     memory-mapped; `len` is the rows read so far. The first row is peeked at open time, for the
-    column checks."""
+    column checks; the text column (`text_field`, once set) is checked on every batch read."""
 
-    def __init__(self, stream: Any, where: str, path: str):
+    def __init__(self, stream: Any, where: str, path: str, locate: Callable[[], str | None] | None = None):
         self.stream = stream
         self.where, self.path = where, path  # named in the error a failing stream gives
+        self.locate = locate  # "file:line: what is wrong" of a malformed file, where it can tell
+        self.text_field: str | None = None
         self.first = next(iter(stream.take(1)), None)
         self.column_names = list(self.first or {})
         self.exhausted = False
@@ -88,14 +91,16 @@ class StreamedRows(Rows):
             try:
                 batch = next(self._iter, None)
             except Exception as exc:  # a malformed line far into a file, a dropped connection
+                bad = self.locate() if self.locate is not None else None
                 raise UserError(
                     f"{self.where}.path={self.path!r}: the stream failed after {self._count} rows "
-                    f"({type(exc).__name__}: {first_line(exc)[:300]}); fix the data (or the connection) "
-                    "and run again"
+                    f"({bad or f'{type(exc).__name__}: {first_line(exc)[:300]}'}); fix the data "
+                    "(or the connection) and run again"
                 ) from None
             if batch is None:
                 self.exhausted = True
                 break
+            self._check_text(batch)
             table = pa.Table.from_pydict(batch)
             path = self._dir / f"rows-{len(self._tables):06d}.arrow"
             with pa.ipc.new_file(str(path), table.schema) as writer:
@@ -103,6 +108,17 @@ class StreamedRows(Rows):
             self._tables.append(pa.ipc.open_file(pa.memory_map(str(path))).read_all())
             self._count += table.num_rows
         return self._count
+
+    def _check_text(self, batch: dict[str, list]) -> None:
+        values = batch.get(self.text_field, ()) if self.text_field else ()
+        for k, value in enumerate(values):
+            if value is not None and not isinstance(value, str):
+                raise UserError(
+                    f"{self.where}.text_field={self.text_field!r}: {self.path} is not text at streamed row "
+                    f"{self._count + k}, which holds {type(value).__name__}; every row's "
+                    f"{self.text_field!r} must be a string: fix or drop that row, or give a formatting "
+                    "function that makes its text"
+                )
 
     def __len__(self) -> int:
         return self._count

@@ -99,6 +99,7 @@ def sample_and_save(
                 "documents_read": p.documents_read,
                 "documents_in_source": src.rows.documents_in_source,  # None: a stream not read to its end
                 "documents_with_special_text": p.special_text_documents,
+                "documents_empty": p.empty_documents,  # null/empty/whitespace texts, skipped
                 "documents": int(n_docs[unique].sum()),
                 "tokens_read": p.tokens_read,
                 "tokens_used": used,
@@ -143,6 +144,7 @@ def sample_and_save(
             "tokens_dropped": sum(s["tokens_dropped"] for s in per_source),
             "tokens_repeated": sum(s["tokens_repeated"] for s in per_source),
             "documents_with_special_text": sum(s["documents_with_special_text"] for s in per_source),
+            "documents_empty": sum(s["documents_empty"] for s in per_source),
         },
         "padding_fraction": 1 - total_used / ((n_train + n_eval) * d.max_length),
         "max_length": d.max_length,

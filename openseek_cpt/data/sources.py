@@ -3,7 +3,7 @@
 Used by the data stage only. The kinds and how each is read are the table in readers.py; rows.py
 is how rows are read. Everything file-dependent that can be wrong with a source is checked here,
 before any expensive work, and reported as a one-line UserError: a missing local path, an empty
-source, a text field that does not exist, a formatting function that does not import.
+source, a text field that does not exist or is not text, a formatting function that does not import.
 A relative path that exists locally (`data/foo`, even `org/name`) is always local, never a hub id:
 the original scripts sent such paths to the hub.
 """
@@ -18,6 +18,7 @@ from pathlib import Path
 from openseek_cpt.data import readers
 from openseek_cpt.data.readers import FILE_BUILDERS
 from openseek_cpt.data.rows import Rows
+from openseek_cpt.data.text_checks import check_text_column
 from openseek_cpt.errors import UserError
 from openseek_cpt.recipe.schema import SourceConfig
 
@@ -87,6 +88,12 @@ def open_source(index: int, src: SourceConfig, label: str) -> OpenSource:
         content = "tokens"
     elif src.text_field in columns:
         content = "text"
+        files = (
+            readers.source_files(str(Path(src.path).expanduser()), recursive=kind == "folder")
+            if kind in (*FILE_BUILDERS.values(), "folder")
+            else []
+        )
+        check_text_column(rows, src.text_field, where, src.path, files)
     else:
         raise UserError(
             f"{where}.text_field={src.text_field!r} is not a column of {src.path} "

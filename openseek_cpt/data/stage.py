@@ -141,7 +141,8 @@ def print_summary(manifest: dict[str, Any]) -> None:
             f"({s['train_rows']} train + {s['eval_rows']} eval rows), documents {s['documents']} "
             f"(read {s['documents_read']} of {s['documents_in_source'] or 'a stream'}), tokens {s['tokens_used']}, "
             f"dropped {s['tokens_dropped']}, repeated x{s['times_repeated']:g} ({s['tokens_repeated']} tokens), "
-            f"documents with special-token text {s['documents_with_special_text']}"
+            f"documents with special-token text {s['documents_with_special_text']}, "
+            f"empty texts skipped {s['documents_empty']}"
         )
     t = manifest["totals"]
     log.info(

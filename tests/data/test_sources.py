@@ -177,6 +177,7 @@ def test_a_stream_that_fails_midway_is_a_one_line_error_naming_the_source(tiny_w
         "\n" not in message
         and "data.sources.1.path='bad'" in message
         and "the stream failed after" in message
+        and f"{bad.name}:101: not valid JSON" in message
     )
     assert not (tiny_workdir / "datasets").exists() or not any((tiny_workdir / "datasets").iterdir())
 
