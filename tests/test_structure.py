@@ -1,7 +1,7 @@
 """The package's shape, read from its folders: imports run one way (no cycles), a stage (a folder
 that is not a shared layer, or `download`) never imports another stage, a shared layer imports no
 stage module but a leaf table, only `__main__` imports the CLI, `__init__` files import nothing,
-and exit codes are defined once in `errors`."""
+and exit codes are defined once in `errors`. Imports under `if TYPE_CHECKING:` never run and do not count."""
 
 from __future__ import annotations
 
@@ -27,8 +27,32 @@ def stage_of(module: str, package: Path = PACKAGE) -> str | None:
     return top if top == "download" else None
 
 
-def imports_of_every_module(package: Path = PACKAGE) -> dict[str, set[str]]:
-    """module -> package modules it imports anywhere (top level or inside functions)."""
+def _is_type_checking(node: ast.AST) -> bool:
+    return isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+
+
+def import_nodes(tree: ast.Module, at_load: bool = False) -> list[ast.Import | ast.ImportFrom]:
+    """The import statements that run: anywhere (top level or inside functions), or with `at_load`
+    only those that run when the module is imported (not inside a function); never the ones under
+    `if TYPE_CHECKING:`."""
+    found: list[ast.Import | ast.ImportFrom] = []
+
+    def visit(node: ast.AST) -> None:
+        for child in ast.iter_child_nodes(node):
+            if _is_type_checking(child):
+                continue
+            if at_load and isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda):
+                continue
+            if isinstance(child, ast.Import | ast.ImportFrom):
+                found.append(child)
+            visit(child)
+
+    visit(tree)
+    return found
+
+
+def imports_of_every_module(package: Path = PACKAGE, at_load: bool = False) -> dict[str, set[str]]:
+    """module -> package modules it imports (anywhere, or with `at_load` when it is imported)."""
     modules = {module_name(p, package) for p in package.rglob("*.py")}
 
     def resolve(dotted: str) -> str | None:
@@ -39,7 +63,7 @@ def imports_of_every_module(package: Path = PACKAGE) -> dict[str, set[str]]:
     graph: dict[str, set[str]] = {}
     for path in package.rglob("*.py"):
         deps: set[str] = set()
-        for node in ast.walk(ast.parse(path.read_text())):
+        for node in import_nodes(ast.parse(path.read_text()), at_load):
             if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("openseek_cpt"):
                 base = node.module.removeprefix("openseek_cpt").lstrip(".")
                 for alias in node.names:  # `from openseek_cpt.train import stage` names a module
@@ -75,6 +99,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def layer_violations(graph: dict[str, set[str]], package: Path = PACKAGE) -> list[str]:
     """Every import that breaks the layering rule, as 'importer -> imported (why)'."""
+    at_load = imports_of_every_module(package, at_load=True)
     found = []
     for module, deps in sorted(graph.items()):
         mine = stage_of(module, package)
@@ -84,8 +109,9 @@ def layer_violations(graph: dict[str, set[str]], package: Path = PACKAGE) -> lis
                 found.append(f"{module} -> cli (only __main__ imports the CLI)")
             elif theirs and mine and theirs != mine:
                 found.append(f"{module} -> {dep} (stage {mine} imports stage {theirs})")
-            elif theirs and module.split(".")[0] in SHARED_LAYERS and graph.get(dep, set()) - {"errors"}:
-                # a stage's leaf table (a choice list it owns, e.g. data.packing) may be read
+            elif theirs and module.split(".")[0] in SHARED_LAYERS and at_load.get(dep, set()) - {"errors"}:
+                # a stage's leaf table (a choice list it owns, e.g. data.packing, data.readers: a
+                # module that imports nothing of the package but errors when imported) may be read
                 found.append(f"{module} -> {dep} (a shared layer imports stage {theirs})")
     return found
 
@@ -119,11 +145,14 @@ def test_the_layer_rule_catches_a_planted_stage_import_and_a_cli_import(tmp_path
     (copy / "data" / "planted.py").write_text("def f():\n    from openseek_cpt import cli\n")
     (copy / "recipe" / "planted.py").write_text("import openseek_cpt.soup.stage\n")
     (copy / "recipe" / "reads_a_table.py").write_text("from openseek_cpt.data import packing\n")
+    (copy / "data" / "heavy_table.py").write_text("from openseek_cpt.data import stage\nNAMES = ()\n")
+    (copy / "recipe" / "reads_a_heavy_table.py").write_text("from openseek_cpt.data import heavy_table\n")
     found = layer_violations(imports_of_every_module(copy), copy)
     assert "soup.planted -> train.stage (stage soup imports stage train)" in found
     assert "data.planted -> cli (only __main__ imports the CLI)" in found
     assert "recipe.planted -> soup.stage (a shared layer imports stage soup)" in found
     assert not [f for f in found if f.startswith("recipe.reads_a_table")]  # a leaf table is allowed
+    assert "recipe.reads_a_heavy_table -> data.heavy_table (a shared layer imports stage data)" in found
 
 
 def test_stage_and_layer_init_files_import_nothing():

@@ -4,9 +4,9 @@
 place and fingerprints it: Megatron `.bin/.idx` through a memory map, parquet files by row group,
 `save_to_disk` directories memory-mapped; json/text files and hub datasets go through `datasets`'
 own Arrow cache, as `load_dataset` makes it, or as a stream (`streaming: true`, `StreamedRows`).
-Adding a source type = one `Reader` entry here (with its `Rows` if none in rows.py fits) and its
-tests in tests/data/test_sources.py; the recipe's `data.sources.N.type` choices are tied to this table
-by that test.
+Adding a source type = one `Reader` entry here (with its `Rows` in rows.py if none there fits) and
+its tests in tests/data/test_sources.py: the recipe reads its `data.sources.N.type` choices from this
+table, so this module imports nothing of the package at load but `errors` (the rest inside functions).
 """
 
 from __future__ import annotations
@@ -16,17 +16,13 @@ import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
-import numpy as np
-
-from openseek_cpt.artifacts import megatron_format
-from openseek_cpt.artifacts.fileio import canonical_hash, read_json
-from openseek_cpt.artifacts.provenance import directory_fingerprint, read_provenance, sha256_file
-from openseek_cpt.data.rows import DatasetRows, Rows, StreamedRows
-from openseek_cpt.data.text_checks import first_bad_line
 from openseek_cpt.errors import UserError, first_line
-from openseek_cpt.recipe.schema import SourceConfig
+
+if TYPE_CHECKING:  # the recipe reads READERS: this module imports no more of the package at load
+    from openseek_cpt.data.rows import Rows
+    from openseek_cpt.recipe.schema import SourceConfig
 
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text"}
 # Files above this size are fingerprinted by size + mtime: hashing them would read the whole source.
@@ -61,67 +57,21 @@ def load(kind: str, src: SourceConfig, where: str) -> tuple[Rows, str]:
 # --------------------------------------------------------------------------- megatron
 
 
-class MegatronRows(Rows):
-    """PREFIX.bin/.idx through a memory map: one row (`input_ids`) per Megatron sequence."""
-
-    def __init__(self, prefix: str):
-        self.prefix = prefix
-        self.index = megatron_format.read_index(prefix)
-        self.column_names = ["input_ids"]
-
-    def __len__(self) -> int:
-        return len(self.index.sequence_lengths)
-
-    def take(self, indices: Any, columns: list[str] | None = None) -> Any:
-        return megatron_format.read_rows(self.index, f"{self.prefix}.bin", indices)
-
-
 def _load_megatron(src: SourceConfig, where: str, path: str, kind: str) -> tuple[Rows, str]:
+    from openseek_cpt.artifacts import megatron_format
+    from openseek_cpt.data.rows import MegatronRows
+
     rows = MegatronRows(path)  # validates the files first (one-line UserError)
     return rows, f"megatron:{megatron_format.fingerprint(path)}"
 
 
-# --------------------------------------------------------------------------- parquet
-
-
-class ParquetRows(Rows):
-    """Parquet files read by row group: only the row groups (and columns) holding sampled rows."""
-
-    def __init__(self, files: list[Path]):
-        import pyarrow.parquet as pq
-
-        self.files = [pq.ParquetFile(f) for f in files]
-        self.column_names = list(self.files[0].schema_arrow.names)
-        groups = [
-            (f, g, f.metadata.row_group(g).num_rows) for f in self.files for g in range(f.num_row_groups)
-        ]
-        self.groups = [(f, g) for f, g, _ in groups]
-        self.starts = np.concatenate([[0], np.cumsum([n for _, _, n in groups])]).astype(np.int64)
-
-    def __len__(self) -> int:
-        return int(self.starts[-1])
-
-    def take(self, indices: Any, columns: list[str] | None = None) -> Any:
-        import pyarrow as pa
-
-        indices = np.asarray(indices, dtype=np.int64)
-        order = np.argsort(indices, kind="stable")
-        ordered = indices[order]
-        group_of = np.searchsorted(self.starts, ordered, side="right") - 1
-        parts = []
-        for g in np.unique(group_of):
-            f, k = self.groups[g]
-            table = f.read_row_group(int(k), columns=columns)
-            parts.append(table.take(pa.array(ordered[group_of == g] - self.starts[g])))
-        table = pa.concat_tables(parts) if parts else self.files[0].schema_arrow.empty_table()
-        return table.take(pa.array(np.argsort(order, kind="stable")))
-
-
-# --------------------------------------------------------------------------- datasets-backed kinds
+# --------------------------------------------------------------------------- files and datasets-backed kinds
 
 
 def _load_disk(src: SourceConfig, where: str, path: str, kind: str) -> tuple[Rows, str]:
     import datasets
+
+    from openseek_cpt.data.rows import DatasetRows
 
     loaded = datasets.load_from_disk(path)
     if isinstance(loaded, datasets.DatasetDict):
@@ -136,6 +86,9 @@ def _load_disk(src: SourceConfig, where: str, path: str, kind: str) -> tuple[Row
 def _load_files(src: SourceConfig, where: str, path: str, kind: str) -> tuple[Rows, str]:
     """json/jsonl, parquet and text: one file or a directory of them."""
     import datasets
+
+    from openseek_cpt.data.rows import DatasetRows, ParquetRows, StreamedRows
+    from openseek_cpt.data.text_checks import first_bad_line
 
     files = source_files(path)
     if all(f.stat().st_size == 0 for f in files):
@@ -180,6 +133,10 @@ def source_files(path: str, recursive: bool = False) -> list[Path]:
 def _load_hub(src: SourceConfig, where: str, path: str, kind: str) -> tuple[Rows, str]:
     """A hub dataset id, or (kind "folder") a local directory `load_dataset` reads."""
     import datasets
+
+    from openseek_cpt.artifacts.fileio import canonical_hash
+    from openseek_cpt.data.rows import DatasetRows, StreamedRows
+    from openseek_cpt.data.text_checks import first_bad_line
 
     try:
         ds = datasets.load_dataset(
@@ -244,6 +201,8 @@ READERS: dict[str, Reader] = {
 
 
 def _fingerprint_files(files: list[Path]) -> str:
+    from openseek_cpt.artifacts.provenance import sha256_file
+
     h = hashlib.sha256()
     for f in files:
         st = f.stat()
@@ -254,6 +213,9 @@ def _fingerprint_files(files: list[Path]) -> str:
 
 def _fingerprint_dir(path: Path) -> str:
     """The directory's provenance fingerprint, else its files (large ones by size + mtime)."""
+    from openseek_cpt.artifacts.fileio import canonical_hash, read_json
+    from openseek_cpt.artifacts.provenance import directory_fingerprint, read_provenance
+
     if read_provenance(path):
         return directory_fingerprint(path)
     state = path / "state.json"

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from openseek_cpt.artifacts import megatron_format
 from openseek_cpt.errors import UserError, first_line
 
 # Streamed sources: rows per batch read (and per Arrow file written), rows in the shuffle buffer.
@@ -136,3 +137,51 @@ class StreamedRows(Rows):
         table = pa.concat_tables(self._tables, promote_options="default")  # a column null in one batch
         table = table.select(columns) if columns else table
         return table.take(pa.array(np.asarray(indices, dtype=np.int64)))
+
+
+class MegatronRows(Rows):
+    """PREFIX.bin/.idx through a memory map: one row (`input_ids`) per Megatron sequence."""
+
+    def __init__(self, prefix: str):
+        self.prefix = prefix
+        self.index = megatron_format.read_index(prefix)
+        self.column_names = ["input_ids"]
+
+    def __len__(self) -> int:
+        return len(self.index.sequence_lengths)
+
+    def take(self, indices: Any, columns: list[str] | None = None) -> Any:
+        return megatron_format.read_rows(self.index, f"{self.prefix}.bin", indices)
+
+
+class ParquetRows(Rows):
+    """Parquet files read by row group: only the row groups (and columns) holding sampled rows."""
+
+    def __init__(self, files: list[Path]):
+        import pyarrow.parquet as pq
+
+        self.files = [pq.ParquetFile(f) for f in files]
+        self.column_names = list(self.files[0].schema_arrow.names)
+        groups = [
+            (f, g, f.metadata.row_group(g).num_rows) for f in self.files for g in range(f.num_row_groups)
+        ]
+        self.groups = [(f, g) for f, g, _ in groups]
+        self.starts = np.concatenate([[0], np.cumsum([n for _, _, n in groups])]).astype(np.int64)
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def take(self, indices: Any, columns: list[str] | None = None) -> Any:
+        import pyarrow as pa
+
+        indices = np.asarray(indices, dtype=np.int64)
+        order = np.argsort(indices, kind="stable")
+        ordered = indices[order]
+        group_of = np.searchsorted(self.starts, ordered, side="right") - 1
+        parts = []
+        for g in np.unique(group_of):
+            f, k = self.groups[g]
+            table = f.read_row_group(int(k), columns=columns)
+            parts.append(table.take(pa.array(ordered[group_of == g] - self.starts[g])))
+        table = pa.concat_tables(parts) if parts else self.files[0].schema_arrow.empty_table()
+        return table.take(pa.array(np.argsort(order, kind="stable")))

@@ -16,12 +16,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from openseek_cpt.artifacts.fileio import canonical_hash
-from openseek_cpt.data import packing
+from openseek_cpt.data import packing, readers
 from openseek_cpt.modeling import attention, experts, loss_names, router_defaults
 from openseek_cpt.soup import methods as soup_methods
 from openseek_cpt.soup.dtypes import OUTPUT_DTYPES
 
-SOURCE_TYPES = ("auto", "hub", "disk", "json", "parquet", "text", "megatron")
+# `auto` + every kind a recipe may name, read from the data stage's table (a leaf at load).
+SOURCE_TYPES = ("auto", *(name for name, reader in readers.READERS.items() if reader.selectable))
 PRECISIONS = ("bf16-mixed", "bf16-pure", "fp32")
 
 

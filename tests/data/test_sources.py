@@ -19,8 +19,17 @@ from openseek_cpt.recipe.schema import SOURCE_TYPES
 from tests.data.test_data import _recipe
 
 
-def test_the_recipe_offers_every_selectable_source_kind():
+def test_the_recipe_accepts_every_selectable_source_kind_of_the_table_and_no_other():
+    from openseek_cpt.recipe.loader import load_recipe
+
     assert ("auto", *(name for name, r in READERS.items() if r.selectable)) == SOURCE_TYPES
+    for kind in SOURCE_TYPES:
+        assert (
+            load_recipe(None, [f"data.sources=[{{path: x, ratio: 1.0, type: {kind}}}]"]).data.sources[0].type
+            == kind
+        )
+    with pytest.raises(UserError, match="is not one of auto"):
+        load_recipe(None, ["data.sources=[{path: x, ratio: 1.0, type: folder}]"])
 
 
 def test_megatron_prefix_is_a_source_and_an_export(tiny_workdir, monkeypatch):
@@ -73,7 +82,7 @@ def test_parquet_rows_read_only_the_row_groups_they_need_in_the_asked_order(tmp_
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from openseek_cpt.data.readers import ParquetRows
+    from openseek_cpt.data.rows import ParquetRows
 
     pq.write_table(
         pa.table({"text": [f"row {i}" for i in range(100)], "n": list(range(100))}),
