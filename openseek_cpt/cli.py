@@ -7,7 +7,9 @@ Stages are imported lazily so `--help` and recipe errors are instant.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
+import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -218,6 +220,55 @@ def _run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print(f"openseek-cpt {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        if not is_disk_full(exc):
+            raise
+        print(f"openseek-cpt {args.command}: error: {disk_full_message(exc, args)}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+# How a full disk or quota reaches us: an OSError from Python's own I/O, or only as text from the
+# Rust and C++ writers (safetensors: "os error 28"; torch.save: "PytorchStreamWriter failed writing file").
+DISK_FULL_TEXT = ("No space left on device", "os error 28", "Disk quota exceeded", "os error 122")
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """True when `exc` (or what it was raised from) says the disk or the quota is full."""
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(text in str(exc) for text in DISK_FULL_TEXT):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def output_of(args: argparse.Namespace) -> Path | None:
+    """Where the command writes: its output argument, or the recipe's output of its stage."""
+    for name in ("out", "prefix", "path", "workdir"):
+        if getattr(args, name, None):
+            return Path(getattr(args, name))
+    fields = {"download": "assets.model_dir", "data": "data.output_dir", "train": "train.output_dir",
+              "launch": "train.output_dir", "soup": "soup.output_dir"}  # fmt: skip
+    if args.command not in fields or not getattr(args, "recipe", None):
+        return None
+    try:
+        section, key = fields[args.command].split(".")
+        return Path(getattr(getattr(_recipe(args), section), key))
+    except UserError:
+        return None
+
+
+def disk_full_message(exc: BaseException, args: argparse.Namespace) -> str:
+    """One line for a full disk or quota: the path, what is free there now, and the fix. The stage's
+    work in progress keeps its temp name, so nothing half-written looks complete."""
+    path = Path(getattr(exc, "filename", None) or output_of(args) or ".").absolute()
+    probe = next((p for p in (path, *path.parents) if p.exists()), Path("."))
+    free = shutil.disk_usage(probe).free
+    return (
+        f"no space left on the device (or the quota) writing {path} ({free / 2**20:.0f} MiB free there "
+        "now); free space or point the output elsewhere, then rerun (the stage sweeps its leftovers)"
+    )
 
 
 def _exit_without_finalizing(code: int) -> None:
