@@ -7,6 +7,7 @@ Stages are imported lazily so `--help` and recipe errors are instant.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import os
 import shutil
@@ -15,7 +16,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 from openseek_cpt import logs
-from openseek_cpt.errors import EXIT_OK, EXIT_PREEMPTED, EXIT_USER_ERROR, Preempted, UserError
+from openseek_cpt.errors import (
+    EXIT_OK,
+    EXIT_PREEMPTED,
+    EXIT_USER_ERROR,
+    RANK_ERRORS_ENV,
+    Preempted,
+    UserError,
+)
 from openseek_cpt.recipe.loader import load_recipe
 from openseek_cpt.recipe.schema import Recipe
 
@@ -212,19 +220,27 @@ def _run(args: argparse.Namespace) -> int:
     try:
         return int(args.func(args) or EXIT_OK)
     except UserError as exc:
-        print(f"openseek-cpt {args.command}: error: {exc}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        return _fail(args, EXIT_USER_ERROR, f"error: {exc}")
     except Preempted as exc:
-        print(f"openseek-cpt {args.command}: {exc}; requeue the job to resume", file=sys.stderr)
-        return EXIT_PREEMPTED
+        return _fail(args, EXIT_PREEMPTED, f"{exc}; requeue the job to resume")
     except KeyboardInterrupt:
         print(f"openseek-cpt {args.command}: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:
         if not is_disk_full(exc):
             raise
-        print(f"openseek-cpt {args.command}: error: {disk_full_message(exc, args)}", file=sys.stderr)
-        return EXIT_USER_ERROR
+        return _fail(args, EXIT_USER_ERROR, f"error: {disk_full_message(exc, args)}")
+
+
+def _fail(args: argparse.Namespace, code: int, message: str) -> int:
+    """Print the one line; a rank under `launch` also leaves it for the launcher to print last."""
+    line = f"openseek-cpt {args.command}: {message}"
+    print(line, file=sys.stderr)
+    if folder := os.environ.get(RANK_ERRORS_ENV):
+        rank = os.environ.get("RANK", "0")
+        with contextlib.suppress(OSError):
+            Path(folder, f"rank-{rank}.txt").write_text(f"{code}\t{line}\n")
+    return code
 
 
 # How a full disk or quota reaches us: an OSError from Python's own I/O, or only as text from the

@@ -40,13 +40,21 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from openseek_cpt.artifacts.temps import pid_alive
-from openseek_cpt.errors import EXIT_FAILURE, EXIT_OK, EXIT_PREEMPTED, UserError
+from openseek_cpt.errors import (
+    EXIT_FAILURE,
+    EXIT_OK,
+    EXIT_PREEMPTED,
+    EXIT_USER_ERROR,
+    RANK_ERRORS_ENV,
+    UserError,
+)
 from openseek_cpt.logs import get_logger
 from openseek_cpt.shipped import find_shipped
 
@@ -86,7 +94,8 @@ def launch_train(recipe_path: str | Path, overrides: Sequence[str] = (), nproc: 
     log.info(" ".join(cmd))
     # Own session: we decide who gets signals. The ranks learn our PID and exit when we are gone
     # (kill -9 forwards nothing); `accelerate launch` itself gets SIGKILL when we die.
-    env = {**os.environ, LAUNCHER_PID_ENV: str(os.getpid())}
+    errors = Path(tempfile.mkdtemp(prefix="openseek-rank-errors-"))
+    env = {**os.environ, LAUNCHER_PID_ENV: str(os.getpid()), RANK_ERRORS_ENV: str(errors)}
     child = subprocess.Popen(cmd, start_new_session=True, env=env, preexec_fn=_die_with_parent)
     forwarded: list[int] = []
 
@@ -109,9 +118,29 @@ def launch_train(recipe_path: str | Path, overrides: Sequence[str] = (), nproc: 
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    earned = rank_error(errors)
+    shutil.rmtree(errors, ignore_errors=True)
+    if earned and code != EXIT_OK:
+        rank_code, line = earned
+        print(line, file=sys.stderr, flush=True)  # last, below torch's ChildFailedError report
+        return rank_code
     if forwarded and code != EXIT_OK:
         return EXIT_PREEMPTED
     return code
+
+
+def rank_error(folder: Path) -> tuple[int, str] | None:
+    """(code, one line) a rank left in `folder`: a user error (2) before a preemption (3), then the
+    lowest rank; None when no rank left one (a crash: the traceback above says what happened)."""
+    found = []
+    for path in folder.glob("rank-*.txt"):
+        with contextlib.suppress(OSError, ValueError):
+            code, line = path.read_text().rstrip("\n").split("\t", 1)
+            found.append((int(code) != EXIT_USER_ERROR, int(path.stem.split("-")[1]), int(code), line))
+    if not found:
+        return None
+    _, rank, code, line = min(found)
+    return code, f"{line} (rank {rank})"
 
 
 def derive_world(nproc: int | None = None, env: Mapping[str, str] | None = None) -> World:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import shutil
 import signal
@@ -18,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, TINY_RECIPE, WatchedProcess, copy_workdir, run_cli
+from conftest import REPO, TINY_RECIPE, WatchedProcess, copy_workdir, fresh_workdir, run_cli
 from conftest import assert_same_final_weights as assert_same_weights
 from conftest import fresh_workdir as fresh
 
@@ -285,3 +286,18 @@ def test_a_two_rank_checkpoint_resumes_on_one_process_with_the_same_loss_curve(r
     assert sorted(resumed) == list(range(1, STEPS + 1))
     for s in one:
         assert math.isclose(one[s], resumed[s], rel_tol=DDP_LOSS_RTOL), (s, one[s], resumed[s])
+
+
+def test_a_rank_that_refuses_its_input_under_launch_ends_the_launch_with_its_one_line_and_exit_2(
+    prepared, tmp_path
+):
+    """torch's ChildFailedError report comes first; the rank's own line is printed last, with its code."""
+    work = fresh_workdir(prepared, tmp_path)
+    r = subprocess.run(
+        launch_cmd("--set", "train.global_batch_size=3", "--set", "train.per_device_batch_size=1"),
+        cwd=work, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-3000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("openseek-cpt train: error: ") and "is not divisible by world_size=2" in last, last
+    assert last.endswith("(rank 0)") or last.endswith("(rank 1)"), last
