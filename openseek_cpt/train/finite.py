@@ -29,10 +29,16 @@ KEY = "train.max_nonfinite_steps"
 
 
 def _local(t: Any) -> torch.Tensor:
-    """A tensor this rank can read: a DTensor's local shard, a float as a tensor."""
-    if hasattr(t, "to_local"):
-        t = t.to_local()
-    return torch.as_tensor(t)
+    """A weight as this rank holds it: a DTensor's local shard (FSDP), else the tensor."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _norm(grad_norm: Any) -> torch.Tensor:
+    """The grad norm as a plain tensor: a DTensor (FSDP2's norm may be a partial one per rank) made
+    whole, a collective every rank runs here; a float as a tensor."""
+    if hasattr(grad_norm, "full_tensor"):
+        grad_norm = grad_norm.full_tensor()
+    return torch.as_tensor(grad_norm)
 
 
 def _max_over_ranks(flags: torch.Tensor) -> torch.Tensor:
@@ -69,7 +75,7 @@ class NonfiniteGuard:
         if self._loss_bad is not None:
             flags[0] = self._loss_bad.to(device).float()
         if grad_norm is not None:
-            flags[1] = (~torch.isfinite(_local(grad_norm).to(device))).any().float()
+            flags[1] = (~torch.isfinite(_norm(grad_norm).to(device))).any().float()
         self._loss_bad = None
         loss_bad, norm_bad = (bool(f) for f in _max_over_ranks(flags).tolist())
         if not (loss_bad or norm_bad):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_RECIPE, copy_workdir, run_cli
+from conftest import REPO, TINY_RECIPE, copy_workdir, run_cli
 from safetensors.torch import load_file
 
 from openseek_cpt.artifacts import checkpoints
@@ -87,6 +87,24 @@ def test_max_nonfinite_steps_skips_that_many_consecutive_bad_updates_then_stops(
     for skipped in range(first_bad, step):
         same = [k for k in before if "e_score_correction_bias" not in k]
         assert all(torch.equal(complete[skipped][k], before[k]) for k in same), skipped
+
+
+@pytest.mark.parametrize("config", ["ddp", "fsdp"])
+def test_every_rank_of_a_diverged_launch_stops_at_the_same_step(prepared, config):
+    """The ranks agree (the loss may differ per rank): each one stops with the same line, none waits."""
+    accelerate = REPO / "recipes" / "accelerate_configs" / f"{config}.yaml"
+    sets = (*DIVERGE, f"train.output_dir=runs/{config}", f"train.accelerate_config={accelerate}")
+    r = run_cli("launch", "--recipe", str(TINY_RECIPE), "--nproc", "2", *[a for s in sets for a in ("--set", s)],
+                cwd=prepared, timeout=600)  # fmt: skip
+    assert r.returncode != 0, r.stderr[-3000:]
+    out = r.stdout + r.stderr
+    # Each rank ended with the stage's exit code 2 (torch's summary lists them), none was killed waiting.
+    assert len(re.findall(r"exitcode\s*: 2 ", out)) == 2, out[-4000:]
+    steps = {int(m.group(1)) for m in re.finditer(ERROR.pattern.lstrip("^"), out, re.MULTILINE)}
+    assert len(steps) == 1, out[-4000:]  # one verdict
+    run = prepared / "runs" / config
+    assert max(_complete_weights(run), default=0) < steps.pop()
+    assert not (run / FINAL_SUBDIR).exists()
 
 
 def test_weights_that_are_not_finite_are_never_saved_as_a_complete_checkpoint_or_final(prepared, monkeypatch):
