@@ -250,6 +250,12 @@ class TrainConfig:
     allow_missing_keys: bool = setting(
         False, "Accept missing/unexpected keys when loading the base model (otherwise a strict load)."
     )
+    max_nonfinite_steps: int = setting(
+        0,
+        "Consecutive optimizer steps with a NaN/inf loss or grad norm to skip (their update dropped); one "
+        "more stops the run (exit 2) naming the step and the last complete checkpoint. 0: stop at the first.",
+        at_least=0,
+    )
     force_resume: bool = setting(
         False, "Resume even if the checkpoint was made with another dataset fingerprint."
     )

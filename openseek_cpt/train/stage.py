@@ -145,6 +145,7 @@ def train_or_preempt(recipe: Recipe, setup: Setup, trainer: CPTTrainer) -> Path 
 
 def save_final(recipe: Recipe, setup: Setup, trainer: CPTTrainer) -> None:
     """Write `final/` (weights + provenance) atomically; every rank takes part, rank 0 writes."""
+    trainer.check_weights_finite(str(setup.output_dir / FINAL_SUBDIR))
     # Every rank takes part in gathering the weights (FSDP: an all-gather per tensor; a rank that
     # skipped it would leave rank 0 waiting forever); rank 0 alone writes them.
     state_dict = fsdp.full_state_dict(trainer)

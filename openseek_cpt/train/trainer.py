@@ -1,5 +1,6 @@
 """The stage's Trainer: deterministic data order, completion markers and rotation after them,
-MoE-safe resume, FSDP handled as `train.fsdp` says, throughput and router metrics in the logs."""
+MoE-safe resume, FSDP handled as `train.fsdp` says, throughput and router metrics in the logs,
+non-finite steps and weights stopped (`finite`)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from openseek_cpt.artifacts import checkpoints
 from openseek_cpt.logs import get_logger
 from openseek_cpt.modeling import router_balance
 from openseek_cpt.recipe.schema import Recipe
-from openseek_cpt.train import STAGE, fsdp
+from openseek_cpt.train import STAGE, finite, fsdp
 from openseek_cpt.train.callbacks.throughput import throughput_metrics
 from openseek_cpt.train.model import load_model
 from openseek_cpt.train.sampler import EpochPermutationSampler
@@ -29,6 +30,9 @@ class CPTTrainer(Trainer):
         self.recipe = recipe
         super().__init__(*a, **kw)
         self.tokens_local = 0
+        self.nonfinite = finite.NonfiniteGuard(
+            recipe.train.max_nonfinite_steps, setup.output_dir, self.is_world_process_zero()
+        )
 
     def _get_train_sampler(self, train_dataset=None):
         # Deviation: a permutation per epoch from (seed, epoch) only, so resume replays it exactly.
@@ -49,11 +53,26 @@ class CPTTrainer(Trainer):
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         self.tokens_local += int(inputs["input_ids"].numel())
-        return super().training_step(model, inputs, num_items_in_batch)
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self.nonfinite.see_loss(loss)
+        return loss
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        # Called once per optimizer step, after the backward and clipping, before the update.
+        grad_norm = super()._get_grad_norm(model, grad_norm)
+        if self.nonfinite.skip_update(grad_norm, self.state.global_step + 1, self.args.device):
+            # No gradient at all: the optimizer skips every parameter (weights, moments, step count).
+            model.zero_grad(set_to_none=True)
+        return grad_norm
+
+    def check_weights_finite(self, target: str) -> None:
+        """UserError (every rank) if a weight is not finite: `target` is then not written."""
+        finite.check_weights(self.model, self.state.global_step, target, self.setup.output_dir)
 
     def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
         ckpt = Path(self.args.output_dir) / checkpoints.name_for(self.state.global_step)
+        self.check_weights_finite(str(ckpt))  # before any file: no marker can make it complete
+        super()._save_checkpoint(model, trial)
         self.accelerator.wait_for_everyone()  # every rank's files (rng_state_N.pth) are written
         if self.is_world_process_zero():
             kind = "FSDP" if fsdp.is_fsdp(self) else str(self.accelerator.distributed_type).rsplit(".", 1)[-1]
