@@ -112,3 +112,15 @@ def test_without_a_gpu_the_last_line_is_a_plain_verdict(tmp_path):
         r.stdout.splitlines()[-1]
         == "doctor: no GPU visible: not a training node; --allow-cpu checks the rest"
     )
+
+
+def test_a_cuda_13_build_is_a_warning_that_says_how_to_get_the_tested_stack(monkeypatch):
+    from openseek_cpt import doctor
+
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    check = next(c for c in doctor.collect(None, allow_cpu=True) if c.name == "cuda build")
+    assert check.status == "warn", check.line()
+    assert (
+        "CUDA 13.0" in check.detail
+        and "pip install --require-hashes -r container/requirements.lock" in check.detail
+    )
