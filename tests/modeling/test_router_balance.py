@@ -241,3 +241,24 @@ def test_kill_9_after_a_checkpoint_then_restart_ends_with_the_bitwise_same_bias_
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resuming from runs/tiny/checkpoint-" in r.stdout + r.stderr
     assert_same_final_weights(stage_reference, work / "runs" / "tiny")
+
+
+def test_the_counters_live_on_the_models_device_from_train_begin_and_are_never_moved_by_the_hook():
+    """The Trainer moves the model after the callback is built: the counters follow at train begin,
+    once, so the forward hook never swaps tensors (a recompile under torch.compile)."""
+    with torch.device("meta"):
+        model = tiny_moe()
+    cb = RouterBalanceCallback(model, rate=RATE)
+    assert cb.counts.device.type == "meta"
+    model.to_empty(device="cpu")  # what moving the model to its training device does to the biases
+    for _, router in cb.routers:
+        router.e_score_correction_bias.zero_()
+    cb.on_train_begin(None, None, None)
+    counts = cb.counts
+    assert counts.device.type == "cpu"
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            p.normal_(0, 0.02)
+        for ids in micro_batches(2):
+            model(input_ids=ids)
+    assert cb.counts is counts and int(counts.sum()) > 0
