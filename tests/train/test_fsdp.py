@@ -68,7 +68,7 @@ def test_both_ranks_run_fsdp2_and_write_one_ddp_layout_copy_per_checkpoint(fsdp_
 
     run, output = fsdp_run
     for rank in (0, 1):  # said by each rank, from its own prepared model
-        assert f"rank {rank}: FSDP2, " in output, output[-3000:]
+        assert f"[train rank {rank}] FSDP2, " in output, output[-3000:]
     assert sorted(checkpoints.step_of(p) for p in checkpoints.list_checkpoints(run)) == [9, 12]
     base_keys = set(load_file(prepared / "models" / "tiny-openseek" / "model.safetensors"))
     for step in (9, 12):

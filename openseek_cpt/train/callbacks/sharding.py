@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import torch
 from transformers import TrainerCallback
 
-from openseek_cpt.logs import get_logger
+from openseek_cpt.logs import EVERY_RANK, get_logger
 from openseek_cpt.train import STAGE
 
 log = get_logger(STAGE)
@@ -19,11 +18,11 @@ class ShardingReport(TrainerCallback):
 
         params = list(model.parameters()) if model is not None else []
         sharded = [p for p in params if isinstance(p, DTensor)]
-        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-        if sharded:
+        if sharded:  # every rank speaks: the lines are `[train rank N] ...` (logs.EVERY_RANK)
             mesh = sharded[0].device_mesh.size()
             log.info(
-                f"rank {rank}: FSDP2, {len(sharded)} of {len(params)} parameters are DTensors over {mesh} ranks"
+                f"FSDP2, {len(sharded)} of {len(params)} parameters are DTensors over {mesh} ranks",
+                extra=EVERY_RANK,
             )
         else:
-            log.info(f"rank {rank}: {len(params)} parameters, each held whole (not sharded)")
+            log.info(f"{len(params)} parameters, each held whole (not sharded)", extra=EVERY_RANK)
