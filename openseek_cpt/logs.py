@@ -17,7 +17,7 @@ ROOT = "openseek_cpt"
 EVERY_RANK = {"every_rank": True}
 
 
-def _rank() -> tuple[int, int]:
+def rank_and_world() -> tuple[int, int]:
     """(rank, world size) of this process as the launcher set them; (0, 1) outside a launcher."""
     return int(os.environ.get("RANK", "0") or 0), int(os.environ.get("WORLD_SIZE", "1") or 1)
 
@@ -46,7 +46,7 @@ class _RankZeroFilter(logging.Filter):
 
 def setup(level: int = logging.INFO) -> None:
     """Route the package's loggers to stdout as `[stage] message`, once per process."""
-    rank, world = _rank()
+    rank, world = rank_and_world()
     logger = logging.getLogger(ROOT)
     for handler in list(logger.handlers):
         logger.removeHandler(handler)

@@ -54,7 +54,7 @@ def load_model(recipe: Recipe, model_dir: str | None = None):
             )
         if process_rank() == 0:
             log.warning(f"loaded {model_dir} with {summary} (train.allow_missing_keys)")
-    elif process_rank() == 0:
+    else:  # an info line: logs prints it once per job (rank 0)
         log.info(f"loaded {model_dir} strictly: no missing, unexpected or mismatched keys")
     # Deviation from the checkpoint config: with use_cache=True a cache is built even in training,
     # and transformers then ignores the per-document position resets (documents see each other).

@@ -14,7 +14,7 @@ from openseek_cpt.artifacts.atomic import check_output_dir
 from openseek_cpt.artifacts.provenance import directory_fingerprint
 from openseek_cpt.artifacts.run_lock import RunLock
 from openseek_cpt.errors import UserError
-from openseek_cpt.logs import get_logger
+from openseek_cpt.logs import get_logger, rank_and_world
 from openseek_cpt.recipe.schema import Recipe
 from openseek_cpt.train import STAGE, fsdp
 from openseek_cpt.train.training_args import build_training_args, gradient_accumulation
@@ -24,7 +24,7 @@ log = get_logger(STAGE)
 
 def process_rank() -> int:
     """This process's global rank (torchrun's RANK; 0 outside a launch): rank 0 speaks for the run."""
-    return int(os.environ.get("RANK", "0"))
+    return rank_and_world()[0]
 
 
 @dataclasses.dataclass
