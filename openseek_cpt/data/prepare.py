@@ -32,6 +32,8 @@ ESTIMATE_DOCS = 256
 # a longer document is checked on its prefix and its tokens extrapolated, so a 50 MB single-line
 # document costs the main process no more than this.
 SAMPLE_CHARS = 100_000
+# Documents per batch encoded in this process (the array paths).
+IN_PROCESS_BATCH = 8192
 # Tokens per packing worker below which packing stays in this process (see tokenize_and_pack).
 PACK_TOKENS_PER_WORKER = 32_000_000
 
@@ -175,15 +177,17 @@ def tokenize_and_pack(
     num_proc = max(1, min(d.num_proc, len(indices) // 1000 + 1))  # no worker pool for tiny chunks
     common = {"num_proc": num_proc if num_proc > 1 else None, "load_from_cache_file": False}
     docs = read_rows(src, indices, work / f"{tag}-rows-in.arrow", short_hash([tag, "select"]))
-    # The tiktoken path encodes in this process on num_proc threads (tiktoken releases the GIL):
-    # no worker start-up, no tokenizer pickled into workers, one large batch per thread pool.
-    # The documents are the same either way.
-    in_process = encoder.path == "tiktoken" and src.content != "tokens" and num_proc > 1
+    # The array paths encode in this process: gigatoken on its own Rust threads, tiktoken on num_proc
+    # threads (it releases the GIL): no worker start-up, no tokenizer pickled into workers, large
+    # batches. The documents are the same either way.
+    in_process = src.content != "tokens" and (
+        encoder.path == "gigatoken" or (encoder.path == "tiktoken" and num_proc > 1)
+    )
     encoder.threads = num_proc if in_process else 1
     docs = docs.with_format("arrow").map(
         encoder,
         batched=True,
-        batch_size=8192 if in_process else 1000,
+        batch_size=IN_PROCESS_BATCH if in_process else 1000,
         fn_kwargs={"content": src.content, "text_field": src.config.text_field, "formatting": src.formatting},
         remove_columns=docs.column_names,
         cache_file_name=str(work / f"{tag}-tok.arrow"),

@@ -203,10 +203,37 @@ def test_every_document_ends_with_exactly_one_eos(tiny_workdir, monkeypatch):
     assert table.column("doc_start").to_pylist() == [[1, 0, 0], [1, 0, 0], [1]]
 
 
+def test_gigatoken_path_serves_a_tokenizer_json_with_its_post_processor(tiny_workdir, monkeypatch):
+    """An HF tokenizer.json (byte-level BPE) goes through GigaToken once its ids matched
+    `tokenizer(texts, split_special_tokens=True)`: special strings in text stay text, and what the
+    post-processor adds around a text (here an eos) is added too."""
+    from tokenizers.processors import TemplateProcessing
+
+    recipe = _recipe(tiny_workdir, monkeypatch=monkeypatch)
+    tok = load_tokenizer(recipe)
+    eos_text = tok.eos_token
+    texts = ["hello world", f"a{eos_text}b ends{eos_text}", "", None, "ünïcode  spaces\n\ttabs" * 50]
+    slow = Encoder(tok).encode(texts)
+    encoder = Encoder(tok)
+    assert encoder.choose_path(texts) == tok([t or "" for t in texts], split_special_tokens=True)["input_ids"]
+    assert encoder.path == "gigatoken" and "tokenizer.json" in encoder.giga.about
+    assert encoder.encode(texts) == slow
+    tok.backend_tokenizer.post_processor = TemplateProcessing(
+        single=f"$A {eos_text}", special_tokens=[(eos_text, tok.eos_token_id)]
+    )
+    encoder = Encoder(tok)
+    expected = encoder.end_with_eos(encoder.choose_path(texts))
+    assert encoder.path == "gigatoken" and encoder.giga.suffix == [tok.eos_token_id]
+    assert encoder.encode(texts) == expected == slow
+
+
 def test_fast_backend_path_gives_the_tokenizers_own_ids(tiny_workdir, monkeypatch):
     """The Rust `encode_batch_fast` path is taken only after it matched `tokenizer(texts)`, and matches it."""
     from tokenizers.processors import TemplateProcessing
 
+    from openseek_cpt.data import giga
+
+    monkeypatch.setattr(giga, "load", lambda tokenizer, encoding: (None, "left out by this test"))
     recipe = _recipe(tiny_workdir, monkeypatch=monkeypatch)
     tok = load_tokenizer(recipe)
     eos_text = tok.eos_token
@@ -229,6 +256,9 @@ def test_fast_backend_path_gives_the_tokenizers_own_ids(tiny_workdir, monkeypatc
 
 def test_a_fast_path_that_disagrees_is_not_used_and_the_ids_stay_correct(tiny_workdir, monkeypatch):
     """A backend whose ids differ from tokenizer(texts) is not used: the fallback is said and correct."""
+    from openseek_cpt.data import giga
+
+    monkeypatch.setattr(giga, "load", lambda tokenizer, encoding: (None, "left out by this test"))
     recipe = _recipe(tiny_workdir, monkeypatch=monkeypatch)
     tok = load_tokenizer(recipe)
     texts = ["Hello World", "MiXeD case text", "lower"]

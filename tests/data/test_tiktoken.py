@@ -49,12 +49,37 @@ def test_the_fixture_tokenizer_is_openseeks_shape(tokenizer_dir):
     assert FIRST_SPECIAL_ID in tok(SPECIAL_DOC)["input_ids"]
 
 
-def test_tiktoken_path_is_chosen_and_gives_the_tokenizers_own_ids(tokenizer_dir):
+def test_gigatoken_path_is_chosen_first_and_gives_the_tokenizers_own_ids(tokenizer_dir):
+    import pyarrow as pa
+
+    tok = _tokenizer(tokenizer_dir)
+    texts = _texts()
+    encoder = Encoder(tok)
+    reference = encoder.choose_path(texts)
+    assert encoder.path == "gigatoken" and "same ids" in encoder.path_note
+    assert "qwen2" in encoder.giga.about  # the scheme whose split equals the Qwen pattern
+    assert reference == tok(texts)["input_ids"]
+    assert encoder.encode(texts) == [ids + [tok.eos_token_id] for ids in reference]
+    # the Arrow column route (no Python str per text): empty texts dropped, special strings counted
+    column = pa.array([*texts, None, SPECIAL_DOC])
+    table = encoder.from_text_column(column)
+    kept = [t for t in texts if t and not t.isspace()]
+    assert table.column("input_ids").to_pylist() == [*encoder.encode(kept), *encoder.encode([SPECIAL_DOC])]
+    assert table.column("special_text").to_pylist() == [0] * len(kept) + [1]
+
+
+def test_tiktoken_path_is_chosen_without_gigatoken_and_gives_the_tokenizers_own_ids(
+    tokenizer_dir, monkeypatch
+):
+    from openseek_cpt.data import giga
+
+    monkeypatch.setattr(giga, "load", lambda tokenizer, encoding: (None, "left out by this test"))
     tok = _tokenizer(tokenizer_dir)
     texts = _texts()
     encoder = Encoder(tok)
     reference = encoder.choose_path(texts)
     assert encoder.path == "tiktoken" and "same ids" in encoder.path_note
+    assert "gigatoken path not available: left out by this test" in encoder.path_note
     assert reference == tok(texts)["input_ids"]  # no special strings in these texts
     assert encoder.encode(texts) == [ids + [tok.eos_token_id] for ids in reference]
     assert encoder.nfc  # the tokenizer NFC-normalizes; the fast path does too (decomposed text above)
@@ -64,8 +89,9 @@ def test_tiktoken_path_is_chosen_and_gives_the_tokenizers_own_ids(tokenizer_dir)
 
 def test_special_token_strings_in_text_are_encoded_as_text_on_every_path(tokenizer_dir):
     tok = _tokenizer(tokenizer_dir)
-    for path in ("tiktoken", "tokenizer"):
+    for path in ("gigatoken", "tiktoken", "tokenizer"):
         encoder = Encoder(tok)
+        encoder.choose_path(["plain text"])
         encoder.path = path
         (ids,) = encoder.encode([SPECIAL_DOC])
         assert ids[-1] == tok.eos_token_id
@@ -96,6 +122,20 @@ def test_a_tiktoken_path_that_disagrees_is_not_used_and_ids_stay_correct(tokeniz
     assert encoder.encode(texts) == right
 
 
+def test_a_gigatoken_path_that_splits_text_differently_is_not_used(tokenizer_dir, monkeypatch):
+    """A GigaToken twin with another pretokenizer scheme (gpt2's split) is caught on the sample."""
+    import gigatoken
+
+    from openseek_cpt.data import giga
+
+    tok = _tokenizer(tokenizer_dir)
+    other = gigatoken.Tokenizer.from_tiktoken(tok.vocab_file, pretokenizer="gpt2", special_tokens={})
+    monkeypatch.setattr(giga, "load", lambda tokenizer, encoding: (giga.Giga(other, [], [], "gpt2"), ""))
+    encoder = Encoder(tok)
+    encoder.choose_path(_texts())
+    assert encoder.path == "tiktoken" and "gigatoken path disagrees" in encoder.path_note
+
+
 def _recipe(work: Path, tokenizer_dir: Path, sources: list[dict], **data_keys):
     raw = {
         "assets": {"model_dir": str(work / "no-model"), "tokenizer_trust_remote_code": True},
@@ -124,7 +164,7 @@ def test_data_stage_with_the_tiktoken_tokenizer_reports_its_path_and_special_tex
     sources = [{"path": str(tmp_path / "web.jsonl"), "ratio": 1.0}]
     out = data.run(_recipe(tmp_path, tokenizer_dir, sources, read_margin=10.0))
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["tokenizer_path"] == "tiktoken" and manifest["vocab_size"] == REAL_VOCAB
+    assert manifest["tokenizer_path"] == "gigatoken" and manifest["vocab_size"] == REAL_VOCAB
     (src,) = manifest["sources"]
     assert src["documents_read"] == src["documents_in_source"]  # the share needs every document here
     assert src["documents_with_special_text"] == manifest["totals"]["documents_with_special_text"] == 1

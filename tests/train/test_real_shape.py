@@ -108,10 +108,10 @@ def test_download_loads_remote_code_tokenizer_and_native_model_strictly(real_run
     assert (config["vocab_size"], config["n_routed_experts"], config["hidden_size"]) == (REAL_VOCAB, 64, 1280)
 
 
-def test_data_uses_the_tiktoken_path_counts_special_text_and_exports_int32(real_run):
+def test_data_uses_the_gigatoken_path_counts_special_text_and_exports_int32(real_run):
     work, logs = real_run
     manifest = json.loads((work / "datasets/real/manifest.json").read_text())
-    assert manifest["tokenizer_path"] == "tiktoken" and "[data] tokenizer path: tiktoken" in logs["data"]
+    assert manifest["tokenizer_path"] == "gigatoken" and "[data] tokenizer path: gigatoken" in logs["data"]
     assert manifest["vocab_size"] == REAL_VOCAB and manifest["eos_token_id"] == 151850
     assert manifest["pad_token_id"] == 151643
     by_label = {s["label"]: s for s in manifest["sources"]}

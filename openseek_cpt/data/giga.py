@@ -1,0 +1,139 @@
+"""The GigaToken path of the encoder: the same BPE in Rust, on all cores, over Arrow text buffers.
+
+GigaToken (PyPI `gigatoken`, what Megatron-LM's `preprocess_data_fast.py` uses) encodes a batch
+of documents from one flat buffer on its own thread pool, with the GIL released. It serves:
+- a tiktoken `Encoding` (OpenSeek's and Qwen's remote-code tokenizers): its ranks, loaded with the
+  GigaToken pretokenizer scheme whose ids equal the Encoding's on a probe text (a .tiktoken file
+  names no scheme), and no special tokens: raw text stays text;
+- an HF fast tokenizer's `tokenizer.json` (byte-level BPE), with its special added tokens removed
+  (as `split_special_tokens=True` does) and what its post-processor adds around a text put back.
+`load` returns None, with the reason, where neither applies; the encoder still compares the ids
+with the tokenizer's own on the estimate sample before it uses this path (encoder.choose_path).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+# GigaToken's named pretokenizer schemes, tried in this order against a tiktoken Encoding's split pattern.
+SCHEMES = ("qwen2", "qwen35", "gpt4", "o200k", "gpt2", "deepseek_v3", "olmo3", "nemotron", "kimi")
+# Text on which the pretokenizer schemes disagree: contractions, digit runs, letters of several
+# scripts, punctuation runs, newlines and space runs, emoji.
+PROBE = (
+    "It's THEY'RE we'll I'M 1234567 3.14159 x=y+1; def f(a, b):\n\treturn a**2\r\n\r\n"
+    "   spaces   \n\n\n  Ünïcödé 中文字符测试 日本語 한국어 Ελληνικά кириллица 😀👍🏽 ...!!! ?? "
+    "<tag attr='v'>  </tag>\u00a0\u2003end. 'S 's 'Ll\n"
+)
+
+
+@dataclass
+class Giga:
+    """A GigaToken tokenizer plus the ids its HF tokenizer adds around each text (post-processor)."""
+
+    tokenizer: Any
+    prefix: list[int]
+    suffix: list[int]
+    about: str
+
+    def encode(self, texts: Any) -> tuple[np.ndarray, np.ndarray]:
+        """(all ids int32, ids per text int64) of an Arrow string array (no nulls), on all cores."""
+        values, offsets = _flat(self.tokenizer.encode_batch(_awkward_strings(texts)))
+        lengths = np.diff(offsets)
+        if not (self.prefix or self.suffix):
+            return values.astype(np.int32), lengths
+        out_lengths = lengths + len(self.prefix) + len(self.suffix)
+        starts = np.cumsum(out_lengths) - out_lengths
+        out = np.empty(int(out_lengths.sum()), dtype=np.int32)
+        body = np.ones(len(out), dtype=bool)
+        for k, token in enumerate(self.prefix):
+            out[starts + k], body[starts + k] = token, False
+        for k, token in enumerate(self.suffix):
+            at = starts + out_lengths - len(self.suffix) + k
+            out[at], body[at] = token, False
+        out[body] = values
+        return out, out_lengths
+
+
+def load(tokenizer: Any, encoding: Any) -> tuple[Giga | None, str]:
+    """(the GigaToken twin of `tokenizer`, or None, and why)."""
+    try:
+        import gigatoken
+    except ImportError:
+        return None, "gigatoken is not installed"
+    try:
+        if encoding is not None:
+            return _from_tiktoken(gigatoken, encoding)
+        if getattr(tokenizer, "is_fast", False):
+            return _from_tokenizer_json(gigatoken, tokenizer)
+    except Exception as exc:  # a tokenizer GigaToken cannot load is simply not served by this path
+        return None, f"gigatoken cannot load it ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
+    return None, "neither a tiktoken encoding nor a fast tokenizer"
+
+
+def _from_tiktoken(gigatoken: Any, encoding: Any) -> tuple[Giga | None, str]:
+    ranks = encoding._mergeable_ranks
+    expected = encoding.encode_ordinary(PROBE)
+    fd, path = tempfile.mkstemp(suffix=".tiktoken")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.writelines(base64.b64encode(token) + b" %d\n" % rank for token, rank in ranks.items())
+        for scheme in SCHEMES:
+            try:
+                tok = gigatoken.Tokenizer.from_tiktoken(path, pretokenizer=scheme, special_tokens={})
+            except Exception:  # a scheme this GigaToken does not know
+                continue
+            if tok.encode(PROBE).tolist() == expected:
+                return Giga(tok, [], [], f"tiktoken ranks, pretokenizer {scheme}"), ""
+    finally:
+        os.unlink(path)
+    return None, "no GigaToken pretokenizer scheme splits text as the tiktoken pattern does"
+
+
+def _from_tokenizer_json(gigatoken: Any, tokenizer: Any) -> tuple[Giga | None, str]:
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    if (spec.get("model") or {}).get("type") != "BPE":
+        return None, f"a {(spec.get('model') or {}).get('type')} model, not BPE"
+    # Raw text is text: special tokens are not matched in it (HF's split_special_tokens=True).
+    spec["added_tokens"] = [t for t in spec.get("added_tokens") or [] if not t.get("special")]
+    spec["post_processor"] = None
+    spec["truncation"] = spec["padding"] = None
+    tok = gigatoken.Tokenizer.from_json(json.dumps(spec))
+    probe = "a"
+    bare = tokenizer(probe, add_special_tokens=False)["input_ids"]
+    full = tokenizer(probe)["input_ids"]
+    at = next((i for i in range(len(full) - len(bare) + 1) if full[i : i + len(bare)] == bare), None)
+    if at is None:
+        return None, "its post-processor changes the text's own ids"
+    return Giga(tok, full[:at], full[at + len(bare) :], "tokenizer.json"), ""
+
+
+def _awkward_strings(texts: Any) -> Any:
+    """An Arrow string array as an awkward array of strings over the same buffers (no Python str per text)."""
+    import awkward as ak
+    import pyarrow as pa
+
+    if texts.type != pa.large_string():
+        texts = texts.cast(pa.large_string())
+    _, offsets, data = texts.buffers()
+    offsets = np.frombuffer(offsets, dtype=np.int64)[texts.offset : texts.offset + len(texts) + 1]
+    data = np.frombuffer(data, dtype=np.uint8) if data is not None else np.empty(0, np.uint8)
+    content = ak.contents.NumpyArray(data, parameters={"__array__": "char"})
+    layout = ak.contents.ListOffsetArray(
+        ak.index.Index64(offsets), content, parameters={"__array__": "string"}
+    )
+    return ak.Array(layout)
+
+
+def _flat(ids: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(values, offsets from 0) of GigaToken's awkward result, without a Python object per document."""
+    layout = ids.layout
+    offsets = np.asarray(layout.offsets.data).astype(np.int64)
+    values = np.asarray(layout.content.data)[offsets[0] : offsets[-1]]
+    return values, offsets - offsets[0]
