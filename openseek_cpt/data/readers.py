@@ -101,6 +101,10 @@ def _load_files(src: SourceConfig, where: str, path: str, kind: str) -> tuple[Ro
                 f"{where}.path={src.path!r} could not be read as parquet ({type(exc).__name__}: {first_line(exc)[:300]}); "
                 "check the file or set type"
             ) from None
+    if kind == "json" and not src.streaming and all(map(_is_json_lines, files)):
+        from openseek_cpt.data.rows import JsonLinesRows
+
+        return JsonLinesRows(files, where, src.path), _fingerprint_files(files)
     try:
         ds = datasets.load_dataset(
             kind, data_files=[str(f) for f in files], split="train", streaming=src.streaming
@@ -119,6 +123,20 @@ def _load_files(src: SourceConfig, where: str, path: str, kind: str) -> tuple[Ro
             "check the file or set type"
         ) from None
     return DatasetRows(ds), _fingerprint_files(files)
+
+
+def _is_json_lines(path: Path) -> bool:
+    """Does the file hold one JSON object per line (read in place), not one JSON document?"""
+    import json
+
+    with path.open("rb") as f:
+        for raw in f:
+            if raw.strip():
+                try:
+                    return isinstance(json.loads(raw), dict)
+                except ValueError:
+                    return False
+    return True
 
 
 def source_files(path: str, recursive: bool = False) -> list[Path]:
@@ -188,7 +206,13 @@ READERS: dict[str, Reader] = {
             "hub", "a dataset on the Hugging Face hub (`load_dataset(path, name, split)`)", True, _load_hub
         ),
         Reader("disk", "a `save_to_disk` directory, memory-mapped", False, _load_disk),
-        Reader("json", "json/jsonl files, through the `datasets` cache", True, _load_files),
+        Reader(
+            "json",
+            "json/jsonl files: JSON Lines read in place (sampled lines only), a JSON document through the "
+            "`datasets` cache",
+            True,
+            _load_files,
+        ),
         Reader("parquet", "parquet files, read by row group", False, _load_files),
         Reader("text", "text files (a line per document), through the `datasets` cache", True, _load_files),
         Reader("megatron", "a Megatron PREFIX (.bin + .idx), memory-mapped", False, _load_megatron),
