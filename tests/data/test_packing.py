@@ -57,3 +57,42 @@ def test_recipe_accepts_every_strategy_of_the_table(name):
 def test_recipe_rejects_a_strategy_not_in_the_table_and_lists_the_table():
     with pytest.raises(UserError, match="data.packing='greedy' is not one of " + ", ".join(packing.NAMES)):
         load_recipe(TINY_RECIPE, ["data.packing=greedy"])
+
+
+@pytest.mark.parametrize("name", packing.NAMES)
+def test_packing_by_index_gives_the_rows_trl_gives(name):
+    """The stage packs by index over document lengths (index_packing.plan); TRL's pack_dataset on the
+    same documents, in its default map batches, is the reference: the same rows, the same segments."""
+    import numpy as np
+    from datasets import Dataset
+
+    from openseek_cpt.data import index_packing
+
+    rng = np.random.default_rng(7)
+    max_length = 16
+    # ties, documents of exactly max_length, longer ones, and more than one packing batch
+    lengths = np.concatenate([rng.integers(1, 3 * max_length, 2300), [max_length] * 5, [1] * 5])
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    ids = [list(range(s, s + n)) for s, n in zip(starts.tolist(), lengths.tolist(), strict=True)]
+    doc_start = [[1] + [0] * (n - 1) for n in lengths.tolist()]
+    docs = Dataset.from_dict({"input_ids": ids, "doc_start": doc_start})
+    reference = packing.get(name).pack(docs, max_length, {"load_from_cache_file": False}).with_format(None)
+    plan = index_packing.plan(name, lengths, max_length)
+    flat = np.arange(int(lengths.sum()))
+    rows = [
+        [
+            flat[starts[d] + s : starts[d] + s + n].tolist()
+            for d, s, n in zip(
+                plan.seg_doc[a:b].tolist(),
+                plan.seg_start[a:b].tolist(),
+                plan.seg_len[a:b].tolist(),
+                strict=True,
+            )
+        ]
+        for a, b in zip(plan.row_offsets[:-1].tolist(), plan.row_offsets[1:].tolist(), strict=True)
+    ]
+    assert [sum(r, []) for r in rows] == reference["input_ids"]
+    if "seq_lengths" in reference.column_names:
+        assert [[len(s) for s in r] for r in rows] == reference["seq_lengths"]
+    assert plan.row_documents().tolist() == [sum(x) for x in reference["doc_start"]]
+    assert plan.row_tokens().tolist() == [len(r) for r in reference["input_ids"]]
