@@ -15,6 +15,10 @@ from openseek_cpt.artifacts.fileio import read_json
 from openseek_cpt.errors import UserError, first_line
 
 MANIFEST = "manifest.json"
+# The layout's version, in the manifest's "format" (absent: 1). 2: train rows are stored in the order
+# they were packed (each drawn row as many times as drawn), not shuffled: the train stage's sampler
+# permutes them every epoch; the eval split stays shuffled. Readers accept every version up to this.
+FORMAT = 2
 
 
 def read_manifest(dataset_dir: str | Path) -> dict[str, Any]:
@@ -36,6 +40,12 @@ def load_split(dataset_dir: str | Path, split: str, field: str) -> Any:
         raise UserError(
             f"{field}: dataset {str(dataset_dir)!r} does not exist; run `openseek-cpt data` first "
             "or point it at a prepared dataset"
+        )
+    made = read_manifest(dataset_dir).get("format", 1)
+    if not isinstance(made, int) or made > FORMAT:
+        raise UserError(
+            f"{field}: {dataset_dir} has dataset format {made!r}, newer than this openseek-cpt reads "
+            f"(up to {FORMAT}); prepare it again with this version or upgrade openseek-cpt"
         )
     try:
         data = load_from_disk(str(dataset_dir))

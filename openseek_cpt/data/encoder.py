@@ -341,13 +341,13 @@ def documents_table(values: np.ndarray, lengths: np.ndarray, special: np.ndarray
     """Arrow table: input_ids and doc_start (list per document), special_text (per document)."""
     import pyarrow as pa
 
-    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)  # no wrap past 2**31 tokens
     starts = np.zeros(len(values), dtype=np.uint8)
     starts[offsets[:-1][lengths > 0]] = 1
     return pa.Table.from_arrays(
         [
-            pa.ListArray.from_arrays(pa.array(offsets), pa.array(values)),
-            pa.ListArray.from_arrays(pa.array(offsets), pa.array(starts)),
+            pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(values)),
+            pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(starts)),
             pa.array(special),
         ],
         names=["input_ids", "doc_start", "special_text"],

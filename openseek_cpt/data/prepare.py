@@ -1,27 +1,29 @@
 """Tokenize and pack one source: only as many randomly chosen documents as its share needs.
 
 `prepare_source` estimates tokens per document from a sample (on each sample document's first
-SAMPLE_CHARS characters), reads that many documents (plus `read_margin`, topped up if short),
-tokenizes them (encoder.py) and packs them (packing.py) into rows with `input_ids`, `seq_lengths`
-(document segments) and `n_docs`. Every datasets operation
-gets an explicit cache file in the stage's work dir and a fingerprint from `short_hash`, so nothing
-random or path-dependent reaches the output.
+SAMPLE_CHARS characters), reads that many documents (plus `read_margin`, topped up if short) in
+bounded batches, tokenizes them (encoder.py) into a flat token file of the work dir (token_store.py)
+and packs them by index over their lengths (index_packing.py): a round of reading is a `Part`, its
+tokens plus the plan of its rows. No token is copied until the output rows are written (sample.py).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import multiprocessing
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from openseek_cpt.artifacts.fileio import canonical_hash
-from openseek_cpt.data import STAGE, packing
+from openseek_cpt.data import STAGE, index_packing, packing
 from openseek_cpt.data.encoder import Encoder, is_empty
-from openseek_cpt.data.rows import DatasetRows, StreamedRows
+from openseek_cpt.data.rows import StreamedRows
 from openseek_cpt.data.sources import OpenSource
+from openseek_cpt.data.token_store import TokenStore
 from openseek_cpt.errors import UserError
 from openseek_cpt.logs import get_logger
 from openseek_cpt.recipe.schema import Recipe
@@ -34,8 +36,8 @@ ESTIMATE_DOCS = 256
 SAMPLE_CHARS = 100_000
 # Documents per batch encoded in this process (the array paths).
 IN_PROCESS_BATCH = 8192
-# Tokens per packing worker below which packing stays in this process (see tokenize_and_pack).
-PACK_TOKENS_PER_WORKER = 32_000_000
+# Documents per batch an encoding worker process takes (the tokenizer's own and the Rust paths).
+WORKER_BATCH = 1000
 
 log = get_logger(STAGE)
 
@@ -46,24 +48,43 @@ def short_hash(obj: Any) -> str:
 
 
 @dataclass
+class Part:
+    """The documents of one round of reading: their tokens and the rows they pack into."""
+
+    store: TokenStore
+    plan: index_packing.Plan
+
+
+@dataclass
 class PackedSource:
-    """One source's packed rows (Dataset: input_ids, seq_lengths, n_docs) and what it cost."""
+    """One source's packed rows (its parts, in order) and what they cost."""
 
     source: OpenSource
-    rows: Any
+    parts: list[Part] = field(default_factory=list)
     documents_read: int = 0
     tokens_read: int = 0
     tokens_dropped: int = 0
     special_text_documents: int = 0
     empty_documents: int = 0  # null, empty or whitespace-only texts: read, skipped
 
+    def row_tokens(self) -> np.ndarray:
+        return _concat([p.plan.row_tokens() for p in self.parts])
+
+    def row_documents(self) -> np.ndarray:
+        return _concat([p.plan.row_documents() for p in self.parts])
+
+    def row_segments(self) -> np.ndarray:
+        return _concat([np.diff(p.plan.row_offsets) for p in self.parts])
+
+
+def _concat(arrays: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate(arrays).astype(np.int64) if arrays else np.empty(0, np.int64)
+
 
 def prepare_source(
     src: OpenSource, encoder: Encoder, recipe: Recipe, need: int, work: Path, build_id: str
 ) -> PackedSource:
     """Tokenize and pack enough randomly chosen documents of `src` for `need` rows (all if short)."""
-    from datasets import concatenate_datasets
-
     d = recipe.data
     stream = src.rows if isinstance(src.rows, StreamedRows) else None
     if stream is not None:  # rows come in a seeded shuffled order: read them in that order
@@ -78,8 +99,8 @@ def prepare_source(
     per_doc = estimate_tokens_per_doc(src, encoder, order[:ESTIMATE_DOCS], d.max_length, strategy)
     docs_needed = need if strategy.one_row_per_document else math.ceil(need * d.max_length / per_doc)
     take = math.ceil(docs_needed * (1 + d.read_margin)) + 1
-    result = PackedSource(src, rows=None)
-    parts, pos = [], 0
+    result = PackedSource(src)
+    parts, pos = result.parts, 0
     while True:
         if stream is not None and not stream.exhausted:
             n_docs = stream.fill(pos + take)  # read only what this round takes
@@ -98,14 +119,13 @@ def prepare_source(
         result.tokens_read += int(lengths.sum())
         if strategy.truncates_documents:
             result.tokens_dropped += int(np.maximum(lengths - d.max_length, 0).sum())
-        have = sum(len(p) for p in parts)
+        have = sum(len(p.plan) for p in parts)
         if have >= need or (pos >= n_docs and (stream is None or stream.exhausted)):
             break
         take = math.ceil((need - have) * pos / have * (1 + d.read_margin)) + 1
         log.info(
             f"{src.label}: {have} rows from {pos} documents, short of {need}: topping up with {take} more"
         )
-    result.rows = parts[0] if len(parts) == 1 else concatenate_datasets(parts)
     return result
 
 
@@ -150,9 +170,12 @@ def check_token_ids(src: OpenSource, column: Any, vocab: int) -> None:
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
-    bounds = pc.min_max(pa.chunked_array([c.flatten() for c in chunks], type=pa.int32())).as_py()
-    low, top = bounds["min"], bounds["max"]
+    if isinstance(column, np.ndarray):  # flat ids (a token file)
+        low, top = (int(column.min()), int(column.max())) if len(column) else (None, None)
+    else:
+        chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
+        bounds = pc.min_max(pa.chunked_array([c.flatten() for c in chunks], type=pa.int32())).as_py()
+        low, top = bounds["min"], bounds["max"]
     if top is not None and (top >= vocab or low < 0):
         bad = top if top >= vocab else low
         raise UserError(
@@ -164,118 +187,70 @@ def check_token_ids(src: OpenSource, column: Any, vocab: int) -> None:
 
 def tokenize_and_pack(
     src: OpenSource, encoder: Encoder, indices: np.ndarray, recipe: Recipe, work: Path, tag: str
-) -> tuple[Any, np.ndarray, int]:
-    """(packed rows of the documents `indices` of `src`, their token lengths incl. eos (none for an
-    empty text: it is skipped), documents whose text held special-token strings)."""
+) -> tuple[Part, np.ndarray, int]:
+    """(the documents `indices` of `src` tokenized into a token file and packed by index, their token
+    lengths incl. eos (none for an empty text: it is skipped), documents whose text held special-token
+    strings)."""
+    d = recipe.data
+    store = TokenStore(work / f"{tag}-tokens.bin")
+    special = 0
+    try:
+        for values, lengths, n_special in encode_batches(src, encoder, indices, d.num_proc):
+            store.append(values, lengths)
+            special += n_special
+        lengths = store.close()
+        if src.content == "tokens" and store.tokens is not None:
+            check_token_ids(src, store.tokens, len(encoder.tokenizer))
+    except BaseException:
+        store.delete()
+        raise
+    return Part(store, index_packing.plan(d.packing, lengths, d.max_length)), lengths, special
+
+
+def encode_batches(
+    src: OpenSource, encoder: Encoder, indices: np.ndarray, num_proc: int
+) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
+    """(ids, ids per document, documents with special-token text) of `indices`, batch by batch, in order.
+
+    The array paths (gigatoken on its own Rust threads, tiktoken on num_proc threads, pre-tokenized ids)
+    encode in this process; the tokenizer's own `__call__` and the Rust backend run on num_proc forked
+    workers (each reads its batch's rows itself), as the Python around them is the cost.
+    """
+    in_process = src.content == "tokens" or encoder.path in ("gigatoken", "tiktoken")
+    workers = 1 if in_process else max(1, min(num_proc, len(indices) // WORKER_BATCH))
+    size = IN_PROCESS_BATCH if in_process else WORKER_BATCH
+    batches = [indices[i : i + size] for i in range(0, len(indices), size)]
+    if workers == 1:
+        encoder.threads = num_proc if encoder.path == "tiktoken" else 1
+        try:
+            yield from (_encode(src, encoder, b) for b in batches)
+        finally:
+            encoder.threads = 1
+        return
+    global _WORK
+    _WORK = (src, encoder)
+    try:
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            yield from pool.imap(_encode_in_worker, batches)
+    finally:
+        _WORK = None
+
+
+# What forked encoding workers read: (source, encoder), set just before the pool forks.
+_WORK: tuple[OpenSource, Encoder] | None = None
+
+
+def _encode_in_worker(indices: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    src, encoder = _WORK
+    return _encode(src, encoder, indices)
+
+
+def _encode(src: OpenSource, encoder: Encoder, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
     import pyarrow.compute as pc
 
-    d = recipe.data
-    # num_proc worker processes tokenize (but the tiktoken path, below). Each tokenizes single-threaded
-    # (tokenizers turns its Rust threads off in a fork once the parent used them); that beats one
-    # process on Rust threads, as the Python around the encoding (ids -> Arrow, cache files) runs in
-    # parallel too (docs/benchmarks.md).
-    num_proc = max(1, min(d.num_proc, len(indices) // 1000 + 1))  # no worker pool for tiny chunks
-    common = {"num_proc": num_proc if num_proc > 1 else None, "load_from_cache_file": False}
-    docs = read_rows(src, indices, work / f"{tag}-rows-in.arrow", short_hash([tag, "select"]))
-    # The array paths encode in this process: gigatoken on its own Rust threads, tiktoken on num_proc
-    # threads (it releases the GIL): no worker start-up, no tokenizer pickled into workers, large
-    # batches. The documents are the same either way.
-    in_process = src.content != "tokens" and (
-        encoder.path == "gigatoken" or (encoder.path == "tiktoken" and num_proc > 1)
-    )
-    encoder.threads = num_proc if in_process else 1
-    docs = docs.with_format("arrow").map(
-        encoder,
-        batched=True,
-        batch_size=IN_PROCESS_BATCH if in_process else 1000,
-        fn_kwargs={"content": src.content, "text_field": src.config.text_field, "formatting": src.formatting},
-        remove_columns=docs.column_names,
-        cache_file_name=str(work / f"{tag}-tok.arrow"),
-        new_fingerprint=short_hash([tag, "tok"]),
-        desc=f"Tokenizing {src.label}",
-        **{**common, "num_proc": None} if in_process else common,
-    )
-    encoder.threads = 1
-    lengths = pc.list_value_length(docs.data.column("input_ids")).to_numpy()
-    special = int(pc.sum(docs.data.column("special_text")).as_py() or 0)
-    if src.content == "tokens":
-        check_token_ids(src, docs.data.column("input_ids"), len(encoder.tokenizer))
-    docs = docs.remove_columns("special_text")
-    # Packing runs on worker processes only when each gets enough tokens to repay the pool's
-    # start (fork, pickling), as TRL packs fast in this process (figures: docs/benchmarks.md).
-    pack_procs = max(1, min(num_proc, int(lengths.sum()) // PACK_TOKENS_PER_WORKER))
-    kwargs = {
-        **common,
-        "num_proc": pack_procs if pack_procs > 1 else None,
-        "cache_file_name": str(work / f"{tag}-pack.arrow"),
-        "new_fingerprint": short_hash([tag, "pack"]),
-        "desc": f"Packing {src.label} ({d.packing})",
-    }
-    packed = packing.get(d.packing).pack(docs, d.max_length, kwargs)
-    rows = packed.with_format("arrow").map(
-        _segments,
-        batched=True,
-        remove_columns=packed.column_names,
-        cache_file_name=str(work / f"{tag}-rows.arrow"),
-        new_fingerprint=short_hash([tag, "rows"]),
-        desc=f"Segments {src.label}",
-        load_from_cache_file=False,  # row-wise numpy: no worker pool (same rows, pool start costs more)
-    )
-    return rows.with_format(None), lengths, special
-
-
-def read_rows(src: OpenSource, indices: np.ndarray, path: Path, fingerprint: str) -> Any:
-    """The rows `indices` of `src` (only the columns documents need) as a Dataset: an indices mapping
-    over an Arrow source, else written in bounded batches to one Arrow file in the work dir and
-    memory-mapped (Megatron, parquet): memory stays flat, and workers get the file."""
-    import pyarrow as pa
-    from datasets import Dataset
-    from datasets.table import MemoryMappedTable
-
-    if isinstance(src.rows, DatasetRows):  # memory-mapped Arrow already: an indices mapping, no copy
-        ds = src.rows.dataset.select_columns(src.columns) if src.columns else src.rows.dataset
-        return ds.select(indices, keep_in_memory=True, new_fingerprint=fingerprint)
-    batch = 1 << 14
-    writer = None
-    try:
-        for start in range(0, len(indices), batch):
-            table = src.rows.take(indices[start : start + batch], src.columns)
-            if writer is None:
-                writer = pa.ipc.new_stream(str(path), table.schema)
-            writer.write_table(table)
-    finally:
-        if writer is not None:
-            writer.close()
-    return Dataset(MemoryMappedTable.from_file(str(path)), fingerprint=fingerprint)
-
-
-def _segments(table: Any) -> Any:
-    """Packed rows -> input_ids, seq_lengths (document segments), n_docs (documents starting in the row).
-
-    TRL's bfd strategies report seq_lengths; for wrapped and truncated rows they are derived from
-    `doc_start`: a segment starts at each document start and at each row start.
-    """
-    import pyarrow as pa
-
-    ids = table.column("input_ids").combine_chunks()
-    starts = table.column("doc_start").combine_chunks().flatten().to_numpy(zero_copy_only=False)
-    row_lengths = np.diff(ids.offsets.to_numpy()).astype(np.int64)
-    row_offsets = np.concatenate([[0], np.cumsum(row_lengths)])
-    n_docs = (
-        np.add.reduceat(starts.astype(np.int64), row_offsets[:-1]) if len(starts) else np.zeros(0, np.int64)
-    )
-    if "seq_lengths" in table.column_names:
-        seq = table.column("seq_lengths").combine_chunks().cast(pa.list_(pa.int32()))
-    else:
-        is_start = starts.astype(bool)
-        is_start[row_offsets[:-1]] = True
-        seg_starts = np.flatnonzero(is_start)
-        seg_lengths = np.diff(np.append(seg_starts, len(starts))).astype(np.int32)
-        per_row = np.add.reduceat(is_start.astype(np.int64), row_offsets[:-1])
-        seq = pa.ListArray.from_arrays(
-            pa.array(np.concatenate([[0], np.cumsum(per_row)]).astype(np.int32)), pa.array(seg_lengths)
-        )
-    flat_ids = pa.ListArray.from_arrays(pa.array(row_offsets.astype(np.int32)), ids.flatten())
-    return pa.Table.from_arrays(
-        [flat_ids, seq, pa.array(n_docs.astype(np.int32))], names=["input_ids", "seq_lengths", "n_docs"]
-    )
+    table = src.rows.take(indices, src.columns)
+    docs = encoder(table, src.content, src.config.text_field, src.formatting)
+    ids = docs.column("input_ids").combine_chunks()
+    values = ids.values.to_numpy(zero_copy_only=False)
+    lengths = np.diff(ids.offsets.to_numpy()).astype(np.int64)
+    return values, lengths, int(pc.sum(docs.column("special_text")).as_py() or 0)

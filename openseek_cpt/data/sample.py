@@ -13,9 +13,14 @@ from typing import Any
 
 import numpy as np
 
+from openseek_cpt.artifacts import prepared
+from openseek_cpt.data import output
 from openseek_cpt.data.prepare import PackedSource, short_hash
 from openseek_cpt.errors import UserError
 from openseek_cpt.recipe.schema import Recipe
+
+# Distinct rows gathered and written per batch (bounded memory: at most this many rows of tokens).
+WRITE_ROWS = 1024
 
 
 def largest_remainder(ratios: list[float], total: int) -> list[int]:
@@ -66,21 +71,24 @@ def sample_and_save(
     out: Path,
     build_id: str,
 ) -> dict[str, Any]:
-    """Sample rows by ratio from each source, shuffle, save the DatasetDict; returns the manifest."""
-    import pyarrow.compute as pc
-    from datasets import DatasetDict, concatenate_datasets
+    """Sample rows by ratio from each source and write the DatasetDict once; returns the manifest.
 
+    Train rows are written source by source, part by part, each row as many times as it was drawn,
+    and each part's token file is deleted once its rows are written: the peak disk is about the
+    output's size. The train stage draws its own permutation of the rows every epoch
+    (train/sampler.py), so their order on disk does not matter; the eval split, read in order by
+    `evaluation.eval_loss`, is shuffled with the seed.
+    """
     d = recipe.data
     n_train, n_eval = d.total_sample_size, d.eval_size
-    train_idx, eval_idx, per_source, offset = [], [], [], 0
+    per_source, draws = [], []
     for p, t, e in zip(packed, train_counts, eval_counts, strict=True):
-        src, rows = p.source, p.rows
-        available = len(rows)
+        src = p.source
+        lengths, n_docs, available = p.row_tokens(), p.row_documents(), len(p.row_tokens())
         rng = np.random.default_rng([recipe.seed, src.index, 1])
         where = f"{src.where} ({src.label}, {src.config.path})"
         tr, ev = sample_rows(available, t, e, rng, where, d.max_repetition)
-        lengths = pc.list_value_length(rows.data.column("input_ids")).to_numpy().astype(np.int64)
-        n_docs = rows.data.column("n_docs").to_numpy()
+        draws.append((np.bincount(tr, minlength=available), ev))
         unique = np.unique(np.concatenate([tr, ev]))
         pool = available - e
         used = int(lengths[tr].sum() + lengths[ev].sum())
@@ -110,29 +118,10 @@ def sample_and_save(
                 "padding_fraction": 1 - used / max(1, (len(tr) + len(ev)) * d.max_length),
             }
         )
-        train_idx.append(tr + offset)
-        eval_idx.append(ev + offset)
-        offset += available
-    full = concatenate_datasets([p.rows for p in packed]).select_columns(
-        ["input_ids", "seq_lengths"], new_fingerprint=short_hash([build_id, "all"])
-    )
-    shuffle = np.random.default_rng([recipe.seed, 2**20])
-    train_order = np.concatenate(train_idx)
-    train_order = train_order[shuffle.permutation(len(train_order))]
-    splits = {
-        "train": full.select(
-            train_order, keep_in_memory=True, new_fingerprint=short_hash([build_id, "train"])
-        )
-    }
-    if n_eval:
-        eval_order = np.concatenate(eval_idx)
-        eval_order = eval_order[shuffle.permutation(len(eval_order))]
-        splits["eval"] = full.select(
-            eval_order, keep_in_memory=True, new_fingerprint=short_hash([build_id, "eval"])
-        )
-    DatasetDict(splits).save_to_disk(str(out))
+    write_rows(packed, draws, out, build_id, np.random.default_rng([recipe.seed, 2**20]))
     total_used = sum(s["tokens_used"] for s in per_source)
     return {
+        "format": prepared.FORMAT,
         "sources": per_source,
         "totals": {
             "train_rows": n_train,
@@ -152,3 +141,74 @@ def sample_and_save(
         "seed": recipe.seed,
         "fingerprint": build_id,
     }
+
+
+def write_rows(
+    packed: list[PackedSource],
+    draws: list[tuple[np.ndarray, np.ndarray]],
+    out: Path,
+    build_id: str,
+    shuffle: np.random.Generator,
+) -> None:
+    """Write every drawn row: train rows (times drawn) in part order, eval rows shuffled at the end."""
+    import pyarrow as pa
+
+    def size(rows: list[np.ndarray]) -> tuple[int, int, int]:  # rows, tokens, segments
+        picked = [(p.row_tokens()[r], p.row_segments()[r]) for p, r in zip(packed, rows, strict=True)]
+        return (
+            sum(len(t) for t, _ in picked),
+            sum(int(t.sum()) for t, _ in picked),
+            sum(int(g.sum()) for _, g in picked),
+        )
+
+    train_rows = [np.repeat(np.arange(len(c)), c) for c, _ in draws]
+    n, tokens, segments = size(train_rows)
+    train = output.SplitWriter(
+        out / "train", n, output.split_nbytes(n, tokens, segments), short_hash([build_id, "train"])
+    )
+    eval_tables, eval_at = [], []  # eval rows gathered part by part, and their place in the draw
+    drawn = 0
+    for p, (counts, ev) in zip(packed, draws, strict=True):
+        first = 0
+        for part in p.parts:
+            rows = len(part.plan)
+            local = np.repeat(np.arange(rows), counts[first : first + rows])
+            for k in range(0, len(local), WRITE_ROWS):
+                train.write(rows_table(part, local[k : k + WRITE_ROWS]))
+            mine = np.flatnonzero((ev >= first) & (ev < first + rows))
+            if len(mine):
+                eval_tables.append(rows_table(part, ev[mine] - first))
+                eval_at.append(drawn + mine)
+            part.store.delete()
+            first += rows
+        drawn += len(ev)
+    train.close()
+    splits = ["train"]
+    if drawn:  # the eval rows in the order drawn (source by source), shuffled with the seed
+        table = pa.concat_tables(eval_tables)
+        order = np.argsort(np.concatenate(eval_at), kind="stable")
+        table = table.take(pa.array(order[shuffle.permutation(len(order))]))
+        ids, segs = (table.column(c).combine_chunks().values for c in output.COLUMNS)
+        nbytes = output.split_nbytes(table.num_rows, len(ids), len(segs))
+        writer = output.SplitWriter(out / "eval", table.num_rows, nbytes, short_hash([build_id, "eval"]))
+        writer.write(table)
+        writer.close()
+        splits.append("eval")
+    output.write_dataset_dict(out, splits)
+
+
+def rows_table(part: Any, rows: np.ndarray) -> Any:
+    """Arrow table of the rows `rows` of a part: their segments' tokens gathered from its token file."""
+    plan = part.plan
+    begin, end = plan.row_offsets[rows], plan.row_offsets[rows + 1]
+    per_row = end - begin
+    seg = np.repeat(begin - (np.cumsum(per_row) - per_row), per_row) + np.arange(int(per_row.sum()))
+    seg_len = plan.seg_len[seg]
+    values = part.store.gather(plan.seg_doc[seg], plan.seg_start[seg], seg_len)
+    return output.row_table(values, _per_row(seg_len, per_row), seg_len, per_row)
+
+
+def _per_row(values: np.ndarray, per_row: np.ndarray) -> np.ndarray:
+    sums = np.concatenate([[0], np.cumsum(values, dtype=np.int64)])
+    bounds = np.concatenate([[0], np.cumsum(per_row)])
+    return sums[bounds[1:]] - sums[bounds[:-1]]

@@ -13,7 +13,8 @@ from conftest import TINY_RECIPE, run_cli
 
 from openseek_cpt.data import stage as data
 from openseek_cpt.data.encoder import Encoder
-from openseek_cpt.data.prepare import tokenize_and_pack
+from openseek_cpt.data.prepare import Part, tokenize_and_pack
+from openseek_cpt.data.sample import rows_table
 from openseek_cpt.data.sources import open_sources
 from openseek_cpt.data.tokenizer import load_tokenizer
 from openseek_cpt.errors import UserError
@@ -21,6 +22,14 @@ from openseek_cpt.recipe.loader import load_recipe
 from openseek_cpt.testing.fixtures import format_title_body
 
 TOKENIZER = "models/tiny-openseek"
+
+
+def _rows(part: Part) -> list[dict]:
+    """A part's packed rows as dicts (input_ids, seq_lengths, n_docs), assembled as the output is."""
+    rows = rows_table(part, np.arange(len(part.plan))).to_pylist()
+    for row, n in zip(rows, part.plan.row_documents().tolist(), strict=True):
+        row["n_docs"] = n
+    return rows
 
 
 def _tokenizer(workdir: Path):
@@ -138,8 +147,8 @@ def test_bfd_split_loses_no_token_and_no_segment_spans_two_documents(tiny_workdi
     work.mkdir()
     for src in open_sources(recipe.data.sources):
         everything = np.arange(len(src.rows))
-        rows, lengths, _ = tokenize_and_pack(src, encoder, everything, recipe, work, f"t{src.index}")
-        rows = list(rows)
+        part, lengths, _ = tokenize_and_pack(src, encoder, everything, recipe, work, f"t{src.index}")
+        rows = _rows(part)
         expected = docs[src.label]
         # multiset of tokens: packed output == documents + eos
         assert Counter(t for r in rows for t in r["input_ids"]) == Counter(t for d in expected for t in d)
@@ -156,8 +165,8 @@ def test_wrapped_and_truncate_report_honest_segments(tiny_workdir, monkeypatch):
     src = open_sources(recipe.data.sources)[1]  # code: documents up to 4496 tokens
     docs = _documents(tiny_workdir)["code"][:300]
     (tiny_workdir / "w").mkdir()
-    rows, _, _ = tokenize_and_pack(src, encoder, np.arange(300), recipe, tiny_workdir / "w", "w")
-    rows = list(rows)
+    part, _, _ = tokenize_and_pack(src, encoder, np.arange(300), recipe, tiny_workdir / "w", "w")
+    rows = _rows(part)
     stream = [t for d in docs for t in d]
     assert [t for r in rows for t in r["input_ids"]] == stream
     doc_bounds = set(np.cumsum([0] + [len(d) for d in docs]).tolist())
@@ -166,8 +175,8 @@ def test_wrapped_and_truncate_report_honest_segments(tiny_workdir, monkeypatch):
     assert seg_bounds == doc_bounds | row_bounds
 
     recipe = _recipe(tiny_workdir, "data.max_length=64", "data.packing=truncate")
-    rows, lengths, _ = tokenize_and_pack(src, encoder, np.arange(300), recipe, tiny_workdir / "w", "t")
-    rows = list(rows)
+    part, lengths, _ = tokenize_and_pack(src, encoder, np.arange(300), recipe, tiny_workdir / "w", "t")
+    rows = _rows(part)
     assert len(rows) == 300
     assert all(
         r["seq_lengths"] == [len(r["input_ids"])] and r["input_ids"] == list(d[:64])
