@@ -90,8 +90,8 @@ def read_rows(index: MegatronIndex, bin_path: str | Path, rows: np.ndarray) -> p
     for p, n in zip(pointers.tolist(), lengths.tolist(), strict=True):
         values[pos : pos + n] = np.frombuffer(data[p : p + n * itemsize], dtype=index.dtype)
         pos += n
-    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
-    column = pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
+    offsets = np.concatenate([[0], np.cumsum(lengths)])  # int64: no wrap past 2**31 tokens
+    column = pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(values))
     return pa.table({"input_ids": column})
 
 

@@ -36,6 +36,8 @@ ESTIMATE_DOCS = 256
 SAMPLE_CHARS = 100_000
 # Documents per batch encoded in this process (the array paths).
 IN_PROCESS_BATCH = 8192
+# Largest document (UTF-8 bytes of text) the stage encodes; a larger one is refused, naming its row.
+MAX_DOCUMENT_BYTES = 128 << 20
 # Documents per batch an encoding worker process takes (the tokenizer's own and the Rust paths).
 WORKER_BATCH = 1000
 
@@ -185,6 +187,21 @@ def check_token_ids(src: OpenSource, column: Any, vocab: int) -> None:
         )
 
 
+def check_document_sizes(src: OpenSource, texts: Any, indices: np.ndarray) -> None:
+    """Refuse a document over MAX_DOCUMENT_BYTES: encoding it whole would hold its text and ids in
+    memory several times over, and the stage's memory is bounded by its batch, not by one document."""
+    import pyarrow.compute as pc
+
+    sizes = pc.binary_length(texts).to_numpy(zero_copy_only=False)
+    if len(sizes) and np.nan_to_num(sizes, nan=0).max() > MAX_DOCUMENT_BYTES:
+        k = int(np.nanargmax(sizes))
+        raise UserError(
+            f"{src.where}.path={src.config.path!r}: the document at row {int(indices[k])} holds "
+            f"{int(sizes[k]):,} bytes of text, more than the {MAX_DOCUMENT_BYTES:,} one document may have; "
+            "split it into documents (e.g. by chapter or file) and run again"
+        )
+
+
 def tokenize_and_pack(
     src: OpenSource, encoder: Encoder, indices: np.ndarray, recipe: Recipe, work: Path, tag: str
 ) -> tuple[Part, np.ndarray, int]:
@@ -249,6 +266,8 @@ def _encode(src: OpenSource, encoder: Encoder, indices: np.ndarray) -> tuple[np.
     import pyarrow.compute as pc
 
     table = src.rows.take(indices, src.columns)
+    if src.content == "text":
+        check_document_sizes(src, table.column(src.config.text_field), indices)
     docs = encoder(table, src.content, src.config.text_field, src.formatting)
     ids = docs.column("input_ids").combine_chunks()
     values = ids.values.to_numpy(zero_copy_only=False)
