@@ -128,6 +128,11 @@ def prepare_source(
         log.info(
             f"{src.label}: {have} rows from {pos} documents, short of {need}: topping up with {take} more"
         )
+    if not result.tokens_read:
+        raise UserError(
+            f"{src.where}.path={src.config.path!r}: every document read ({result.documents_read}) is empty or "
+            "whitespace only; check its text_field or formatting, or remove the source"
+        )
     return result
 
 

@@ -90,7 +90,17 @@ def _load_files(src: SourceConfig, where: str, path: str, kind: str) -> tuple[Ro
     from openseek_cpt.data.rows import DatasetRows, ParquetRows, StreamedRows
     from openseek_cpt.data.text_checks import first_bad_line
 
-    files = source_files(path)
+    files, left_out = kind_files(path, kind)
+    if left_out:
+        from openseek_cpt.data import STAGE
+        from openseek_cpt.logs import get_logger
+
+        names = ", ".join(str(f.relative_to(path)) for f in left_out[:5]) + (
+            " ..." if len(left_out) > 5 else ""
+        )
+        get_logger(STAGE).info(f"{where}: reading the {kind} files of {src.path}; left out: {names}")
+    if not files:
+        raise UserError(f"{where}.path={src.path!r} holds no {kind} files; fix the path or its type")
     if all(f.stat().st_size == 0 for f in files):
         raise UserError(f"{where}.path={src.path!r} is an empty source (no data); remove it or fill it")
     if kind == "parquet":
@@ -137,6 +147,24 @@ def _is_json_lines(path: Path) -> bool:
                 except ValueError:
                     return False
     return True
+
+
+def kind_files(path: str, kind: str) -> tuple[list[Path], list[Path]]:
+    """(files of a `kind` source read, files of its directory left out: those of another kind)."""
+    p = Path(path)
+    if not p.is_dir():
+        return [p], []
+    files = source_files(path, recursive=True)
+    read = [f for f in files if FILE_BUILDERS.get(f.suffix.lower()) == kind]
+    return read, [f for f in files if f not in read]
+
+
+def folder_kinds(path: str) -> dict[str | None, list[Path]]:
+    """A directory's files by the kind their suffix names (None: no data file: README.md, ...)."""
+    kinds: dict[str | None, list[Path]] = {}
+    for f in source_files(path, recursive=True):
+        kinds.setdefault(FILE_BUILDERS.get(f.suffix.lower()), []).append(f)
+    return kinds
 
 
 def source_files(path: str, recursive: bool = False) -> list[Path]:

@@ -88,9 +88,12 @@ def open_source(index: int, src: SourceConfig, label: str) -> OpenSource:
         content = "tokens"
     elif src.text_field in columns:
         content = "text"
+        where_from = str(Path(src.path).expanduser())
         files = (
-            readers.source_files(str(Path(src.path).expanduser()), recursive=kind == "folder")
-            if kind in (*FILE_BUILDERS.values(), "folder")
+            readers.source_files(where_from, recursive=True)
+            if kind == "folder"
+            else readers.kind_files(where_from, kind)[0]
+            if kind in FILE_BUILDERS.values()
             else []
         )
         check_text_column(rows, src.text_field, where, src.path, files)
@@ -118,7 +121,7 @@ def detect_kind(src: SourceConfig, where: str) -> str:
     if megatron:
         return "megatron"
     if path.is_dir():
-        return "disk" if _is_saved_dataset(path) else "folder"
+        return "disk" if _is_saved_dataset(path) else _folder_kind(path, src, where)
     if path.is_file():
         builder = FILE_BUILDERS.get(path.suffix.lower())
         if builder is None:
@@ -132,6 +135,27 @@ def detect_kind(src: SourceConfig, where: str) -> str:
             f"{where}.path={src.path!r} does not exist; fix the path (relative to the current directory)"
         )
     return "hub"
+
+
+def _folder_kind(path: Path, src: SourceConfig, where: str) -> str:
+    """A plain directory: the one kind of data file it holds (read in place, other files named as
+    left out), or a `datasets` folder where it describes itself (a README.md with `configs`, as a hub
+    snapshot has). Data files of several kinds are refused, naming them: never some silently dropped."""
+    kinds = readers.folder_kinds(str(path))
+    data = sorted(k for k in kinds if k is not None)
+    if len(data) > 1:
+        listing = "; ".join(
+            f"{k}: {', '.join(str(f.relative_to(path)) for f in kinds[k][:3])}{' ...' if len(kinds[k]) > 3 else ''}"
+            for k in data
+        )
+        raise UserError(
+            f"{where}.path={src.path!r} holds data files of several kinds ({listing}); give each kind its own "
+            "source (a file or a subfolder), or set type to read one kind"
+        )
+    readme = path / "README.md"
+    if not data or (readme.is_file() and "configs:" in readme.read_text(errors="replace")):
+        return "folder"
+    return data[0]
 
 
 def import_formatting(ref: str, where: str) -> Callable[[dict], str]:

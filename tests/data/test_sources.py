@@ -193,3 +193,58 @@ def test_streaming_a_source_that_is_read_in_place_is_a_one_line_error(tiny_workd
         data.run(_recipe(tiny_workdir, "data.sources.1.streaming=true"))
     message = str(info.value)
     assert "\n" not in message and "data.sources.1.streaming=true" in message and "disk source" in message
+
+
+def _one_source(workdir: Path, path: str, **keys):
+    return _recipe(
+        workdir,
+        f"data.sources=[{{path: {path}, ratio: 1.0{''.join(f', {k}: {v}' for k, v in keys.items())}}}]",
+    )
+
+
+def test_a_directory_of_several_kinds_of_data_files_is_refused_naming_them(tiny_workdir, monkeypatch):
+    monkeypatch.chdir(tiny_workdir)
+    folder = tiny_workdir / "mixed"
+    folder.mkdir()
+    (folder / "a.jsonl").write_text(json.dumps({"text": "one document"}) + "\n")
+    (folder / "b.txt").write_text("a line of text\n")
+    (folder / "README.md").write_text("# notes\n")
+    with pytest.raises(UserError) as err:
+        data.run(_one_source(tiny_workdir, "mixed"))
+    assert (
+        "data.sources.0.path='mixed' holds data files of several kinds (json: a.jsonl; text: b.txt)"
+        in str(err.value)
+    )
+
+
+def test_a_directory_read_as_one_kind_names_the_files_it_leaves_out(tiny_workdir, monkeypatch, caplog):
+    """One kind of data file (jsonl) beside a README.md: the jsonl files are read in place, and the
+    README is named as left out; `type: json` on a mixed directory reads its json and names the rest."""
+    import logging
+
+    monkeypatch.chdir(tiny_workdir)
+    folder = tiny_workdir / "docs"
+    (folder / "more").mkdir(parents=True)
+    docs = (tiny_workdir / "models/tiny/sources/docs.jsonl").read_text().splitlines()
+    (folder / "a.jsonl").write_text("\n".join(docs[:150]) + "\n")
+    (folder / "more/b.jsonl").write_text("\n".join(docs[150:]) + "\n")
+    (folder / "README.md").write_text("# notes\n")
+    (folder / "c.txt").write_text("not read\n")
+    caplog.set_level(logging.INFO)
+    out = data.run(_one_source(tiny_workdir, "docs", type="json", text_field="body"))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["sources"][0]["kind"] == "json"
+    assert manifest["sources"][0]["documents_in_source"] == len(docs)
+    assert "reading the json files of docs; left out: README.md, c.txt" in caplog.text
+
+
+def test_a_source_whose_every_document_is_empty_is_named(tiny_workdir, monkeypatch):
+    monkeypatch.chdir(tiny_workdir)
+    (tiny_workdir / "blank.jsonl").write_text(
+        "".join(json.dumps({"text": t}) + "\n" for t in ["", "  ", "\n\t", None])
+    )
+    with pytest.raises(UserError) as err:
+        data.run(_one_source(tiny_workdir, "blank.jsonl"))
+    assert "data.sources.0.path='blank.jsonl': every document read (4) is empty or whitespace only" in str(
+        err.value
+    )
