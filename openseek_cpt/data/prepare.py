@@ -3,7 +3,7 @@
 `prepare_source` estimates tokens per document from a sample (on each sample document's first
 SAMPLE_CHARS characters), reads that many documents (plus `read_margin`, topped up if short) in
 bounded batches, tokenizes them (encoder.py) into a flat token file of the work dir (token_store.py)
-and packs them by index over their lengths (index_packing.py): a round of reading is a `Part`, its
+and packs them by index over their lengths (packing.py): a round of reading is a `Part`, its
 tokens plus the plan of its rows. No token is copied until the output rows are written (sample.py).
 """
 
@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from openseek_cpt.artifacts.fileio import canonical_hash
-from openseek_cpt.data import STAGE, index_packing, packing
+from openseek_cpt.data import STAGE, packing
 from openseek_cpt.data.encoder import Encoder, is_empty
 from openseek_cpt.data.rows import StreamedRows
 from openseek_cpt.data.sources import OpenSource
@@ -54,7 +54,7 @@ class Part:
     """The documents of one round of reading: their tokens and the rows they pack into."""
 
     store: TokenStore
-    plan: index_packing.Plan
+    plan: packing.Plan
 
 
 @dataclass
@@ -226,7 +226,7 @@ def tokenize_and_pack(
     except BaseException:
         store.delete()
         raise
-    return Part(store, index_packing.plan(d.packing, lengths, d.max_length)), lengths, special
+    return Part(store, packing.plan(d.packing, lengths, d.max_length)), lengths, special
 
 
 def encode_batches(

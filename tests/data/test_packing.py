@@ -26,7 +26,7 @@ def _documents():
 
 
 def _pack(strategy: packing.Strategy) -> list[list[int]]:
-    rows = strategy.pack(_documents(), MAX_LENGTH, {"load_from_cache_file": False})
+    rows = strategy.reference(_documents(), MAX_LENGTH, {"load_from_cache_file": False})
     return [list(r) for r in rows.with_format(None)["input_ids"]]
 
 
@@ -61,12 +61,10 @@ def test_recipe_rejects_a_strategy_not_in_the_table_and_lists_the_table():
 
 @pytest.mark.parametrize("name", packing.NAMES)
 def test_packing_by_index_gives_the_rows_trl_gives(name):
-    """The stage packs by index over document lengths (index_packing.plan); TRL's pack_dataset on the
+    """The stage packs by index over document lengths (packing.plan); TRL's pack_dataset on the
     same documents, in its default map batches, is the reference: the same rows, the same segments."""
     import numpy as np
     from datasets import Dataset
-
-    from openseek_cpt.data import index_packing
 
     rng = np.random.default_rng(7)
     max_length = 16
@@ -76,8 +74,10 @@ def test_packing_by_index_gives_the_rows_trl_gives(name):
     ids = [list(range(s, s + n)) for s, n in zip(starts.tolist(), lengths.tolist(), strict=True)]
     doc_start = [[1] + [0] * (n - 1) for n in lengths.tolist()]
     docs = Dataset.from_dict({"input_ids": ids, "doc_start": doc_start})
-    reference = packing.get(name).pack(docs, max_length, {"load_from_cache_file": False}).with_format(None)
-    plan = index_packing.plan(name, lengths, max_length)
+    reference = (
+        packing.get(name).reference(docs, max_length, {"load_from_cache_file": False}).with_format(None)
+    )
+    plan = packing.plan(name, lengths, max_length)
     flat = np.arange(int(lengths.sum()))
     rows = [
         [

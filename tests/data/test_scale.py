@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from conftest import TINY_RECIPE, run_cli
 
-from openseek_cpt.data import index_packing, output, prepare
+from openseek_cpt.data import output, packing, prepare
 from openseek_cpt.data.token_store import TokenStore
 
 BIG = 3 * 2**30  # tokens: past int32 offsets (and past 2**32 bytes)
@@ -30,7 +30,7 @@ def test_token_offsets_past_2_31_do_not_wrap(tmp_path):
 
 def test_a_one_g_token_document_packs_into_whole_rows_without_its_tokens():
     lengths = np.array([10**9, 5, 4096], np.int64)
-    plan = index_packing.plan("bfd_split", lengths, 4096)
+    plan = packing.plan("bfd_split", lengths, 4096)
     assert plan.row_tokens().sum() == lengths.sum() and plan.row_tokens().max() == 4096
     assert plan.seg_start.max() == (10**9 // 4096) * 4096 and plan.seg_start.dtype == np.int64
     assert plan.row_documents().sum() == 3

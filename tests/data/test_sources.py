@@ -137,7 +137,7 @@ def test_a_streamed_source_reads_only_what_its_share_needs_and_is_byte_identical
         assert (outs[0] / f).read_bytes() == (outs[1] / f).read_bytes(), f
     manifest = json.loads((outs[0] / "manifest.json").read_text())
     src = manifest["sources"][1]
-    assert src["kind"] == "folder" and src["documents_in_source"] is None  # never read to its end
+    assert src["kind"] == "json" and src["documents_in_source"] is None  # never read to its end
     assert src["train_rows"] == 58 and not src["upsampled"]
     assert 0 < src["documents_read"] < 6000 // 4, src["documents_read"]
     # The datasets cache holds nothing: the other jsonl source is read in place, `big` as a stream.
