@@ -39,8 +39,9 @@ Python 3.12 (`typing.override`) and import torch (and triton on some paths):
     git clone --depth 1 https://github.com/NVIDIA/Megatron-LM /work/megatron-lm   # or: git archive HEAD tools megatron
     python bench/data_scale.py --megatron-dir /work/megatron-lm --megatron-python /work/megatron-venv/bin/python
 
-The tools put the checkout's own `megatron/` first on sys.path; the pip `megatron-core` only brings
-its dependencies (its own PyPI 0.16.1 for Python 3.11 lacks `add_documents`). Our side runs with this
+The bench puts the checkout's own `megatron/` first (PYTHONPATH: the tools only append it to
+sys.path, after the pip `megatron-core`, whose 0.19.2 lacks `--use-gigatoken`); the pip package only
+brings the dependencies (PyPI's newest for Python 3.11, 0.16.1, also lacks `add_documents`). Our side runs with this
 interpreter (`PYTHONPATH=<checkout> /path/to/.venv/bin/python bench/data_scale.py ...`).
 CPU seconds are the stable figure on a shared machine; wall time moves with the load printed.
 """
@@ -174,7 +175,7 @@ def convert_tokenizer(tokenizer, out: Path) -> Path:
     return out
 
 
-def check_ids(tokenizer, hf_dir: Path, jsonl: Path, n_sample: int = 2000) -> int:
+def check_ids(tokenizer, hf_dir: Path, jsonl: Path, n_docs: int, n_sample: int = 2000) -> int:
     """Exit unless tokenizer.json's ids equal tiktoken's (NFC, specials as in the remote code)."""
     from tokenizers import Tokenizer
 
@@ -185,12 +186,11 @@ def check_ids(tokenizer, hf_dir: Path, jsonl: Path, n_sample: int = 2000) -> int
     for token, i in encoding._special_tokens.items():
         if hf.token_to_id(token) != i:
             sys.exit(f"special {token}: tokenizer.json id {hf.token_to_id(token)}, tiktoken {i}")
+    step = max(1, n_docs // n_sample)
     with open(jsonl, encoding="utf-8") as f:
-        lines = f.readlines()  # only at the small sizes' cost: ~1 GiB at 300 M tokens, freed below
-    step = max(1, len(lines) // n_sample)
-    texts = [json.loads(line)["text"] for line in lines[::step]] + list(HARD_STRINGS)
+        texts = [json.loads(line)["text"] for i, line in enumerate(f) if i % step == 0]
+    texts += list(HARD_STRINGS)
     texts += [t + "<|endoftext|>" + t[:100] for t in texts[:5]]  # a special in text: a control id in both
-    del lines
     ours = [encoding.encode(unicodedata.normalize("NFC", t), allowed_special="all") for t in texts]
     theirs = [e.ids for e in hf.encode_batch(texts, add_special_tokens=False)]
     for t, a, b in zip(texts, ours, theirs, strict=True):
@@ -331,7 +331,8 @@ def megatron(
         *("--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", str(hf_dir), "--append-eod"),
     ]
     cmd += ["--use-gigatoken"] if script == "preprocess_data_fast.py" else ["--workers", str(args.num_proc)]
-    run = run_tool(name, cmd, run_dir)
+    # the checkout's megatron/ first: the tools only append it to sys.path, after the pip megatron-core
+    run = run_tool(name, cmd, run_dir, {"PYTHONPATH": str(Path(args.megatron_dir).resolve())})
     prefix = run_dir / "out_text_document"
     index = megatron_format.read_index(prefix)
     run.tokens = int(index.sequence_lengths.sum(dtype="int64"))
@@ -353,6 +354,28 @@ def head_jsonl(jsonl: Path, out: Path, fraction: float) -> Path:
     return out
 
 
+def check_bin_ids(prefix: Path, jsonl: Path, encoding, eod: int, n_sample: int = 500) -> str:
+    """Documents of Megatron's .bin (a strided sample) against tiktoken's ids + eod of the same lines."""
+    import numpy as np
+
+    from openseek_cpt.artifacts import megatron_format
+
+    index = megatron_format.read_index(prefix)
+    tokens = np.memmap(f"{prefix}.bin", dtype=index.dtype, mode="r")
+    n = len(index.sequence_lengths)
+    step, bad, seen = max(1, n // n_sample), 0, 0
+    with open(jsonl, encoding="utf-8") as f:
+        for i, line in enumerate(f):
+            if i % step or i >= n:
+                continue
+            start = int(index.sequence_pointers[i]) // np.dtype(index.dtype).itemsize
+            got = tokens[start : start + int(index.sequence_lengths[i])].tolist()
+            text = unicodedata.normalize("NFC", json.loads(line)["text"])
+            bad += got != [*encoding.encode(text, allowed_special="all"), eod]
+            seen += 1
+    return f"{seen - bad} of {seen} sampled documents" + ("" if not bad else f" ({bad} DIFFER)")
+
+
 # ---------------------------------------------------------------- report
 
 
@@ -365,7 +388,11 @@ def table(runs: list[Run], corpus_tokens: int) -> str:
     ]
     for r in runs:
         s = REAL_JOB_TOKENS / r.tokens
-        home = f"{len(r.home_files)}: {', '.join(r.home_files[:3])}{' ...' if len(r.home_files) > 3 else ''}"
+        tops: dict[str, int] = {}
+        for f in r.home_files:  # by directory, 3 levels deep: .cache/huggingface/datasets
+            top = "/".join(Path(f).parts[:3])
+            tops[top] = tops.get(top, 0) + 1
+        home = ", ".join(f"{d} ({n} files)" for d, n in sorted(tops.items()))
         label = r.name + (f" (on {r.tokens / 1e6:.1f} M tokens, extrapolated)" if r.scale != 1.0 else "")
         lines.append(
             f"| {label} | {r.tokens:,} | {r.wall:.1f} | {r.cpu:.1f} | {r.tokens / r.wall / 1e6:.3f} | "
@@ -403,10 +430,11 @@ def main() -> None:
     if not (tok_dir / "tokenizer_config.json").is_file():
         write_qwen_tokenizer(tok_dir)
     tokenizer = AutoTokenizer.from_pretrained(str(tok_dir), trust_remote_code=True)
+    encoding, eod = tokenizer.tokenizer, tokenizer.eos_token_id
     jsonl = workdir / f"corpus-{args.tokens:.0e}.jsonl"
     meta = build_corpus(jsonl, args.tokens, tokenizer.tokenizer)
     hf_dir = convert_tokenizer(tokenizer, workdir / "qwen-hf")
-    checked = check_ids(tokenizer, hf_dir, jsonl)
+    checked = check_ids(tokenizer, hf_dir, jsonl, meta["documents"])
     print(f"tokenizer.json ({hf_dir}) ids == tiktoken's on {checked} texts (corpus sample + hard strings)")
     del tokenizer
 
@@ -425,6 +453,8 @@ def main() -> None:
         print("Megatron-LM not given or not found (--megatron-dir, --megatron-python): skipping (b) and (c)")
     else:
         runs.append(megatron("megatron-fast", "preprocess_data_fast.py", args, workdir, jsonl, hf_dir))
+        prefix = workdir / "runs/megatron-fast/out_text_document"
+        runs[-1].note += f"; ids == tiktoken's + eod on {check_bin_ids(prefix, jsonl, encoding, eod)}"
         if args.classic or args.classic_tokens:
             fraction = min(1.0, (args.classic_tokens or meta["tokens"]) / meta["tokens"])
             src = (
@@ -433,7 +463,9 @@ def main() -> None:
                 else head_jsonl(jsonl, workdir / f"classic-{fraction:.4f}.jsonl", fraction)
             )
             run = megatron("megatron-classic", "preprocess_data.py", args, workdir, src, hf_dir)
-            run.scale = meta["tokens"] / run.tokens
+            run.scale = 1.0 if fraction >= 1.0 else meta["tokens"] / run.tokens
+            prefix = workdir / "runs/megatron-classic/out_text_document"
+            run.note += f"; ids == tiktoken's + eod on {check_bin_ids(prefix, src, encoding, eod)}"
             runs.append(run)
     if not runs:
         return
@@ -447,6 +479,8 @@ def main() -> None:
         f"after {'/'.join(f'{x:.2f}' for x in os.getloadavg())}\n"
     )
     print(table(runs, meta["tokens"]))
+    if meta["tokens"] < 100e6:
+        print("(below ~100 M tokens the start-up, 5-30 s per tool, weighs on the rates and extrapolations)")
     for r in runs:
         print(f"- {r.name}: {r.note}; log {workdir / 'runs' / (r.name + '.log')}")
     by = {r.name: r for r in runs}
