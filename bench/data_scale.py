@@ -278,6 +278,11 @@ def run_tool(name: str, cmd: list[str], run_dir: Path, env_extra: dict | None = 
     if proc.returncode != 0:
         tail = (run_dir.parent / f"{name}.log").read_text()[-3000:]
         sys.exit(f"{name} failed (exit {proc.returncode}):\n{tail}")
+    print(  # as it finishes: a later tool's failure keeps this
+        f"{name}: wall {run.wall:.1f} s, CPU {run.cpu:.1f} s, peak anon RSS {run.rss_peak / 2**30:.2f} GiB, "
+        f"peak extra disk {run.disk_peak / 2**30:.2f} GiB, {len(run.home_files)} files under HOME",
+        flush=True,
+    )
     return run
 
 
