@@ -15,6 +15,7 @@ properties and that its plan gives the rows its reference gives.
 from __future__ import annotations
 
 import warnings
+from bisect import bisect_left, insort
 from collections import defaultdict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -77,28 +78,35 @@ def _bfd_truncate(lengths: np.ndarray, max_length: int, first: int) -> Plan:
 
 
 def _bfd(doc: np.ndarray, start: np.ndarray, length: np.ndarray, max_length: int) -> Plan:
-    """Best-fit decreasing over the fragments, with TRL's segment tree and tie order (stable by size)."""
-    tree = _SegmentTree(max_length)
-    tree.add(max_length)
+    """Best-fit decreasing over the fragments, as TRL's: largest first (stable among equals), each into
+    the bin with the least free space that fits it (the oldest such bin), else a new bin. TRL finds that
+    space with a segment tree of Python steps; a sorted list of the free spaces in use, searched by
+    `bisect`, gives the same answer in C."""
+    spaces: list[int] = []  # distinct free spaces (0 < space < max_length) some bin has, sorted
     space_to_bin: dict[int, deque] = defaultdict(deque)
-    bins: list[list] = []
-    for i in np.argsort(-length, kind="stable").tolist():
-        n = int(length[i])
-        space = tree.search(n)
-        if space < max_length:
-            bin_ = space_to_bin[space].popleft()
-            if not space_to_bin[space]:
-                tree.remove(space)
+    bins: list[list[int]] = []
+    for i, n in zip(
+        np.argsort(-length, kind="stable").tolist(), (-np.sort(-length, kind="stable")).tolist(), strict=True
+    ):
+        k = bisect_left(spaces, n)
+        if k < len(spaces):
+            space = spaces[k]
+            queue = space_to_bin[space]
+            bin_ = queue.popleft()
+            if not queue:
+                del spaces[k]
         else:
-            bin_ = [[], 0]
+            space, bin_ = max_length, []
             bins.append(bin_)
-        bin_[0].append(i)
+        bin_.append(i)
         space -= n
-        space_to_bin[space].append(bin_)
         if space > 0:
-            tree.add(space)
-    order = np.fromiter((i for b in bins for i in b[0]), dtype=np.int64, count=len(doc))
-    counts = np.fromiter((len(b[0]) for b in bins), dtype=np.int64, count=len(bins))
+            queue = space_to_bin[space]
+            if not queue:
+                insort(spaces, space)
+            queue.append(bin_)
+    order = np.fromiter((i for b in bins for i in b), dtype=np.int64, count=len(doc))
+    counts = np.fromiter((len(b) for b in bins), dtype=np.int64, count=len(bins))
     return Plan(np.concatenate([[0], np.cumsum(counts)]), doc[order], start[order], length[order])
 
 
@@ -222,32 +230,3 @@ def _concat(plans: list[Plan]) -> Plan:
 def _per_row(values: np.ndarray, row_offsets: np.ndarray) -> np.ndarray:
     sums = np.concatenate([[0], np.cumsum(values, dtype=np.int64)])
     return sums[row_offsets[1:]] - sums[row_offsets[:-1]]
-
-
-class _SegmentTree:
-    """The largest free space >= a value, in [1, maxval]: TRL's `_SegmentTree` (same answers)."""
-
-    def __init__(self, maxval: int):
-        self.maxval = maxval
-        self.size = 1 << (maxval - 1).bit_length()
-        self.tree = [0] * (2 * self.size)
-
-    def add(self, val: int) -> None:
-        self._set(val, val)
-
-    def remove(self, val: int) -> None:
-        self._set(val, 0)
-
-    def _set(self, val: int, to: int) -> None:
-        tree, i = self.tree, self.size + val - 1
-        tree[i] = to
-        while i > 1:
-            i >>= 1
-            left, right = tree[2 * i], tree[2 * i + 1]
-            tree[i] = left if left >= right else right
-
-    def search(self, val: int) -> int:
-        tree, i = self.tree, 1
-        while i < self.size:
-            i = 2 * i if tree[2 * i] >= val else 2 * i + 1
-        return tree[i]
