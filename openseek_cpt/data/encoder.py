@@ -121,12 +121,18 @@ class Encoder:
     # ------------------------------------------------------------------ encoding
 
     def __call__(self, table: Any, content: str, text_field: str, formatting: Any) -> Any:
+        return documents_table(*self.documents(table, content, text_field, formatting))
+
+    def documents(
+        self, table: Any, content: str, text_field: str, formatting: Any
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(all ids int32, ids per document, special-token text per document) of an Arrow batch of rows."""
         if content == "tokens":
-            return self.from_ids(table.column("input_ids"))
+            return self._ids_arrays(table.column("input_ids"))
         if content == "text" and self.path == "gigatoken":
-            return self.from_text_column(table.column(text_field))
+            return self._text_column_arrays(table.column(text_field))
         texts = self.texts(table, content, text_field, formatting)
-        return self.from_texts([t for t in texts if not is_empty(t)])
+        return self._texts_arrays([t for t in texts if not is_empty(t)])
 
     @staticmethod
     def texts(table: Any, content: str, text_field: str, formatting: Any) -> list[str | None]:
@@ -233,22 +239,31 @@ class Encoder:
         return ids
 
     def from_texts(self, texts: list[str | None]) -> Any:
-        texts = [t or "" for t in texts]
-        if not texts:  # a batch of empty texts only (tokenizer([]) is not an empty batch everywhere)
-            return documents_table(np.empty(0, np.int32), np.empty(0, np.int64), np.empty(0, np.uint8))
-        special = np.fromiter((self.has_special_text(t) for t in texts), dtype=np.uint8, count=len(texts))
-        if self.path in ("gigatoken", "tiktoken"):  # ids stay in numpy from the encoder to Arrow
-            values, lengths = self.arrays(texts)
-            values, lengths = with_one_eos(values, lengths, self.eos)
-            return documents_table(values, lengths, special)
-        docs = self.encode(texts)
-        lengths = np.fromiter((len(x) for x in docs), dtype=np.int64, count=len(docs))
-        values = np.fromiter(chain.from_iterable(docs), dtype=np.int32, count=int(lengths.sum()))
-        return documents_table(values, lengths, special)
+        return documents_table(*self._texts_arrays(texts))
 
     def from_text_column(self, column: Any) -> Any:
         """`from_texts` of an Arrow text column without a Python object per text (the gigatoken path):
         empty texts dropped, special-token strings counted, ids from the Arrow buffers."""
+        return documents_table(*self._text_column_arrays(column))
+
+    def from_ids(self, column: Any) -> Any:
+        """Pre-tokenized documents: append eos only to those that do not already end with it."""
+        return documents_table(*self._ids_arrays(column))
+
+    def _texts_arrays(self, texts: list[str | None]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        texts = [t or "" for t in texts]
+        if not texts:  # a batch of empty texts only (tokenizer([]) is not an empty batch everywhere)
+            return np.empty(0, np.int32), np.empty(0, np.int64), np.empty(0, np.uint8)
+        special = np.fromiter((self.has_special_text(t) for t in texts), dtype=np.uint8, count=len(texts))
+        if self.path in ("gigatoken", "tiktoken"):  # ids stay in numpy from the encoder to Arrow
+            values, lengths = self.arrays(texts)
+            return (*with_one_eos(values, lengths, self.eos), special)
+        docs = self.encode(texts)
+        lengths = np.fromiter((len(x) for x in docs), dtype=np.int64, count=len(docs))
+        values = np.fromiter(chain.from_iterable(docs), dtype=np.int32, count=int(lengths.sum()))
+        return values, lengths, special
+
+    def _text_column_arrays(self, column: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         import pyarrow as pa
         import pyarrow.compute as pc
 
@@ -261,11 +276,9 @@ class Encoder:
             found = pc.match_substring_regex(column, self.special_pattern.pattern)
             special = found.to_numpy(zero_copy_only=False).astype(np.uint8)
         values, lengths = self.arrays(column)
-        values, lengths = with_one_eos(values, lengths, self.eos)
-        return documents_table(values, lengths, special)
+        return (*with_one_eos(values, lengths, self.eos), special)
 
-    def from_ids(self, column: Any) -> Any:
-        """Pre-tokenized documents: append eos only to those that do not already end with it."""
+    def _ids_arrays(self, column: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         import pyarrow.compute as pc
 
         column = column.combine_chunks()
@@ -275,7 +288,7 @@ class Encoder:
         last = np.where(lengths > 0, values[np.maximum(ends - 1, 0)] if len(values) else -1, -1)
         needs_eos = last != self.eos
         values = np.insert(values, ends[needs_eos], self.eos).astype(np.int32)
-        return documents_table(values, lengths + needs_eos, np.zeros(len(lengths), dtype=np.uint8))
+        return values, lengths + needs_eos, np.zeros(len(lengths), dtype=np.uint8)
 
     # ------------------------------------------------------------------ probes
 
@@ -305,8 +318,11 @@ def _nfc(texts: Any) -> Any:
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    if isinstance(texts, pa.Array | pa.ChunkedArray):
-        return pc.utf8_normalize(texts, form="NFC")
+    if isinstance(texts, pa.Array | pa.ChunkedArray):  # ASCII text is NFC already: normalize the rest
+        other = pc.invert(pc.string_is_ascii(texts))
+        if not pc.any(other).as_py():
+            return texts
+        return pc.replace_with_mask(texts, other, pc.utf8_normalize(texts.filter(other), form="NFC"))
     return [t if unicodedata.is_normalized("NFC", t) else unicodedata.normalize("NFC", t) for t in texts]
 
 
@@ -324,7 +340,10 @@ def with_one_eos(values: np.ndarray, lengths: np.ndarray, eos: int) -> tuple[np.
     """Flat documents (ids, lengths) with trailing eos ids dropped and exactly one eos appended to
     each: `Encoder.end_with_eos` on arrays."""
     lengths = lengths.astype(np.int64)
-    starts = np.cumsum(lengths) - lengths
+    ends = np.cumsum(lengths)
+    if not len(values) or not (values[ends[lengths > 0] - 1] == eos).any():  # no trailing eos to drop
+        return np.insert(values, ends, eos).astype(np.int32, copy=False), lengths + 1
+    starts = ends - lengths
     kept = lengths.copy()
     while len(values):
         trailing = (kept > 0) & (values[np.maximum(starts + kept - 1, 0)] == eos)

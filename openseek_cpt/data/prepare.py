@@ -268,13 +268,8 @@ def _encode_in_worker(indices: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]
 
 
 def _encode(src: OpenSource, encoder: Encoder, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
-    import pyarrow.compute as pc
-
     table = src.rows.take(indices, src.columns)
     if src.content == "text":
         check_document_sizes(src, table.column(src.config.text_field), indices)
-    docs = encoder(table, src.content, src.config.text_field, src.formatting)
-    ids = docs.column("input_ids").combine_chunks()
-    values = ids.values.to_numpy(zero_copy_only=False)
-    lengths = np.diff(ids.offsets.to_numpy()).astype(np.int64)
-    return values, lengths, int(pc.sum(docs.column("special_text")).as_py() or 0)
+    values, lengths, special = encoder.documents(table, src.content, src.config.text_field, src.formatting)
+    return values, lengths, int(special.sum())

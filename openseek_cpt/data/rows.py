@@ -212,17 +212,16 @@ class JsonLinesRows(Rows):
         return len(self.starts)
 
     def lines(self, indices: np.ndarray) -> list[bytes]:
-        """The raw lines `indices`, in that order (read through a memory map, in file order)."""
+        """The raw lines `indices`, in file order (read through a memory map)."""
         import mmap
 
-        out: list[bytes] = [b""] * len(indices)
-        for i in np.argsort(indices, kind="stable"):
-            row = int(indices[i])
-            k = int(self.file_of[row])
+        out: list[bytes] = []
+        for k in np.unique(self.file_of[indices]).tolist():
             if k not in self._maps:
                 with open(self.files[k], "rb") as f:
                     self._maps[k] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-            out[i] = self._maps[k][self.starts[row] : self.ends[row]]
+            m, rows = self._maps[k], indices[self.file_of[indices] == k]
+            out += [m[a:b] for a, b in zip(self.starts[rows].tolist(), self.ends[rows].tolist(), strict=True)]
         return out
 
     def take(self, indices: Any, columns: list[str] | None = None) -> Any:
@@ -231,7 +230,9 @@ class JsonLinesRows(Rows):
         import pyarrow as pa
         import pyarrow.json as pj
 
-        indices = np.asarray(indices, dtype=np.int64)
+        asked = np.asarray(indices, dtype=np.int64)
+        order = np.argsort(asked, kind="stable")  # read in file order, then put back in the order asked
+        indices = asked[order]
         lines = self.lines(indices)
         options = pj.ParseOptions(newlines_in_values=False)
         if columns:
@@ -245,7 +246,7 @@ class JsonLinesRows(Rows):
             table = table.select(columns)
         if table.num_rows != len(indices):  # Arrow skips what it takes for blank lines
             raise self._bad_line(indices, lines, columns)
-        return table
+        return table if (order[1:] > order[:-1]).all() else table.take(pa.array(np.argsort(order)))
 
     def _bad_line(self, indices: np.ndarray, lines: list[bytes], columns: list[str] | None) -> UserError:
         """The one-line error naming the first line of `lines` that is not JSON or not text."""
