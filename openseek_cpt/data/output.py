@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 
 COLUMNS = ("input_ids", "seq_lengths")
+# Rows per record batch of a shard (datasets' own writer batch size).
+BATCH_ROWS = 1000
 
 
 def features() -> Any:
@@ -55,6 +57,8 @@ class SplitWriter:
         self.sizes = [div + (k < mod) for k in range(shards)]
         self.names = [f"data-{k:05d}-of-{shards:05d}.arrow" for k in range(shards)]
         self._shard, self._left, self._writer = -1, 0, None
+        self._pending: list[Any] = []
+        self._pending_rows = 0
         self._next()
 
     def _next(self) -> None:
@@ -71,21 +75,33 @@ class SplitWriter:
         )
 
     def write(self, table: Any) -> None:
-        """Append rows, across shard boundaries."""
-        while table.num_rows:
-            if self._writer is None:
-                raise ValueError(f"{self.path}: more rows than the {sum(self.sizes)} announced")
-            part = table.slice(0, self._left)
-            self._writer.write_table(part)
-            self._left -= part.num_rows
-            table = table.slice(part.num_rows)
-            if not self._left:
-                self._next()
+        """Append rows, across shard boundaries, in record batches of BATCH_ROWS (the file's bytes
+        depend on the rows only, not on how they were handed over)."""
+        import pyarrow as pa
+
+        self._pending.append(table)
+        self._pending_rows += table.num_rows
+        while self._pending_rows >= min(BATCH_ROWS, max(self._left, 1)):
+            rows = pa.concat_tables(self._pending)
+            n = min(BATCH_ROWS, self._left) if self._writer is not None else rows.num_rows
+            self._write(rows.slice(0, n))
+            self._pending, self._pending_rows = [rows.slice(n)], rows.num_rows - n
+
+    def _write(self, table: Any) -> None:
+        if self._writer is None:
+            raise ValueError(f"{self.path}: more rows than the {sum(self.sizes)} announced")
+        self._writer.write_table(table.combine_chunks())
+        self._left -= table.num_rows
+        if not self._left:
+            self._next()
 
     def close(self) -> None:
         """Finish the last shard and write the split's state.json and dataset_info.json."""
+        import pyarrow as pa
         from datasets import DatasetInfo
 
+        if self._pending_rows:
+            self._write(pa.concat_tables(self._pending))
         if self._writer is not None:
             if self._shard < len(self.sizes) - 1 or self._left:
                 raise ValueError(f"{self.path}: fewer rows written than the {sum(self.sizes)} announced")

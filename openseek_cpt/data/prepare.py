@@ -36,6 +36,8 @@ ESTIMATE_DOCS = 256
 SAMPLE_CHARS = 100_000
 # Documents per batch encoded in this process (the array paths).
 IN_PROCESS_BATCH = 8192
+# Tokens per token file (a part): the writer deletes each once its rows are written.
+PART_TOKENS = 1 << 26
 # Largest document (UTF-8 bytes of text) the stage encodes; a larger one is refused, naming its row.
 MAX_DOCUMENT_BYTES = 128 << 20
 # Documents per batch an encoding worker process takes (the tokenizer's own and the Rust paths).
@@ -111,10 +113,10 @@ def prepare_source(
         if not len(chunk):  # a stream that ended exactly where the last round stopped
             break
         pos += len(chunk)
-        part, lengths, special = tokenize_and_pack(
+        new, lengths, special = tokenize_and_pack(
             src, encoder, chunk, recipe, work, f"{build_id}-{src.index}-{len(parts)}"
         )
-        parts.append(part)
+        parts += new
         result.special_text_documents += special
         result.documents_read += len(chunk)
         result.empty_documents += len(chunk) - len(lengths)
@@ -209,24 +211,51 @@ def check_document_sizes(src: OpenSource, texts: Any, indices: np.ndarray) -> No
 
 def tokenize_and_pack(
     src: OpenSource, encoder: Encoder, indices: np.ndarray, recipe: Recipe, work: Path, tag: str
-) -> tuple[Part, np.ndarray, int]:
-    """(the documents `indices` of `src` tokenized into a token file and packed by index, their token
+) -> tuple[list[Part], np.ndarray, int]:
+    """(the documents `indices` of `src` tokenized into token files and packed by index, their token
     lengths incl. eos (none for an empty text: it is skipped), documents whose text held special-token
-    strings)."""
+    strings).
+
+    A part (one token file) closes once it holds PART_TOKENS at a multiple of packing.PACK_BATCH
+    documents, so its rows are those one file would give and the writer can delete each file as soon
+    as it has written the part's rows: the peak disk stays near the output's size.
+    """
     d = recipe.data
-    store = TokenStore(work / f"{tag}-tokens.bin")
+    parts: list[Part] = []
+    lengths_read: list[np.ndarray] = []
     special = 0
-    try:
-        for values, lengths, n_special in encode_batches(src, encoder, indices, d.num_proc):
-            store.append(values, lengths)
-            special += n_special
+    store = TokenStore(work / f"{tag}-0-tokens.bin")
+    docs = tokens = 0
+
+    def close() -> None:
         lengths = store.close()
         if src.content == "tokens" and store.tokens is not None:
             check_token_ids(src, store.tokens, len(encoder.tokenizer))
+        parts.append(Part(store, packing.plan(d.packing, lengths, d.max_length)))
+        lengths_read.append(lengths)
+
+    try:
+        for values, lengths, n_special in encode_batches(src, encoder, indices, d.num_proc):
+            special += n_special
+            while len(lengths):
+                # the first whole packing batch at which the file reaches PART_TOKENS, if in this batch
+                k = np.arange(1, len(lengths) + 1)
+                at = k[((docs + k) % packing.PACK_BATCH == 0) & (tokens + np.cumsum(lengths) >= PART_TOKENS)]
+                k = int(at[0]) if len(at) else len(lengths)
+                cut = int(lengths[:k].sum())
+                store.append(values[:cut], lengths[:k])
+                docs, tokens = docs + k, tokens + cut
+                values, lengths = values[cut:], lengths[k:]
+                if len(at):
+                    close()
+                    store = TokenStore(work / f"{tag}-{len(parts)}-tokens.bin")
+                    docs = tokens = 0
+        close()
     except BaseException:
-        store.delete()
+        for each in [*(part.store for part in parts), store]:
+            each.delete()
         raise
-    return Part(store, packing.plan(d.packing, lengths, d.max_length)), lengths, special
+    return parts, np.concatenate(lengths_read), special
 
 
 def encode_batches(

@@ -52,6 +52,7 @@ class TokenStore:
         return np.asarray(self.tokens[positions], dtype=np.int32)
 
     def delete(self) -> None:
-        """Remove the file (its rows are written)."""
+        """Remove the file (its rows are written, or the stage failed)."""
+        self._file.close()
         self.tokens = None
         self.path.unlink(missing_ok=True)

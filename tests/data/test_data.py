@@ -24,11 +24,13 @@ from openseek_cpt.testing.fixtures import format_title_body
 TOKENIZER = "models/tiny-openseek"
 
 
-def _rows(part: Part) -> list[dict]:
-    """A part's packed rows as dicts (input_ids, seq_lengths, n_docs), assembled as the output is."""
-    rows = rows_table(part, np.arange(len(part.plan))).to_pylist()
-    for row, n in zip(rows, part.plan.row_documents().tolist(), strict=True):
-        row["n_docs"] = n
+def _rows(parts: list[Part]) -> list[dict]:
+    """Parts' packed rows as dicts (input_ids, seq_lengths, n_docs), assembled as the output is."""
+    rows = []
+    for part in parts:
+        rows += rows_table(part, np.arange(len(part.plan))).to_pylist()
+        for row, n in zip(rows[-len(part.plan) :], part.plan.row_documents().tolist(), strict=True):
+            row["n_docs"] = n
     return rows
 
 

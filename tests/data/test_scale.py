@@ -83,3 +83,25 @@ def test_a_50_mb_document_is_encoded_and_a_500_mb_one_refused_by_row(tiny_workdi
         assert r.returncode == 0, r.stderr[-2000:]
         manifest = json.loads((tiny_workdir / "datasets/huge/manifest.json").read_text())
         assert manifest["totals"]["tokens_read"] > 5_000_000 and manifest["totals"]["tokens_dropped"] == 0
+
+
+def test_small_token_files_give_the_same_dataset_and_are_deleted_as_written(tiny_workdir, monkeypatch):
+    """Parts close at whole packing batches: many small token files pack and write exactly the rows one
+    file gives, and the writer deletes each once its rows are out (none is left in the work dir)."""
+    from openseek_cpt.data import stage
+    from openseek_cpt.data.token_store import TokenStore
+    from tests.data.test_data import _recipe
+
+    monkeypatch.chdir(tiny_workdir)
+    monkeypatch.setattr(packing, "PACK_BATCH", 16)  # parts close at multiples of it: many in a tiny mix
+    deleted = []
+    original = TokenStore.delete
+    monkeypatch.setattr(TokenStore, "delete", lambda self: (deleted.append(self.path.name), original(self)))
+    one = stage.run(_recipe(tiny_workdir, "data.output_dir=datasets/one"))
+    files_one = len(deleted)
+    monkeypatch.setattr(prepare, "PART_TOKENS", 2_000)
+    many = stage.run(_recipe(tiny_workdir, "data.output_dir=datasets/many"))
+    assert len(deleted) - files_one > 2 * files_one  # several token files per read round
+    for f in sorted(p.relative_to(one) for p in one.rglob("*.arrow")):
+        assert (one / f).read_bytes() == (many / f).read_bytes(), f
+    assert not list(tiny_workdir.glob("datasets/*work*"))
