@@ -12,6 +12,10 @@ SIGTERM (preemption, `scontrol requeue`) leaves `KillWait` seconds before SIGKIL
 signal (`SIGNAL_BEFORE`, USR1) arrives that many seconds before the limit. The step in flight
 finishes first, then the save; if SIGKILL comes before the marker, the previous complete checkpoint
 is what resume uses (at most `save_steps` of work lost, never the run).
+
+Each repeat then hashes the files it wrote as the completion marker does (content_hash.hash_files,
+from the page cache right after the save), so the save with and without hashing, and their ratio,
+come from the same run; the hashing cost is extrapolated at its own rate, like the write.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from openseek_cpt.artifacts import content_hash
 from openseek_cpt.artifacts.fileio import fsync_tree
 from openseek_cpt.testing.fixtures import real_shape_config
 
@@ -54,6 +59,14 @@ def timed_write(directory: Path, gigabytes: float) -> float:
     return time.perf_counter() - start
 
 
+def timed_hash(directory: Path) -> float:
+    """Seconds to hash every file of `directory` as `checkpoints.write_marker` does."""
+    names = sorted(p.name for p in directory.iterdir() if p.is_file())
+    start = time.perf_counter()
+    content_hash.hash_files(directory, names)
+    return time.perf_counter() - start
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dir", default=None, help="filesystem to measure (default: a temp dir in /tmp)")
@@ -67,18 +80,29 @@ def main() -> None:
         f"[bench] OpenSeek-Small-v1 DDP checkpoint (bf16-mixed): weights {weights / 2**30:.1f} GiB + "
         f"AdamW state {optimizer / 2**30:.1f} GiB = {total / 2**30:.1f} GiB"
     )
-    rates = []
+    rates, hash_rates, ratios = [], [], []
     for i in range(args.repeats):
         root = Path(tempfile.mkdtemp(prefix="ckpt-bench-", dir=args.dir))
         try:
             seconds = timed_write(root / "checkpoint", args.gb)
+            hashing = timed_hash(root / "checkpoint")
         finally:
             shutil.rmtree(root, ignore_errors=True)
         rates.append(args.gb * (1 << 30) / seconds)
-        print(f"[bench] repeat {i + 1}: {args.gb:.1f} GiB written + fsynced in {seconds:.2f} s")
-    rate = max(rates)
-    save_s = total / rate
+        hash_rates.append(args.gb * (1 << 30) / hashing)
+        ratios.append(hashing / seconds)
+        print(
+            f"[bench] repeat {i + 1}: {args.gb:.1f} GiB written + fsynced in {seconds:.2f} s without "
+            f"hashing, {seconds + hashing:.2f} s with ({content_hash.ALGORITHM}, "
+            f"{content_hash.WORKERS} threads: +{hashing:.2f} s = +{hashing / seconds:.1%})"
+        )
+    rate, hash_rate = max(rates), max(hash_rates)
+    save_s, hash_s = total / rate, total / hash_rate
     print(f"[bench] write rate {rate / 2**30:.2f} GiB/s -> the real checkpoint takes ~{save_s:.0f} s here")
+    print(
+        f"[bench] hash rate {hash_rate / 2**30:.2f} GiB/s -> hashing it adds ~{hash_s:.1f} s "
+        f"(+{hash_s / save_s:.1%}; per repeat +{min(ratios):.1%} to +{max(ratios):.1%})"
+    )
     need = save_s * 1.5 + 60  # margin for a slower shared filesystem moment + the step in flight
     print(
         f"[bench] preemption (SIGTERM): KillWait >= {need:.0f} s for the save to finish; "
