@@ -9,14 +9,14 @@ negligible over any number of files and runs, at the same speed.
 Why blocks: a file hashed as one stream is hashed by one core, and optimizer.pt is two thirds of a
 checkpoint. A file is cut into BLOCK-byte blocks, each hashed on its own (any thread, any order);
 the file's hash is the xxh3_128 of the block digests in order. `hash_files` hashes the blocks of
-every file on a thread pool (pread into one buffer per thread); `BlockHasher` gives the same value
+every file on a thread pool (each block mapped, not copied); `BlockHasher` gives the same value
 to a reader that sees the bytes once, in file order (the soup's merge reads).
 """
 
 from __future__ import annotations
 
+import mmap
 import os
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -60,27 +60,29 @@ class BlockHasher:
 def hash_files(directory: str | Path, names: list[str], workers: int = WORKERS) -> dict[str, str]:
     """{name: content hash} of files under `directory`, their blocks hashed on `workers` threads.
 
-    Right after a save the bytes come from the page cache; a file that is gone raises OSError.
+    Each block is mapped (MAP_POPULATE) and hashed in place: from the page cache right after a save
+    that takes ~2.5x less CPU than copying it out with pread first (measured on the dev VM). The
+    files must not shrink meanwhile (a mapped page past the end is SIGBUS): they are a checkpoint
+    this process just wrote, or one that the run's lock keeps writers away from. A file that is
+    gone raises OSError.
     """
     directory = Path(directory)
     sizes = {name: (directory / name).stat().st_size for name in names}
     jobs = [(name, i) for name in names for i in range(max(1, -(-sizes[name] // BLOCK)))]
-    local = threading.local()
+    populate = getattr(mmap, "MAP_POPULATE", 0)
 
     def digest(job: tuple[str, int]) -> bytes:
         name, i = job
-        buf = getattr(local, "buf", None)
-        if buf is None:
-            buf = local.buf = bytearray(BLOCK)
-        want = max(0, min(BLOCK, sizes[name] - i * BLOCK))
-        view, got = memoryview(buf)[:want], 0
-        fd = os.open(directory / name, os.O_RDONLY)
+        length = max(0, min(BLOCK, sizes[name] - i * BLOCK))
+        if length == 0:
+            return xxhash.xxh3_128(b"").digest()
+        with open(directory / name, "rb") as f:
+            block = mmap.mmap(f.fileno(), length, flags=mmap.MAP_SHARED | populate, prot=mmap.PROT_READ,
+                              offset=i * BLOCK)  # fmt: skip
         try:
-            while got < want and (n := os.preadv(fd, [view[got:]], i * BLOCK + got)) > 0:
-                got += n
+            return xxhash.xxh3_128(block).digest()
         finally:
-            os.close(fd)
-        return xxhash.xxh3_128(view[:got]).digest()
+            block.close()
 
     with ThreadPoolExecutor(max_workers=min(workers, len(jobs)) or 1) as pool:
         digests = list(pool.map(digest, jobs))

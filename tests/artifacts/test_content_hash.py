@@ -3,6 +3,7 @@ block boundaries, and one flipped bit changes the hash."""
 
 from __future__ import annotations
 
+import mmap
 import os
 
 import pytest
@@ -10,13 +11,13 @@ import pytest
 from openseek_cpt.artifacts import content_hash
 
 
-@pytest.mark.parametrize("size", [0, 1, 999, 1000, 1001, 3500])
+@pytest.mark.parametrize("size", [0, 1, 4095, 4096, 4097, 14000])
 def test_streamed_pieces_of_any_size_give_the_parallel_hash(tmp_path, monkeypatch, size):
-    monkeypatch.setattr(content_hash, "BLOCK", 1000)  # several blocks in a small file
+    monkeypatch.setattr(content_hash, "BLOCK", mmap.ALLOCATIONGRANULARITY)  # several blocks, small file
     data = os.urandom(size)
     (tmp_path / "f").write_bytes(data)
     want = content_hash.hash_files(tmp_path, ["f"], workers=3)["f"]
-    for piece in (1, 333, 1000, 4096):
+    for piece in (1, 333, 4096, 5000):
         h = content_hash.BlockHasher()
         for i in range(0, len(data), piece):
             h.update(memoryview(data)[i : i + piece])
