@@ -93,7 +93,7 @@ class Status:
         if self.state == "missing":
             return f"no {MARKER}"
         if self.state == "damaged":
-            return f"damaged: {', '.join(self.files[:3])}" + (f" ({self.detail})" if self.detail else "")
+            return f"damaged: {', '.join(self.files[:3])}" + (f"; {self.detail}" if self.detail else "")
         return self.detail
 
 

@@ -127,7 +127,7 @@ def find_resume_checkpoint(recipe: Recipe, setup: Setup) -> Path | None:
     newest, state, rejected = checkpoints.newest_verified(setup.output_dir, remove=setup.rank == 0)
     if setup.rank == 0:
         for ckpt, why in rejected:
-            log.warning(f"removing incomplete checkpoint {ckpt} ({why})")
+            log.warning(f"removing damaged checkpoint {ckpt} ({why})")
         if newest is not None and state.unhashed:
             log.info(
                 f"{newest}: its {checkpoints.MARKER} records no content hashes (written by an older "
