@@ -108,16 +108,21 @@ def cmd_recipe(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from openseek_cpt.artifacts import provenance
+    from openseek_cpt.artifacts import checkpoints, provenance
 
-    intact = True
+    rc = 0
     for directory in args.dirs:
-        status, lines = provenance.verify_status(directory)
+        if checkpoints.is_checkpoint_dir(directory):
+            status, lines = checkpoints.verify_status(directory)
+            bad = 2 if status == "DAMAGED" else 0  # a checkpoint resume would fall back past
+        else:
+            status, lines = provenance.verify_status(directory)
+            bad = 1 if status == "DAMAGED" else 0
         print(f"{directory}: {status}")
         for line in lines:
             print(f"  {line}")
-        intact &= status != "DAMAGED"
-    return 0 if intact else 1
+        rc = max(rc, bad)
+    return rc
 
 
 def cmd_export_megatron(args: argparse.Namespace) -> int:
@@ -189,8 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=233)
     p.set_defaults(func=cmd_tiny_assets)
 
-    p = sub.add_parser("verify", help="recompute fingerprints of artifact directories")
-    p.add_argument("dirs", nargs="+", help="artifact directories (with provenance.json)")
+    p = sub.add_parser("verify", help="recompute fingerprints of artifact and checkpoint directories")
+    p.add_argument(
+        "dirs", nargs="+", help="artifact directories (with provenance.json) or checkpoint-N directories"
+    )
     p.set_defaults(func=cmd_verify)
 
     for name, func, target in (

@@ -13,7 +13,8 @@ A leaf module (the soup uses it; it knows nothing of averaging). Guarantees:
   skipped (reading them once more, counted in `Reader.rehashed_bytes`); a read behind the cursor
   was hashed already; bytes never read (unused keys) are hashed by `Reader.finish`. Reads may come
   from several threads; tickets (`Reader.ticket`, handed out in merge order) keep each file's
-  hash in order.
+  hash in order. The same bytes feed each file's content hash (content_hash.py, what checkpoint
+  markers record: `Reader.content_hashes`), so checking an input against its marker reads nothing more.
 Writing is safetensors_writer.py.
 """
 
@@ -29,6 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from openseek_cpt.artifacts.content_hash import BlockHasher
 from openseek_cpt.errors import UserError
 
 SINGLE_FILE = "model.safetensors"
@@ -250,10 +252,12 @@ class Ticket:
 
 
 class _FileHash:
-    """The sha256 of one file, fed in file order; `cursor` = bytes hashed so far."""
+    """The sha256 and the content hash of one file, fed in file order; `cursor` = bytes hashed so far."""
 
     def __init__(self, head: bytes) -> None:
         self.sha = hashlib.sha256(head)
+        self.content = BlockHasher()
+        self.content.update(head)
         self.cursor = len(head)
         self.turns = Turns()
         self.issued = 0
@@ -295,6 +299,7 @@ class Reader:
                 self._hash_range(t.file, state, t.start, scratch)
             if t.start == state.cursor:
                 state.sha.update(view)
+                state.content.update(view)
                 state.cursor += t.nbytes
             elif t.start + t.nbytes > state.cursor:
                 raise RuntimeError(f"overlapping reads of {self.model.path / t.file} at {t.start}")
@@ -311,6 +316,10 @@ class Reader:
             return {name: state.sha.hexdigest() for name, state in self._hash.items()}
         finally:
             self.close()
+
+    def content_hashes(self) -> dict[str, str]:
+        """{file: content hash} of every file (after `finish`): what a checkpoint marker records."""
+        return {name: state.content.hexdigest() for name, state in self._hash.items()}
 
     def abort(self) -> None:
         for state in self._hash.values():
@@ -329,6 +338,7 @@ class Reader:
             n = min(len(block), end - state.cursor)
             self._pread(name, block[:n], state.cursor)
             state.sha.update(block[:n])
+            state.content.update(block[:n])
             state.cursor += n
             with self._lock:
                 self.rehashed_bytes += n

@@ -1,8 +1,10 @@
 """The soup's inputs: checkpoint paths and globs expanded, each model directory opened and checked.
 
 Any HF causal-LM checkpoint set stored as safetensors will do. A checkpoint the train stage did
-not finish writing, a path given twice, an empty glob, or weights that do not match the inputs
-are one-line errors before anything is read.
+not finish writing (or a copy under another step's name), a path given twice, an empty glob, or
+weights that do not match the inputs are one-line errors before anything is read; a weight file
+whose bytes differ from its checkpoint marker's content hash is one after the merge has read it
+(`check_content`: the hash comes from the merge's own reads).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from openseek_cpt.artifacts import checkpoints
+from openseek_cpt.artifacts import checkpoints, content_hash
 from openseek_cpt.artifacts.fileio import read_json
 from openseek_cpt.artifacts.safetensors_stream import ModelFiles, open_model
 from openseek_cpt.errors import UserError
@@ -28,6 +30,8 @@ class SoupInput:
     step: int | None
     files: ModelFiles
     tied: bool
+    # {file: content hash} from the checkpoint's marker (None: no marker, or one without hashes).
+    hashes: dict[str, str] | None = None
     meta: dict[str, tuple[str, tuple[int, ...]]] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -46,28 +50,68 @@ def open_input(path: str | Path, role: str, field_name: str = "soup.checkpoints"
     files = open_model(p, field_name)
     config = read_json(p / "config.json") or {}
     step = checkpoints.step_of(p) if role == "checkpoint" else None
-    return SoupInput(p, role, step, files, bool(config.get("tie_word_embeddings")))
+    marker = checkpoints.read_marker(p) or {}
+    hashes = marker.get("hashes") if marker.get("content_hash") == content_hash.ALGORITHM else None
+    tied = bool(config.get("tie_word_embeddings"))
+    return SoupInput(p, role, step, files, tied, hashes if isinstance(hashes, dict) else None)
 
 
 def _check_complete(ckpt: Path) -> None:
     """Refuse a checkpoint the train stage did not finish writing (its marker is written last).
 
-    Checkpoints from elsewhere have no marker at all; only a run whose other checkpoints have one
-    (or a marker that disagrees with the files) shows that this one was cut off mid-save.
+    Checkpoints from elsewhere (and plain model directories) have no marker at all; one of a
+    training run (its lock file, or other checkpoints with markers, beside it) without a marker was
+    cut off mid-save. A marker of another step means a copied directory, not that step.
     """
     st = checkpoints.status(ckpt)
     if st.complete:
         return
+    if st.state == "misnamed":
+        raise UserError(
+            f"soup.checkpoints: {ckpt} is not the checkpoint its name says ({st.why}); "
+            f"give the original directory, or rename the copy to match its {checkpoints.MARKER}"
+        )
     if st.state == "damaged":
         reason = f"{st.files[0]} differs from its {checkpoints.MARKER}"
-    elif any(checkpoints.read_marker(sib) for sib in checkpoints.list_checkpoints(ckpt.parent)):
-        reason = f"no {checkpoints.MARKER}, unlike the other checkpoints of the run"
+    elif checkpoints.of_a_run(ckpt):
+        reason = f"no {checkpoints.MARKER} in a training run's directory"
     else:
         return
     raise UserError(
         f"soup.checkpoints: {ckpt} is incomplete ({reason}): training was cut off while saving it; "
         "leave it out (or let `openseek-cpt train` resume, which removes it)"
     )
+
+
+def check_content(inputs: list[SoupInput], content: list[dict[str, str]]) -> None:
+    """Refuse an input whose weight file's content hash (from the merge's reads) is not the one
+    its checkpoint marker records: the file was damaged after training saved it."""
+    for inp, actual in zip(inputs, content, strict=True):
+        for name, digest in actual.items():
+            recorded = (inp.hashes or {}).get(name)
+            if recorded is not None and recorded != digest:
+                raise UserError(
+                    f"{_field(inp)}: {inp.path / name} does not match its content hash in "
+                    f"{checkpoints.MARKER} (damaged after it was saved); leave {inp.path} out "
+                    "or restore the file"
+                )
+
+
+def damaged_input_message(inputs: list[SoupInput]) -> str | None:
+    """The line `check_content` would give, found by reading the inputs with hashes again: for a
+    merge stopped early (a NaN from a flipped bit), whose reads did not cover every byte."""
+    for inp in inputs:
+        st = checkpoints.verify(inp.path) if inp.hashes else None
+        if st is not None and st.state == "damaged":
+            return (
+                f"{_field(inp)}: {inp.path / st.files[0]} does not match its {checkpoints.MARKER} "
+                f"({st.detail or 'size differs'}); leave {inp.path} out or restore the file"
+            )
+    return None
+
+
+def _field(inp: SoupInput) -> str:
+    return "soup.base_dir" if inp.role == "base" else "soup.checkpoints"
 
 
 def expand_checkpoints(items: Iterable[str]) -> list[Path]:

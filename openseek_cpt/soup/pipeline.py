@@ -46,6 +46,8 @@ class MergeResult:
     output_hashes: dict[str, str]
     # Per input, {file: sha256} of every weight file (and index), in input order.
     input_hashes: list[dict[str, str]]
+    # Per input, {file: content hash} (content_hash.py) from the same reads: checked against markers.
+    input_content_hashes: list[dict[str, str]]
     input_bytes: int
     # Bytes read only to complete a hash (a read order that jumps in a file, keys not merged).
     rehashed_bytes: int
@@ -143,6 +145,7 @@ def merge(
         files=list(hashes),
         output_hashes=hashes,
         input_hashes=input_hashes,
+        input_content_hashes=[r.content_hashes() for r in readers],
         input_bytes=sum(sum(inp.files.sizes.values()) for inp in inputs),
         rehashed_bytes=sum(r.rehashed_bytes for r in readers),
         seconds=time.perf_counter() - started,

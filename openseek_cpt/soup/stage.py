@@ -3,7 +3,8 @@
 The original merge script listed one checkpoint twice, held three whole models in RAM and let
 a layout mismatch fall back to base weights without a word. Here a run goes:
 - inputs.py: checkpoint globs expanded and sorted by step, every model directory's safetensors
-  headers read and checked (a path given twice, an unfinished checkpoint: errors);
+  headers read and checked (a path given twice, an unfinished checkpoint: errors), and after the
+  merge every checkpoint's weight files checked against its marker's content hashes;
 - plan.py: what happens to every key of every input, decided (and accounted for) before any read;
 - pipeline.py: the tensors streamed chunk by chunk through the method and written into the shards,
   each input byte read once (its hash from the same reads), memory flat whatever the model count;
@@ -34,7 +35,9 @@ from openseek_cpt.recipe.values import parse_size
 from openseek_cpt.soup import STAGE, outputs
 from openseek_cpt.soup.dtypes import OUTPUT_DTYPES
 from openseek_cpt.soup.inputs import (
+    check_content,
     check_distinct,
+    damaged_input_message,
     expand_checkpoints,
     non_finite_message,
     open_input,
@@ -76,8 +79,9 @@ def run(recipe: Recipe) -> Path:
     with atomic_output_dir(s.output_dir, stage=STAGE, inputs=read, field="soup.output_dir") as tmp:
         try:
             result = merge(inputs, plan, s.method, out_code, tmp, max_shard_size, s.allow_non_finite)
-        except NonFiniteKey as exc:
-            raise UserError(non_finite_message(inputs, exc.key)) from None
+        except NonFiniteKey as exc:  # a damaged input explains it better than its NaN does
+            raise UserError(damaged_input_message(inputs) or non_finite_message(inputs, exc.key)) from None
+        check_content(inputs, result.input_content_hashes)
         outputs.copy_side_files(base.path, tmp, s.dtype)
         evaluation = outputs.evaluate(recipe, inputs, tmp) if s.evaluate else None
         info = outputs.merge_info(inputs, weights, plan, accounting, s, result, evaluation, started)

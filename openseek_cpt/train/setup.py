@@ -113,11 +113,26 @@ def setup_run(recipe: Recipe) -> Setup:
 
 
 def find_resume_checkpoint(recipe: Recipe, setup: Setup) -> Path | None:
-    """The newest complete checkpoint, checked against this run; rank 0 first removes incomplete ones."""
+    """The newest complete checkpoint whose files match their content hashes, checked against this
+    run; rank 0 first removes incomplete ones, and then each one whose contents are damaged.
+
+    Every rank verifies the hashes itself (no process group exists yet to share rank 0's answer);
+    the answer depends only on the files, so every rank resumes from the same checkpoint.
+    """
     if setup.rank == 0:
         for ckpt, why in checkpoints.remove_incomplete(setup.output_dir):
             log.warning(f"removing incomplete checkpoint {ckpt} ({why})")
-    newest = checkpoints.newest_complete(setup.output_dir)
+        for ckpt, why in checkpoints.misnamed(setup.output_dir):
+            log.warning(f"ignoring {ckpt} ({why}): it is never resumed from nor rotated; rename or remove it")
+    newest, state, rejected = checkpoints.newest_verified(setup.output_dir, remove=setup.rank == 0)
+    if setup.rank == 0:
+        for ckpt, why in rejected:
+            log.warning(f"removing damaged checkpoint {ckpt} ({why})")
+        if newest is not None and state.unhashed:
+            log.info(
+                f"{newest}: its {checkpoints.MARKER} records no content hashes (written by an older "
+                "openseek-cpt); resuming without checking its contents"
+            )
     if newest is not None:
         kind = "FSDP" if setup.fsdp else "DDP"
         notes = checkpoints.check_resume(
