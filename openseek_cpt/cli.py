@@ -219,17 +219,26 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     try:
         return int(args.func(args) or EXIT_OK)
-    except UserError as exc:
-        return _fail(args, EXIT_USER_ERROR, f"error: {exc}")
-    except Preempted as exc:
-        return _fail(args, EXIT_PREEMPTED, f"{exc}; requeue the job to resume")
-    except KeyboardInterrupt:
-        print(f"openseek-cpt {args.command}: interrupted", file=sys.stderr)
-        return 130
-    except Exception as exc:
-        if not is_disk_full(exc):
-            raise
-        return _fail(args, EXIT_USER_ERROR, f"error: {disk_full_message(exc, args)}")
+    except BaseException as exc:
+        close_progress_bars()  # else their last refresh prints after the error, at interpreter exit
+        if isinstance(exc, UserError):
+            return _fail(args, EXIT_USER_ERROR, f"error: {exc}")
+        if isinstance(exc, Preempted):
+            return _fail(args, EXIT_PREEMPTED, f"{exc}; requeue the job to resume")
+        if isinstance(exc, KeyboardInterrupt):
+            print(f"openseek-cpt {args.command}: interrupted", file=sys.stderr)
+            return 130
+        if isinstance(exc, Exception) and is_disk_full(exc):
+            return _fail(args, EXIT_USER_ERROR, f"error: {disk_full_message(exc, args)}")
+        raise
+
+
+def close_progress_bars() -> None:
+    """Close every open tqdm bar (the Trainer's, a writer's) so that nothing prints after our line."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
+        with contextlib.suppress(Exception):
+            bar.close()
 
 
 def _fail(args: argparse.Namespace, code: int, message: str) -> int:
