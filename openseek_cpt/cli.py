@@ -17,6 +17,7 @@ from pathlib import Path
 
 from openseek_cpt import logs
 from openseek_cpt.errors import (
+    EXIT_FAILURE,
     EXIT_OK,
     EXIT_PREEMPTED,
     EXIT_USER_ERROR,
@@ -230,6 +231,13 @@ def _run(args: argparse.Namespace) -> int:
             return 130
         if isinstance(exc, Exception) and is_disk_full(exc):
             return _fail(args, EXIT_USER_ERROR, f"error: {disk_full_message(exc, args)}")
+        if isinstance(exc, Exception) and (lost := peer_lost(exc)):
+            # Not left for the launcher: the rank that is gone is the cause, and the launcher names it.
+            print(
+                f"openseek-cpt {args.command}: error: another rank is gone ({lost}); stopping",
+                file=sys.stderr,
+            )
+            return EXIT_FAILURE
         raise
 
 
@@ -266,6 +274,21 @@ def is_disk_full(exc: BaseException) -> bool:
             return True
         exc = exc.__cause__ or exc.__context__
     return False
+
+
+# How gloo and NCCL report a collective whose peer died (killed, crashed): the peer is the story.
+PEER_LOST_TEXT = ("Connection closed by peer", "Connection reset by peer", "remote process exited")
+
+
+def peer_lost(exc: BaseException) -> str | None:
+    """The words by which `exc` (or its cause) says another rank of this distributed run is gone."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    while exc is not None:
+        if found := next((text for text in PEER_LOST_TEXT if text in str(exc)), None):
+            return found
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def output_of(args: argparse.Namespace) -> Path | None:

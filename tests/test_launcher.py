@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from conftest import REPO
 
 from openseek_cpt import launcher
@@ -19,7 +21,8 @@ def test_launcher_derives_the_world_from_slurm_or_this_machine():
     cmd = launcher.accelerate_command("r.yaml", ["train.args.max_steps=3"], local, configs / "ddp.yaml")
     joined = " ".join(cmd)
     assert "--num_processes 2" in joined and "--multi_gpu" in cmd and "--machine_rank 0" in joined
-    assert cmd[cmd.index("-m") :] == [
+    assert cmd[:3] == [sys.executable, "-m", "openseek_cpt.launch_agent"]
+    assert cmd[cmd.index("-m", 3) :] == [
         "-m",
         "openseek_cpt",
         "train",
