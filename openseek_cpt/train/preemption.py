@@ -2,7 +2,8 @@
 running evaluation; a save in progress is the preemption save) and stop, every rank agreeing.
 
 The stage then leaves the process group and raises `errors.Preempted` (the CLI exits EXIT_PREEMPTED,
-the requeue code); the restart resumes from that checkpoint.
+the requeue code); the restart resumes from that checkpoint. The handlers stay installed until the
+process exits: a repeated signal on the way out must not turn exit 3 into death by that signal.
 """
 
 from __future__ import annotations
