@@ -120,8 +120,8 @@ def launch_train(recipe_path: str | Path, overrides: Sequence[str] = (), nproc: 
             break
         except KeyboardInterrupt:
             os.killpg(child.pid, signal.SIGINT)
-    for sig in FORWARDED_SIGNALS:  # until this process exits: a late signal must not make it die by it
-        signal.signal(sig, lambda signum, frame: forwarded.append(signum))
+    for sig in FORWARDED_SIGNALS:  # until exit: a late signal must not replace the code the run earned
+        signal.signal(sig, signal.SIG_IGN)  # (a Python handler is reset to the default at finalization)
     earned, failures = rank_error(errors), rank_failures(errors)
     shutil.rmtree(errors, ignore_errors=True)
     if code == EXIT_OK:

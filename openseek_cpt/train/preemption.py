@@ -33,19 +33,20 @@ class PreemptionCallback(TrainerCallback):
     def __init__(self):
         self.requested = False
         self.triggered = False
-        # Training and the final save are over: a signal changes nothing, the run exits as it earned.
-        self.ending = False
 
     def install(self) -> None:
-        """Catch the signals for the rest of the process: never restored, so that a repeated signal
-        (Slurm's, an impatient user's) cannot turn exit 3 into death by that signal."""
         for sig in self.SIGNALS:
             signal.signal(sig, self._handle)
 
+    def ignore_from_now(self) -> None:
+        """Training and the final save are over: ignore the signals until the process exits, so that
+        a repeat (Slurm's, a user's) cannot turn the exit code the run earned into death by it. SIG_IGN,
+        not a Python handler: the interpreter resets those to the default when it finalizes."""
+        for sig in self.SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+
     def _handle(self, signum: int, frame: Any) -> None:
         self.requested = True
-        if self.ending:
-            return  # silent: the run's own last line (its error or the preemption) stays last
         # os.write (async-signal-safe), not logging/print: the handler may interrupt a write to the same stream
         os.write(1, f"[train] received signal {signum}: saving at the end of this step\n".encode())
 
@@ -77,15 +78,15 @@ class PreemptionCallback(TrainerCallback):
 
 @contextlib.contextmanager
 def signals_caught(trainer) -> Iterator[PreemptionCallback]:
-    """Catch the preemption signals from here to the process's exit (training, then the final save:
-    a signal during the save lets it finish; after the body one is ignored); yields the trainer's
+    """Catch the preemption signals while the body runs (training, then the final save: a signal
+    during the save lets it finish), then ignore them until the process exits; yields the trainer's
     PreemptionCallback."""
     callback = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, PreemptionCallback))
     callback.install()
     try:
         yield callback
     finally:
-        callback.ending = True
+        callback.ignore_from_now()
 
 
 def saved_checkpoint(trainer, output_dir: Path) -> Path:

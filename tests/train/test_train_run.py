@@ -11,6 +11,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -225,6 +226,13 @@ def test_launcher_forwards_sigterm_to_both_ranks_and_returns_the_preempted_statu
     assert w.wait_for(lambda: w.losses >= 3, timeout=180), w.output[-3000:]
     w.proc.send_signal(signal.SIGTERM)
     assert w.finish() == EXIT_PREEMPTED, w.output[-3000:]
+    # The ranks' own line ends the output, with no torch ChildFailedError report above it.
+    assert re.match(
+        r"openseek-cpt train: preempted; saved .* \(rank \d\)$", w.output.strip().splitlines()[-1]
+    )
+    assert not [word for word in ("Traceback", "ChildFailedError", "=====") if word in w.output], w.output[
+        -3000:
+    ]
     steps = checkpoint_steps(work / "runs" / "tiny")
     assert len(steps) == 1 and 3 <= steps[0] <= 5, (steps, w.output[-2000:])
     ckpt = work / "runs" / "tiny" / f"checkpoint-{steps[0]}"
