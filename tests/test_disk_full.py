@@ -4,6 +4,8 @@ full filesystem (mounting needs root; CI runs as root)."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import subprocess
 from pathlib import Path
@@ -69,3 +71,24 @@ def test_a_checkpoint_save_that_fills_the_disk_in_torchs_writer_is_one_line_last
         "openseek-cpt train: error: no space left on the device (or the quota) writing "
     ), last
     assert str(ckpt) in last, last
+
+
+def test_a_writer_error_is_named_a_full_disk_only_when_the_disk_there_is_full(tmp_path):
+    """torch's writer says "iostream error" for any failure: only a full disk (a probe write fails
+    with ENOSPC) becomes OSError(ENOSPC) naming the target; on a disk with room it passes unchanged."""
+    from openseek_cpt.train.full_disk import named_when_full
+
+    mount = mount_tmpfs(tmp_path / "full", "4m")  # room for the 1 MiB probe until filled
+    try:
+        target = mount / "checkpoint-1"
+        with pytest.raises(RuntimeError, match="iostream"), named_when_full(target):
+            raise RuntimeError("basic_ios::clear: iostream error")  # room left: not a full disk
+        with contextlib.suppress(OSError), (mount / "filler").open("wb") as f:
+            f.write(b"\0" * (8 << 20))
+        with pytest.raises(OSError) as caught, named_when_full(target):
+            raise RuntimeError("basic_ios::clear: iostream error")
+        assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(target)
+        assert isinstance(caught.value.__cause__, RuntimeError)
+        assert sorted(p.name for p in mount.iterdir()) == ["filler"]  # the probe is gone
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)
