@@ -14,8 +14,9 @@ per node, e.g. `srun -N$NODES --ntasks-per-node=1 openseek-cpt launch --recipe R
   `accelerate launch` command, run through `launch_agent` (accelerate's own parser and launcher,
   with torch's failure traceback caught): `python -m openseek_cpt.launch_agent --config_file C
   --num_machines .. --machine_rank .. --num_processes TOTAL --main_process_ip ..
-  --main_process_port .. [--multi_gpu] -m openseek_cpt train --recipe R --set ...` (`--multi_gpu` when TOTAL > 1 and the config is not FSDP: the flag makes accelerate
-  ignore the config's distributed_type; on a CPU-only machine it starts gloo DDP processes).
+  --main_process_port .. [--multi_gpu] -m openseek_cpt train --recipe R --set ...` (`--multi_gpu`
+  when TOTAL > 1 and the config is not FSDP: the flag makes accelerate ignore the config's
+  distributed_type; on a CPU-only machine it starts gloo DDP processes).
   Rendezvous is `static` (machine ranks come from Slurm, so no c10d store is needed). The config
   is the recipe's `train.accelerate_config`: relative to the current directory, else to the checkout
   that holds this package (so the shipped recipes/accelerate_configs work from any workdir).
@@ -28,9 +29,9 @@ per node, e.g. `srun -N$NODES --ntasks-per-node=1 openseek-cpt launch --recipe R
   forwarded the signal — resuming from the newest complete checkpoint is right either way);
   otherwise the child's exit code. The last line of a failed launch is the rank's own one-line
   error, or one naming the rank, the signal (or exit code) and the log to read; no torch traceback
-  for a rank that was killed by a signal or chose its code. Killing the launcher (even with -9) ends its ranks: accelerate
-  launch gets a parent-death SIGKILL and each rank watches the launcher's PID
-  (OPENSEEK_LAUNCHER_PID), so no orphan trains on in the background.
+  for a rank that was killed by a signal or chose its code. Killing the launcher (even with -9)
+  ends its ranks: accelerate launch gets a parent-death SIGKILL and each rank watches the
+  launcher's PID (OPENSEEK_LAUNCHER_PID), so no orphan trains on in the background.
 """
 
 from __future__ import annotations

@@ -19,8 +19,9 @@ from conftest import REPO, TINY_RECIPE, copy_workdir, fresh_workdir
 from openseek_cpt.errors import EXIT_FAILURE, EXIT_PREEMPTED
 
 # fp32: bf16 matmuls are slow on CPUs without AVX-512 bf16; the faults do not depend on precision.
+DDP = REPO / "recipes" / "accelerate_configs" / "ddp.yaml"
 LONG_RUN = ["train.args.max_steps=200", "train.args.save_steps=100", "train.args.eval_strategy='no'",
-            "train.precision=fp32", f"train.accelerate_config={REPO / 'recipes/accelerate_configs/ddp.yaml'}"]  # fmt: skip
+            "train.precision=fp32", f"train.accelerate_config={DDP}"]  # fmt: skip
 TORCH_REPORT = ("Traceback", "ChildFailedError", "=====", "Root Cause")
 
 
