@@ -57,9 +57,7 @@ class Run:
 def test_a_rank_killed_by_kill_9_ends_the_launch_with_one_line_naming_rank_signal_and_log(prepared, tmp_path):
     run = Run(fresh_workdir(prepared, tmp_path), "launch", "--nproc", "2")
     run.wait_for_steps(2)
-    [rank1] = [
-        p for p in psutil.Process(run.proc.pid).children(recursive=True) if p.environ().get("RANK") == "1"
-    ]
+    [rank1] = [p for p in psutil.Process(run.proc.pid).children(recursive=True) if _rank_of(p) == "1"]
     rank1.kill()
     code, err = run.finish()
     assert code == EXIT_FAILURE, err[-3000:]
@@ -69,6 +67,14 @@ def test_a_rank_killed_by_kill_9_ends_the_launch_with_one_line_naming_rank_signa
     ), last
     assert f"what it printed last is in {run.err}" in last, last  # the launcher's stderr is that file
     assert not [w for w in TORCH_REPORT if w in err], err[-4000:]
+
+
+def _rank_of(process: psutil.Process) -> str | None:
+    """The RANK a process of the launch was started with (None for the agent, or one already gone)."""
+    try:
+        return process.environ().get("RANK")
+    except psutil.Error:
+        return None
 
 
 def test_sigterm_repeated_right_after_the_preemption_save_still_exits_3_with_its_line_last(
