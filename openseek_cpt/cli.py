@@ -17,6 +17,7 @@ from pathlib import Path
 
 from openseek_cpt import logs
 from openseek_cpt.errors import (
+    EXIT_FAILURE,
     EXIT_OK,
     EXIT_PREEMPTED,
     EXIT_USER_ERROR,
@@ -226,17 +227,33 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     try:
         return int(args.func(args) or EXIT_OK)
-    except UserError as exc:
-        return _fail(args, EXIT_USER_ERROR, f"error: {exc}")
-    except Preempted as exc:
-        return _fail(args, EXIT_PREEMPTED, f"{exc}; requeue the job to resume")
-    except KeyboardInterrupt:
-        print(f"openseek-cpt {args.command}: interrupted", file=sys.stderr)
-        return 130
-    except Exception as exc:
-        if not is_disk_full(exc):
-            raise
-        return _fail(args, EXIT_USER_ERROR, f"error: {disk_full_message(exc, args)}")
+    except BaseException as exc:
+        close_progress_bars()  # else their last refresh prints after the error, at interpreter exit
+        if isinstance(exc, UserError):
+            return _fail(args, EXIT_USER_ERROR, f"error: {exc}")
+        if isinstance(exc, Preempted):
+            return _fail(args, EXIT_PREEMPTED, f"{exc}; requeue the job to resume")
+        if isinstance(exc, KeyboardInterrupt):
+            print(f"openseek-cpt {args.command}: interrupted", file=sys.stderr)
+            return 130
+        if isinstance(exc, Exception) and is_disk_full(exc):
+            return _fail(args, EXIT_USER_ERROR, f"error: {disk_full_message(exc, args)}")
+        if isinstance(exc, Exception) and (lost := peer_lost(exc)):
+            # Not left for the launcher: the rank that is gone is the cause, and the launcher names it.
+            print(
+                f"openseek-cpt {args.command}: error: another rank is gone ({lost}); stopping",
+                file=sys.stderr,
+            )
+            return EXIT_FAILURE
+        raise
+
+
+def close_progress_bars() -> None:
+    """Close every open tqdm bar (the Trainer's, a writer's) so that nothing prints after our line."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
+        with contextlib.suppress(Exception):
+            bar.close()
 
 
 def _fail(args: argparse.Namespace, code: int, message: str) -> int:
@@ -264,6 +281,21 @@ def is_disk_full(exc: BaseException) -> bool:
             return True
         exc = exc.__cause__ or exc.__context__
     return False
+
+
+# How gloo and NCCL report a collective whose peer died (killed, crashed): the peer is the story.
+PEER_LOST_TEXT = ("Connection closed by peer", "Connection reset by peer", "remote process exited")
+
+
+def peer_lost(exc: BaseException) -> str | None:
+    """The words by which `exc` (or its cause) says another rank of this distributed run is gone."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    while exc is not None:
+        if found := next((text for text in PEER_LOST_TEXT if text in str(exc)), None):
+            return found
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def output_of(args: argparse.Namespace) -> Path | None:

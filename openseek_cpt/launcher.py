@@ -11,10 +11,12 @@ per node, e.g. `srun -N$NODES --ntasks-per-node=1 openseek-cpt launch --recipe R
   machine, 127.0.0.1, a free port (or MASTER_PORT). Processes per node: `nproc` if given, else
   SLURM_GPUS_ON_NODE, else the CUDA_VISIBLE_DEVICES count, else torch.cuda.device_count(), else 1.
 - `accelerate_command(recipe_path, overrides, world, config_file) -> list[str]`: the exact
-  `accelerate launch --config_file C --num_machines .. --machine_rank .. --num_processes TOTAL
-  --main_process_ip .. --main_process_port .. [--multi_gpu] -m openseek_cpt train --recipe R
-  --set ...` (`--multi_gpu` when TOTAL > 1 and the config is not FSDP: the flag makes accelerate
-  ignore the config's distributed_type; on a CPU-only machine it starts gloo DDP processes).
+  `accelerate launch` command, run through `launch_agent` (accelerate's own parser and launcher,
+  with torch's failure traceback caught): `python -m openseek_cpt.launch_agent --config_file C
+  --num_machines .. --machine_rank .. --num_processes TOTAL --main_process_ip ..
+  --main_process_port .. [--multi_gpu] -m openseek_cpt train --recipe R --set ...` (`--multi_gpu`
+  when TOTAL > 1 and the config is not FSDP: the flag makes accelerate ignore the config's
+  distributed_type; on a CPU-only machine it starts gloo DDP processes).
   Rendezvous is `static` (machine ranks come from Slurm, so no c10d store is needed). The config
   is the recipe's `train.accelerate_config`: relative to the current directory, else to the checkout
   that holds this package (so the shipped recipes/accelerate_configs work from any workdir).
@@ -25,15 +27,18 @@ per node, e.g. `srun -N$NODES --ntasks-per-node=1 openseek-cpt launch --recipe R
   preemption signal was forwarded and the run stopped (the ranks save at the end of the current
   step; `accelerate launch` reports any non-zero rank as 1, so the launcher relies on having
   forwarded the signal — resuming from the newest complete checkpoint is right either way);
-  otherwise the child's exit code. Killing the launcher (even with -9) ends its ranks: accelerate
-  launch gets a parent-death SIGKILL and each rank watches the launcher's PID
-  (OPENSEEK_LAUNCHER_PID), so no orphan trains on in the background.
+  otherwise the child's exit code. The last line of a failed launch is the rank's own one-line
+  error, or one naming the rank, the signal (or exit code) and the log to read; no torch traceback
+  for a rank that was killed by a signal or chose its code. Killing the launcher (even with -9)
+  ends its ranks: accelerate launch gets a parent-death SIGKILL and each rank watches the
+  launcher's PID (OPENSEEK_LAUNCHER_PID), so no orphan trains on in the background.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import shutil
 import signal
@@ -55,6 +60,7 @@ from openseek_cpt.errors import (
     RANK_ERRORS_ENV,
     UserError,
 )
+from openseek_cpt.launch_agent import FAILURES_FILE
 from openseek_cpt.logs import get_logger
 from openseek_cpt.shipped import find_shipped
 
@@ -107,26 +113,27 @@ def launch_train(recipe_path: str | Path, overrides: Sequence[str] = (), nproc: 
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signum)
 
-    previous = {sig: signal.signal(sig, forward) for sig in FORWARDED_SIGNALS}
-    try:
-        while True:
-            try:
-                code = child.wait()
-                break
-            except KeyboardInterrupt:
-                os.killpg(child.pid, signal.SIGINT)
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    earned = rank_error(errors)
+    for sig in FORWARDED_SIGNALS:
+        signal.signal(sig, forward)
+    while True:
+        try:
+            code = child.wait()
+            break
+        except KeyboardInterrupt:
+            os.killpg(child.pid, signal.SIGINT)
+    for sig in FORWARDED_SIGNALS:  # until exit: a late signal must not replace the code the run earned
+        signal.signal(sig, signal.SIG_IGN)  # (a Python handler is reset to the default at finalization)
+    earned, failures = rank_error(errors), rank_failures(errors)
     shutil.rmtree(errors, ignore_errors=True)
-    if earned and code != EXIT_OK:
+    if code == EXIT_OK:
+        return code
+    if earned:
         rank_code, line = earned
-        print(line, file=sys.stderr, flush=True)  # last, below torch's ChildFailedError report
+        print(line, file=sys.stderr, flush=True)  # last: the rank's own one line
         return rank_code
-    if forwarded and code != EXIT_OK:
-        return EXIT_PREEMPTED
-    return code
+    if failures:
+        print(failure_line(failures, _log_of_this_process()), file=sys.stderr, flush=True)
+    return EXIT_PREEMPTED if forwarded else code
 
 
 def rank_error(folder: Path) -> tuple[int, str] | None:
@@ -141,6 +148,43 @@ def rank_error(folder: Path) -> tuple[int, str] | None:
         return None
     _, rank, code, line = min(found)
     return code, f"{line} (rank {rank})"
+
+
+def rank_failures(folder: Path) -> list[dict[str, int]]:
+    """The failed ranks launch_agent recorded (rank, exitcode, pid, time); [] when none did."""
+    try:
+        return list(json.loads((folder / FAILURES_FILE).read_text()))
+    except (OSError, ValueError):
+        return []
+
+
+def failure_line(failures: list[dict[str, int]], log: str) -> str:
+    """One line for a rank that failed without a line of its own: killed by a signal (the first
+    such, the others followed it) or a crash, with the log that holds what it printed."""
+    killed = sorted((f for f in failures if f["exitcode"] < 0), key=lambda f: (f["time"], f["rank"]))
+    first = killed[0] if killed else min(failures, key=lambda f: (f["time"], f["rank"]))
+    rank, code = first["rank"], first["exitcode"]
+    if code >= 0:
+        return f"openseek-cpt launch: rank {rank} failed with exit code {code}; its traceback is in {log}"
+    signum = -code
+    try:
+        name = signal.Signals(signum).name
+    except ValueError:
+        name = f"signal {signum}"
+    hint = " (a SIGKILL nobody sent is usually the out-of-memory killer: see `dmesg`)" if signum == 9 else ""
+    return (
+        f"openseek-cpt launch: rank {rank} (pid {first['pid']}) was killed by signal {signum} ({name})"
+        f"{hint}; what it printed last is in {log}; rerun to resume from the newest complete checkpoint"
+    )
+
+
+def _log_of_this_process() -> str:
+    """Where this process's stderr goes when it is a file (a Slurm job log), else 'the output above'."""
+    with contextlib.suppress(OSError):
+        target = os.readlink("/proc/self/fd/2")
+        if Path(target).is_file():
+            return target
+    return "the output above"
 
 
 def derive_world(nproc: int | None = None, env: Mapping[str, str] | None = None) -> World:
@@ -194,9 +238,9 @@ def accelerate_command(
     recipe_path: str | Path, overrides: Sequence[str], world: World, config_file: str | Path
 ) -> list[str]:
     """The `accelerate launch ... -m openseek_cpt train ...` command for this node."""
-    accelerate = shutil.which("accelerate") or str(Path(sys.executable).with_name("accelerate"))
+    # `accelerate launch`, run by launch_agent: the same parser and code, minus torch's traceback.
     cmd = [
-        accelerate, "launch",
+        sys.executable, "-m", "openseek_cpt.launch_agent",
         "--config_file", str(config_file),
         "--num_machines", str(world.num_machines),
         "--machine_rank", str(world.machine_rank),

@@ -2,7 +2,8 @@
 running evaluation; a save in progress is the preemption save) and stop, every rank agreeing.
 
 The stage then leaves the process group and raises `errors.Preempted` (the CLI exits EXIT_PREEMPTED,
-the requeue code); the restart resumes from that checkpoint.
+the requeue code); the restart resumes from that checkpoint. The handlers stay installed until the
+process exits: a repeated signal on the way out must not turn exit 3 into death by that signal.
 """
 
 from __future__ import annotations
@@ -32,18 +33,19 @@ class PreemptionCallback(TrainerCallback):
     def __init__(self):
         self.requested = False
         self.triggered = False
-        self._previous: dict[int, Any] = {}
 
     def install(self) -> None:
         for sig in self.SIGNALS:
-            self._previous[sig] = signal.signal(sig, self._handle)
+            signal.signal(sig, self._handle)
 
-    def uninstall(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
+    def ignore_from_now(self) -> None:
+        """Training and the final save are over: ignore the signals until the process exits, so that
+        a repeat (Slurm's, a user's) cannot turn the exit code the run earned into death by it. SIG_IGN,
+        not a Python handler: the interpreter resets those to the default when it finalizes."""
+        for sig in self.SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
 
-    def _handle(self, signum, frame) -> None:
+    def _handle(self, signum: int, frame: Any) -> None:
         self.requested = True
         # os.write (async-signal-safe), not logging/print: the handler may interrupt a write to the same stream
         os.write(1, f"[train] received signal {signum}: saving at the end of this step\n".encode())
@@ -77,13 +79,14 @@ class PreemptionCallback(TrainerCallback):
 @contextlib.contextmanager
 def signals_caught(trainer) -> Iterator[PreemptionCallback]:
     """Catch the preemption signals while the body runs (training, then the final save: a signal
-    during the save lets it finish); yields the trainer's PreemptionCallback."""
+    during the save lets it finish), then ignore them until the process exits; yields the trainer's
+    PreemptionCallback."""
     callback = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, PreemptionCallback))
     callback.install()
     try:
         yield callback
     finally:
-        callback.uninstall()
+        callback.ignore_from_now()
 
 
 def saved_checkpoint(trainer, output_dir: Path) -> Path:

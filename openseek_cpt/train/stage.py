@@ -55,6 +55,7 @@ from openseek_cpt.recipe.schema import Recipe
 from openseek_cpt.train import fsdp, preemption
 from openseek_cpt.train.callbacks.sharding import ShardingReport
 from openseek_cpt.train.callbacks.throughput import ThroughputCallback
+from openseek_cpt.train.full_disk import named_when_full
 from openseek_cpt.train.model import check_vocab, load_model
 from openseek_cpt.train.setup import Setup, log_epoch_plan, setup_run
 from openseek_cpt.train.teardown import leave_process_group
@@ -152,9 +153,12 @@ def save_final(recipe: Recipe, setup: Setup, trainer: CPTTrainer) -> None:
     if trainer.is_world_process_zero():
         model = trainer.accelerator.unwrap_model(trainer.model)
         inputs = [setup.dataset_dir, recipe.train_model_dir]
-        with atomic_output_dir(
-            setup.output_dir / FINAL_SUBDIR, stage="train", inputs=inputs, field="train.output_dir"
-        ) as tmp:
+        with (
+            atomic_output_dir(
+                setup.output_dir / FINAL_SUBDIR, stage="train", inputs=inputs, field="train.output_dir"
+            ) as tmp,
+            named_when_full(setup.output_dir / FINAL_SUBDIR),
+        ):
             model.save_pretrained(tmp, state_dict=state_dict)
             write_provenance(
                 tmp,

@@ -15,6 +15,7 @@ from openseek_cpt.modeling import router_balance
 from openseek_cpt.recipe.schema import Recipe
 from openseek_cpt.train import STAGE, finite, fsdp
 from openseek_cpt.train.callbacks.throughput import throughput_metrics
+from openseek_cpt.train.full_disk import named_when_full
 from openseek_cpt.train.model import load_model
 from openseek_cpt.train.sampler import EpochPermutationSampler
 from openseek_cpt.train.setup import Setup
@@ -72,7 +73,8 @@ class CPTTrainer(Trainer):
     def _save_checkpoint(self, model, trial):
         ckpt = Path(self.args.output_dir) / checkpoints.name_for(self.state.global_step)
         self.check_weights_finite(str(ckpt))  # before any file: no marker can make it complete
-        super()._save_checkpoint(model, trial)
+        with named_when_full(ckpt):
+            super()._save_checkpoint(model, trial)
         self.accelerator.wait_for_everyone()  # every rank's files (rng_state_N.pth) are written
         if self.is_world_process_zero():
             kind = "FSDP" if fsdp.is_fsdp(self) else str(self.accelerator.distributed_type).rsplit(".", 1)[-1]

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -225,6 +226,13 @@ def test_launcher_forwards_sigterm_to_both_ranks_and_returns_the_preempted_statu
     assert w.wait_for(lambda: w.losses >= 3, timeout=180), w.output[-3000:]
     w.proc.send_signal(signal.SIGTERM)
     assert w.finish() == EXIT_PREEMPTED, w.output[-3000:]
+    # The ranks' own line ends the output, with no torch ChildFailedError report above it.
+    assert re.match(
+        r"openseek-cpt train: preempted; saved .* \(rank \d\)$", w.output.strip().splitlines()[-1]
+    )
+    assert not [word for word in ("Traceback", "ChildFailedError", "=====") if word in w.output], w.output[
+        -3000:
+    ]
     steps = checkpoint_steps(work / "runs" / "tiny")
     assert len(steps) == 1 and 3 <= steps[0] <= 5, (steps, w.output[-2000:])
     ckpt = work / "runs" / "tiny" / f"checkpoint-{steps[0]}"
@@ -291,7 +299,7 @@ def test_a_two_rank_checkpoint_resumes_on_one_process_with_the_same_loss_curve(r
 def test_a_rank_that_refuses_its_input_under_launch_ends_the_launch_with_its_one_line_and_exit_2(
     prepared, tmp_path
 ):
-    """torch's ChildFailedError report comes first; the rank's own line is printed last, with its code."""
+    """The rank's own line is printed last, with its code; no torch ChildFailedError report above it."""
     work = fresh_workdir(prepared, tmp_path)
     r = subprocess.run(
         launch_cmd("--set", "train.global_batch_size=3", "--set", "train.per_device_batch_size=1"),
@@ -301,3 +309,6 @@ def test_a_rank_that_refuses_its_input_under_launch_ends_the_launch_with_its_one
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("openseek-cpt train: error: ") and "is not divisible by world_size=2" in last, last
     assert last.endswith("(rank 0)") or last.endswith("(rank 1)"), last
+    assert not [w for w in ("Traceback", "ChildFailedError", "=====") if w in r.stdout + r.stderr], r.stderr[
+        -3000:
+    ]
