@@ -3,7 +3,7 @@
 Every temporary entry beside an output is named by `temp_path`: `.NAME.KIND-PID` (hidden, next to
 NAME, tagged with the writer's process id). `tmp` is the output being written (renamed to NAME
 at the end), `work` is scratch (or a directory on its way out), `old` is the previous NAME moved
-aside for the swap. A killed writer leaves such entries behind; `sweep_leftovers` removes those
+aside for the swap, `modules` holds a tokenizer's remote code while the data stage loads it. A killed writer leaves such entries behind; `sweep_leftovers` removes those
 whose process is gone, so one pattern covers every kind. Imports nothing of the package: both the
 fsync policy (fileio) and the atomic directories build on it.
 """
@@ -16,8 +16,8 @@ import shutil
 from pathlib import Path
 from typing import Literal
 
-Kind = Literal["tmp", "work", "old"]
-KINDS: tuple[Kind, ...] = ("tmp", "work", "old")
+Kind = Literal["tmp", "work", "old", "modules"]
+KINDS: tuple[Kind, ...] = ("tmp", "work", "old", "modules")
 _LEFTOVER = re.compile(rf"^\.(?P<name>.+)\.(?:{'|'.join(KINDS)})-(?P<pid>\d+)$")
 
 

@@ -28,7 +28,7 @@ from openseek_cpt.data.encoder import Encoder
 from openseek_cpt.data.prepare import prepare_source, short_hash
 from openseek_cpt.data.sample import largest_remainder, sample_and_save
 from openseek_cpt.data.sources import open_sources
-from openseek_cpt.data.tokenizer import check_max_length, load_tokenizer
+from openseek_cpt.data.tokenizer import check_max_length, load_tokenizer, remote_code_cache
 from openseek_cpt.errors import UserError
 from openseek_cpt.logs import get_logger
 from openseek_cpt.recipe.schema import Recipe
@@ -45,7 +45,9 @@ def run(recipe: Recipe) -> Path:
     out = Path(d.output_dir)
     read = [recipe.tokenizer_dir, *(s.path for s in d.sources)]
     check_outputs(recipe, out, read)
-    tokenizer = load_tokenizer(recipe)
+    sweep_leftovers(out.parent, out.name)  # a killed earlier build's work dir
+    with remote_code_cache(temp_path(out, "modules")):
+        tokenizer = load_tokenizer(recipe)
     check_max_length(recipe)
     sources = open_sources(d.sources)
     ratios = [s.ratio for s in d.sources]
@@ -58,12 +60,12 @@ def run(recipe: Recipe) -> Path:
     for s in sources:
         inputs[f"source.{s.label}"] = s.config.path
         inputs[f"source.{s.label}.fingerprint"] = s.fingerprint
-    # Deterministic datasets fingerprint of this build: what shapes the rows (not where they are written).
-    # num_proc is part of it: TRL packs each map batch of each worker's shard separately.
-    shaping = {k: v for k, v in d.__dict__.items() if k not in ("output_dir", "megatron_prefix", "sources")}
+    # Deterministic datasets fingerprint of this build: what shapes the rows (not where they are written
+    # nor how many processes wrote them).
+    ignored = ("output_dir", "megatron_prefix", "sources", "num_proc")
+    shaping = {k: v for k, v in d.__dict__.items() if k not in ignored}
     build_id = short_hash([shaping, [s.__dict__ for s in d.sources], recipe.seed, inputs])
 
-    sweep_leftovers(out.parent, out.name)  # a killed earlier build's work dir
     work = temp_path(out, "work")
     work.mkdir(parents=True, exist_ok=True)
     try:

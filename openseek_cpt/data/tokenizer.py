@@ -6,6 +6,10 @@ separates documents), and `data.max_length` within the model's position embeddin
 
 from __future__ import annotations
 
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +20,22 @@ from openseek_cpt.logs import get_logger
 from openseek_cpt.recipe.schema import Recipe
 
 log = get_logger(STAGE)
+
+
+@contextmanager
+def remote_code_cache(path: Path) -> Iterator[None]:
+    """transformers copies a tokenizer's remote code into HF_MODULES_CACHE, by default under $HOME, where
+    a cluster's quota is small: while the stage loads the tokenizer, unless the user set HF_MODULES_CACHE
+    or HF_HOME, it goes to `path` (removed after; the loaded module stays imported)."""
+    if "HF_MODULES_CACHE" in os.environ or "HF_HOME" in os.environ:
+        yield
+        return
+    os.environ["HF_MODULES_CACHE"] = str(path)
+    try:
+        yield
+    finally:
+        del os.environ["HF_MODULES_CACHE"]
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def load_tokenizer(recipe: Recipe) -> Any:

@@ -212,3 +212,29 @@ def test_with_one_eos_on_arrays_gives_what_end_with_eos_gives_on_lists():
     encoder.eos = eos
     want = encoder.end_with_eos([list(map(int, d)) for d in docs])
     assert [part.tolist() for part in np.split(got, np.cumsum(lengths)[:-1])] == want
+
+
+def test_the_data_stage_writes_nothing_under_home(tokenizer_dir, tmp_path):
+    """A remote-code tokenizer and a jsonl source, HOME empty and no HF_HOME: the jsonl is read in place
+    (no datasets cache) and the remote code goes to the stage's own temp dir, so HOME stays empty."""
+    import os
+
+    from conftest import run_cli
+
+    home = tmp_path / "home"
+    home.mkdir()
+    with open(tmp_path / "web.jsonl", "w") as f:
+        for t in _texts() * 20:
+            f.write(json.dumps({"text": t}) + "\n")
+    _recipe(tmp_path, tokenizer_dir, [{"path": str(tmp_path / "web.jsonl"), "ratio": 1.0}], read_margin=10.0)
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("HF_HOME", "HF_DATASETS_CACHE", "HF_MODULES"))
+    }
+    r = run_cli(
+        "data", "--recipe", str(tmp_path / "recipe.yaml"), cwd=tmp_path, env={**env, "HOME": str(home)}
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert not [p for p in home.rglob("*")], sorted(str(p) for p in home.rglob("*"))
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]  # no temp dir left beside it
