@@ -19,9 +19,10 @@ from bisect import bisect_left, insort
 from collections import defaultdict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
+if TYPE_CHECKING:  # the recipe reads this table: numpy is imported where the plans are made
+    import numpy as np
 
 # Documents packed together: TRL packs within each batch of `Dataset.map` (1000 by default).
 PACK_BATCH = 1000
@@ -46,11 +47,15 @@ class Plan:
 
     def row_documents(self) -> np.ndarray:
         """Documents that start in each row (a segment from a document's first token)."""
+        import numpy as np
+
         return _per_row((self.seg_start == 0).astype(np.int64), self.row_offsets)
 
 
 def plan(strategy: str, lengths: np.ndarray, max_length: int) -> Plan:
     """The rows `strategy` makes of documents of `lengths` (all > 0), batch by batch as TRL packs."""
+    import numpy as np
+
     lengths = np.asarray(lengths, dtype=np.int64)
     make = {"bfd_split": _bfd_split, "bfd": _bfd_truncate, "wrapped": _wrapped, "truncate": _truncate}[
         strategy
@@ -64,6 +69,8 @@ def plan(strategy: str, lengths: np.ndarray, max_length: int) -> Plan:
 
 def _bfd_split(lengths: np.ndarray, max_length: int, first: int) -> Plan:
     """Documents longer than max_length cut into max_length fragments (the last one shorter), then BFD."""
+    import numpy as np
+
     pieces = -(-lengths // max_length)
     doc = np.repeat(np.arange(len(lengths)), pieces)
     k = np.arange(len(doc)) - np.repeat(np.cumsum(pieces) - pieces, pieces)
@@ -73,6 +80,8 @@ def _bfd_split(lengths: np.ndarray, max_length: int, first: int) -> Plan:
 
 def _bfd_truncate(lengths: np.ndarray, max_length: int, first: int) -> Plan:
     """Each document's first max_length tokens (the rest dropped), then BFD."""
+    import numpy as np
+
     docs = np.arange(len(lengths))
     return _bfd(docs + first, np.zeros(len(docs), np.int64), np.minimum(lengths, max_length), max_length)
 
@@ -82,6 +91,8 @@ def _bfd(doc: np.ndarray, start: np.ndarray, length: np.ndarray, max_length: int
     the bin with the least free space that fits it (the oldest such bin), else a new bin. TRL finds that
     space with a segment tree of Python steps; a sorted list of the free spaces in use, searched by
     `bisect`, gives the same answer in C."""
+    import numpy as np
+
     spaces: list[int] = []  # distinct free spaces (0 < space < max_length) some bin has, sorted
     space_to_bin: dict[int, deque] = defaultdict(deque)
     bins: list[list[int]] = []
@@ -112,6 +123,8 @@ def _bfd(doc: np.ndarray, start: np.ndarray, length: np.ndarray, max_length: int
 
 def _wrapped(lengths: np.ndarray, max_length: int, first: int) -> Plan:
     """The batch's documents concatenated and cut every max_length tokens."""
+    import numpy as np
+
     ends = np.cumsum(lengths)
     total = int(ends[-1]) if len(ends) else 0
     starts = np.union1d(ends - lengths, np.arange(0, total, max_length))
@@ -123,6 +136,8 @@ def _wrapped(lengths: np.ndarray, max_length: int, first: int) -> Plan:
 
 def _truncate(lengths: np.ndarray, max_length: int, first: int) -> Plan:
     """One row per document, its first max_length tokens."""
+    import numpy as np
+
     n = len(lengths)
     return Plan(
         np.arange(n + 1), np.arange(n) + first, np.zeros(n, np.int64), np.minimum(lengths, max_length)
@@ -214,6 +229,8 @@ def get(name: str) -> Strategy:
 
 
 def _concat(plans: list[Plan]) -> Plan:
+    import numpy as np
+
     if not plans:
         empty = np.empty(0, np.int64)
         return Plan(np.zeros(1, np.int64), empty, empty, empty)
@@ -228,5 +245,7 @@ def _concat(plans: list[Plan]) -> Plan:
 
 
 def _per_row(values: np.ndarray, row_offsets: np.ndarray) -> np.ndarray:
+    import numpy as np
+
     sums = np.concatenate([[0], np.cumsum(values, dtype=np.int64)])
     return sums[row_offsets[1:]] - sums[row_offsets[:-1]]
