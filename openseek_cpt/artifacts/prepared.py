@@ -11,15 +11,24 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from openseek_cpt.artifacts.fileio import read_json
+from openseek_cpt.artifacts.fileio import load_json
 from openseek_cpt.errors import UserError, first_line
 
 MANIFEST = "manifest.json"
 
 
 def read_manifest(dataset_dir: str | Path) -> dict[str, Any]:
-    """The manifest of a prepared dataset ({} when absent: datasets made elsewhere have none)."""
-    return read_json(Path(dataset_dir, MANIFEST)) or {}
+    """The manifest of a prepared dataset ({} when absent: datasets made elsewhere have none).
+
+    A manifest that is there but damaged is an error: its pad id and vocabulary size would
+    otherwise be guessed silently."""
+    path = Path(dataset_dir, MANIFEST)
+    if not (path.exists() or path.is_symlink()):
+        return {}
+    manifest = load_json(path)
+    if not isinstance(manifest, dict):
+        raise UserError(f"{path}: not a JSON object ({type(manifest).__name__}); rerun `openseek-cpt data`")
+    return manifest
 
 
 def is_prepared(dataset_dir: str | Path) -> bool:
