@@ -31,9 +31,11 @@ def parse_json(raw: str | bytes, **kwargs: Any) -> Any:
         raise ValueError("nested too deeply") from None
 
 
-def load_json(path: str | Path) -> Any:
-    """The JSON value in `path`; a UserError naming the file when it is unreadable or damaged."""
+def load_json(path: str | Path, *, field: str = "", fix: str = "restore or rewrite the file") -> Any:
+    """The JSON value in `path`; a UserError naming the file (after `field`, the key that pointed
+    there) when it is unreadable or damaged."""
     path = Path(path)
+    where = f"{field}: {path}" if field else str(path)
     try:
         if path.stat().st_size > MAX_JSON_BYTES:
             raise ValueError(
@@ -41,9 +43,9 @@ def load_json(path: str | Path) -> Any:
             )
         return parse_json(path.read_bytes())
     except OSError as exc:
-        raise UserError(f"{path}: cannot be read ({exc.strerror or exc}); check the path") from None
+        raise UserError(f"{where}: cannot be read ({exc.strerror or exc}); {fix}") from None
     except ValueError as exc:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise UserError(f"{path}: not valid JSON ({first_line(exc)}); restore or rewrite the file") from None
+        raise UserError(f"{where}: not valid JSON ({first_line(exc)}); {fix}") from None
 
 
 def read_json(path: str | Path) -> dict[str, Any] | None:

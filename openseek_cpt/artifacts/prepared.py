@@ -46,9 +46,10 @@ def load_split(dataset_dir: str | Path, split: str, field: str) -> Any:
             f"{field}: dataset {str(dataset_dir)!r} does not exist; run `openseek-cpt data` first "
             "or point it at a prepared dataset"
         )
+    check_arrow_files(dataset_dir, field)
     try:
         data = load_from_disk(str(dataset_dir))
-    except (FileNotFoundError, ValueError) as exc:
+    except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError, ArrowIOError an OSError
         raise UserError(
             f"{field}: {dataset_dir} is not a prepared dataset ({first_line(exc)}); run `openseek-cpt data`"
         ) from None
@@ -67,6 +68,43 @@ def load_split(dataset_dir: str | Path, split: str, field: str) -> Any:
             "run `openseek-cpt data`"
         )
     return rows
+
+
+# The end-of-stream marker Arrow's stream writer closes every file with (continuation + length 0).
+ARROW_EOS = b"\xff\xff\xff\xff\x00\x00\x00\x00"
+
+
+def check_arrow_files(dataset_dir: Path, field: str) -> None:
+    """Every Arrow file of every split is whole, named when not: present, closed with Arrow's
+    end-of-stream marker (a cut at a batch boundary reads as fewer rows otherwise), and each record
+    batch's message fits in the file. Memory-mapped, so only the batch headers are read."""
+    import pyarrow as pa
+
+    if (dataset_dir / "dataset_dict.json").is_file():
+        splits = load_json(dataset_dir / "dataset_dict.json", field=field)
+        names = splits.get("splits", []) if isinstance(splits, dict) else []
+        folders = [dataset_dir / name for name in names if isinstance(name, str)]
+    else:  # one split saved by Dataset.save_to_disk; anything else is load_from_disk's to refuse
+        folders = [dataset_dir] if (dataset_dir / "state.json").is_file() else []
+    for folder in folders:
+        state = load_json(folder / "state.json", field=field) if (folder / "state.json").is_file() else {}
+        for entry in state.get("_data_files", []) if isinstance(state, dict) else []:
+            path = folder / str(entry.get("filename", "?"))
+            if not path.is_file():
+                raise UserError(f"{field}: {path} is missing; rerun `openseek-cpt data`")
+            try:
+                with open(path, "rb") as f:
+                    f.seek(max(path.stat().st_size - len(ARROW_EOS), 0))
+                    if f.read() != ARROW_EOS:
+                        raise ValueError("it does not end with Arrow's end-of-stream marker")
+                with pa.memory_map(str(path)) as source:
+                    for _ in pa.ipc.open_stream(source):
+                        pass
+            except (OSError, ValueError, pa.ArrowException) as exc:
+                raise UserError(
+                    f"{field}: {path} is truncated or damaged ({first_line(exc)}); rerun `openseek-cpt data` "
+                    "or restore the dataset"
+                ) from None
 
 
 def pad_token_id(manifest: dict[str, Any], config: Any = None) -> int:
