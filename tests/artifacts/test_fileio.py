@@ -31,7 +31,9 @@ def test_a_sidecar_larger_than_any_of_ours_is_not_read(tmp_path, monkeypatch):
     monkeypatch.setattr(fileio, "MAX_JSON_BYTES", 16)
     path = tmp_path / "manifest.json"
     path.write_text('{"x": "' + "a" * 32 + '"}')
-    with pytest.raises(UserError, match=r"manifest.json: not valid JSON \(41 bytes, more than the 16 a sidecar may have"):
+    with pytest.raises(
+        UserError, match=r"manifest.json: not valid JSON \(41 bytes, more than the 16 a sidecar may have"
+    ):
         fileio.load_json(path)
 
 
