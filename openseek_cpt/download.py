@@ -26,8 +26,6 @@ log = get_logger(STAGE)
 
 def run(recipe: Recipe) -> Path:
     """Download (or copy from a local directory) model + tokenizer; returns assets.model_dir."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     a = recipe.assets
     source = a.base_model
     is_local = Path(source).is_dir()
@@ -36,6 +34,8 @@ def run(recipe: Recipe) -> Path:
     if is_local:
         check_local_model(Path(source))
     revision = None if is_local else a.revision
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # after the checks: they fail fast
+
     where = f"{source}@{revision}" if revision else source
     log.info(
         f"{where} -> {a.model_dir} (endpoint {os.environ.get('HF_ENDPOINT', 'default')}, "
