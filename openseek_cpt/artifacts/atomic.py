@@ -131,6 +131,16 @@ def check_output_files(
     check_writable(_nearest_existing(outputs[0].absolute().parent, outputs[0], field), field)
 
 
+def check_output_prefix(prefix: str | Path, field: str) -> None:
+    """UserError when a file PREFIX (PREFIX.bin/.idx) names a directory: `DIR/` would write the
+    hidden `DIR/.bin`, and `DIR` files beside the directory the user meant to write into."""
+    if Path(prefix).is_dir() or str(prefix).endswith(("/", os.sep)):
+        raise UserError(
+            f"{field} {str(prefix)!r} is a directory; give a file prefix inside it, e.g. "
+            f"{str(Path(prefix) / 'train_text_document')!r} (writes that name's .bin and .idx)"
+        )
+
+
 def _nearest_existing(parent: Path, target: Path, field: str) -> Path:
     """The nearest existing directory at or above `parent`, which `target` will be created under;
     a file there means `target` can never be created."""

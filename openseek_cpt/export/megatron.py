@@ -6,15 +6,13 @@ finds the split and its vocabulary, writes, and records what was exported beside
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import datasets
 
 from openseek_cpt.artifacts import megatron_format, prepared
-from openseek_cpt.artifacts.atomic import check_output_files
-from openseek_cpt.errors import UserError
+from openseek_cpt.artifacts.atomic import check_output_files, check_output_prefix
 from openseek_cpt.export import STAGE
 from openseek_cpt.export.sidecar import write_sidecar
 from openseek_cpt.logs import get_logger
@@ -32,11 +30,7 @@ def export_megatron(dataset_dir: str | Path, prefix: str | Path, split: str = "t
     no directory for `atomic_output_dir` (each file is renamed into place instead). Existing files
     are replaced only when that sidecar says an earlier export wrote them.
     """
-    if Path(prefix).is_dir() or str(prefix).endswith(("/", os.sep)):
-        raise UserError(
-            f"export-megatron: PREFIX {str(prefix)!r} is a directory; give a file prefix inside it, e.g. "
-            f"{str(Path(prefix) / 'train_text_document')!r} (writes that name's .bin and .idx)"
-        )
+    check_output_prefix(prefix, "export-megatron: PREFIX")
     bin_path, idx_path = Path(f"{prefix}.bin"), Path(f"{prefix}.idx")
     check_output_files(
         [bin_path, idx_path],
