@@ -37,7 +37,7 @@ MOUNTS ?=# extra bind mounts for every runtime, comma-separated SRC[:DST]
 VENV ?= $(or $(VIRTUAL_ENV),.venv)# venv of tiny/test/LOCAL=1/RUNTIME=none: the active one, else .venv (created by `make tiny` if missing)
 WHEEL_DIR ?=# device-wheels: folder the wheels for bench/device/run.sh go to
 DEVICE_PY ?= 3.12# device-wheels: Python of the GPU machine (3.12 on the lent one; 3.11 to try it here)
-TORCH_SPEC ?= torch==2.13.0# torch for a new VENV (CI/laptops: CPU wheel; or "torch --index-url https://download.pytorch.org/whl/cpu")
+PIP_ARGS ?=# extra pip options for installing the test lock into VENV, e.g. --extra-index-url https://download.pytorch.org/whl/cpu (its torch 2.13.0+cpu is not on PyPI)
 
 PY := $(if $(wildcard $(VENV)/bin/python),$(VENV)/bin/python,python3)
 VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' $(REPO)/pyproject.toml)
@@ -63,7 +63,7 @@ export OPENSEEK_SLURM_DIR := $(REPO)/slurm
 
 SBATCH := sbatch --parsable $(if $(PARTITION),--partition=$(PARTITION)) $(if $(ACCOUNT),--account=$(ACCOUNT)) \
 	$(if $(TIME),--time=$(TIME)) $(if $(CPUS_PER_TASK),--cpus-per-task=$(CPUS_PER_TASK)) \
-	$(if $(WAIT),--wait) --output=$(LOGDIR)/%x-%j.out $(SBATCH_ARGS)
+	$(if $(filter 1,$(WAIT)),--wait) --output=$(LOGDIR)/%x-%j.out $(SBATCH_ARGS)
 HAVE_SLURM ?= $(shell command -v sbatch 2>/dev/null)# non-empty when sbatch is on PATH; HAVE_SLURM= runs data/train/soup here
 
 .PHONY: help image sif lock device-wheels test-image-gpu test-lock-gpu download data train soup tiny test test-fast
@@ -133,6 +133,8 @@ data: ## prepare the dataset (CPU job; LOCAL=1 runs it here)
 	$(call here_or_sbatch,data,--job-name=openseek-data)
 
 train: ## train on SLURM_NODES nodes x GPUS_PER_NODE (LOCAL=1: this machine, accelerate launch)
+	$(call check_count,train,SLURM_NODES,1,the number of nodes (e.g. SLURM_NODES=4))$(call check_count,train,GPUS_PER_NODE,0,GPUs per node (e.g. \
+	  GPUS_PER_NODE=8; 0 for a CPU job))$(call check_count,train,SIGNAL_BEFORE,0,seconds (e.g. 300))
 	$(if $(and $(filter here,$(WHERE)),$(filter-out 1,$(SLURM_NODES))),$(error make train: SLURM_NODES=$(SLURM_NODES) needs Slurm, \
 	  but $(if $(HAVE_SLURM),LOCAL=1 runs on this machine only,sbatch is not on PATH here); run it on the cluster's login node, or SLURM_NODES=1 LOCAL=1 to train here))
 	$(call here_or_sbatch,launch,--job-name=openseek-train --nodes=$(SLURM_NODES) --ntasks-per-node=1 \
@@ -150,19 +152,34 @@ test: $(VENV)/bin/openseek-cpt ## the test suite (README's test command; creates
 test-fast: $(VENV)/bin/openseek-cpt ## the unit tier: no CLI runs end to end, no cluster or image (minutes)
 	cd $(REPO) && $(abspath $(VENV))/bin/python -m pytest -q -m "not e2e and not slurm and not container" tests
 
-# The venv of tiny/test/LOCAL=1, created once (with the test extra, so `make test` works from it too).
+# The venv of tiny/test/LOCAL=1, created once from the hashed test lock exactly as .ci/run installs it
+# (tests/test_release.py compares the two), so `make tiny`/`make test` run the stack CI tested.
 $(VENV)/bin/openseek-cpt:
-	test -x $(VENV)/bin/python || { python3 -m venv $(VENV) && $(VENV)/bin/pip install $(TORCH_SPEC); }
-	$(VENV)/bin/pip install -e $(REPO)[test]
+	test -x $(VENV)/bin/python || python3 -m venv $(VENV)
+	$(VENV)/bin/pip install -q $(PIP_ARGS) --require-hashes -r $(LOCK_test)
+	$(VENV)/bin/pip install -q --no-deps -e $(REPO)
+	$(VENV)/bin/pip check
 
 # Where data/train/soup run: here with LOCAL=1 or when this machine has no sbatch, else a Slurm job.
 WHERE = $(if $(filter 1,$(LOCAL)),here,$(if $(HAVE_SLURM),sbatch,here))
 RUNTIMES := apptainer singularity pyxis podman docker none
 # $(call here_or_sbatch,CLI_STAGE,SBATCH_OPTIONS[,SCRIPT]): `openseek-cpt CLI_STAGE` here, or sbatch
 # slurm/SCRIPT.sbatch (default: CLI_STAGE) with RUNTIME checked before anything is queued.
-here_or_sbatch = $(if $(filter here,$(WHERE)),$(if $(LOCAL),,$(info no sbatch on PATH: running here (as LOCAL=1))) \
+here_or_sbatch = $(call check_job_vars,$@)$(if $(filter here,$(WHERE)),$(if $(LOCAL),,$(info no sbatch on PATH: running here (as LOCAL=1))) \
   openseek-cpt $(1) --recipe $(RECIPE) $(OVERRIDES),$(if $(filter $(RUNTIME),$(RUNTIMES)),,$(error \
   RUNTIME=$(RUNTIME) is not one of $(RUNTIMES); fix the spelling (nothing was submitted))) \
   mkdir -p $(LOGDIR) && $(SBATCH) $(2) $(REPO)/slurm/$(or $(3),$(1)).sbatch $(RECIPE) $(OVERRIDES))
+
+# Variables a job reads, checked before anything runs or is queued: one line naming the variable, its
+# value and what it takes (make exits 2; a bad value would otherwise fail on a compute node later).
+strip_digits = $(subst 0,,$(subst 1,,$(subst 2,,$(subst 3,,$(subst 4,,$(subst 5,,$(subst 6,,$(subst 7,,$(subst 8,,$(subst 9,,$(1)))))))))))
+# $(call check_count,TARGET,VAR,MIN,WHAT): VAR must be one whole number >= MIN (MIN: 0 or 1); WHAT has no commas.
+check_count = $(if $(and $(filter 1,$(words $($(2)))),$(if $(call strip_digits,$($(2))),,digits),$(if $(filter 1,$(3)),$(subst \
+  0,,$($(2))),any)),,$(error make $(1): $(2)=$($(2)) is not a whole number >= $(3); give $(4) (nothing was submitted)))
+check_flag = $(if $(filter-out 0 1,$($(2))),$(error make $(1): $(2)=$($(2)) must be 1 (or empty/0 for off) (nothing was submitted)))
+check_job_vars = $(if $(wildcard $(RECIPE)),$(if $(wildcard $(RECIPE)/.),$(error make $(1): RECIPE=$(RECIPE) is a directory, \
+  not a recipe file; give RECIPE=path/to/config.yaml (nothing was submitted))),$(error make $(1): RECIPE=$(RECIPE) does not exist \
+  (from $(CURDIR)); give RECIPE=path/to/config.yaml, e.g. recipes/tiny/config.yaml (nothing was submitted)))$(call \
+  check_flag,$(1),LOCAL)$(call check_flag,$(1),WAIT)$(if $(CPUS_PER_TASK),$(call check_count,$(1),CPUS_PER_TASK,1,CPUs per task (e.g. 16)))
 
 , := ,

@@ -13,7 +13,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from openseek_cpt.artifacts.atomic import atomic_output_dir
+from openseek_cpt.artifacts.atomic import atomic_output_dir, check_output_dir
+from openseek_cpt.artifacts.fileio import load_json
 from openseek_cpt.artifacts.provenance import directory_fingerprint, write_provenance
 from openseek_cpt.errors import UserError, first_line
 from openseek_cpt.logs import get_logger
@@ -25,12 +26,16 @@ log = get_logger(STAGE)
 
 def run(recipe: Recipe) -> Path:
     """Download (or copy from a local directory) model + tokenizer; returns assets.model_dir."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     a = recipe.assets
     source = a.base_model
     is_local = Path(source).is_dir()
+    local = [source] if is_local else []
+    check_output_dir(a.model_dir, stage=STAGE, inputs=local, field="assets.model_dir")  # before any fetch
+    if is_local:
+        check_local_model(Path(source))
     revision = None if is_local else a.revision
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # after the checks: they fail fast
+
     where = f"{source}@{revision}" if revision else source
     log.info(
         f"{where} -> {a.model_dir} (endpoint {os.environ.get('HF_ENDPOINT', 'default')}, "
@@ -47,7 +52,7 @@ def run(recipe: Recipe) -> Path:
             dtype="auto",
             output_loading_info=True,
         )
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # ValueError: transformers' "unrecognized model", bad JSON
         raise UserError(
             f"assets.base_model={source!r} could not be loaded ({first_line(exc)}); check the id/revision, "
             "HF_ENDPOINT for a mirror, or HF_HUB_OFFLINE=0 on a machine with network"
@@ -63,10 +68,22 @@ def run(recipe: Recipe) -> Path:
     inputs = {"base_model": where}
     if is_local:
         inputs["base_model_fingerprint"] = directory_fingerprint(source)
-    local = [source] if is_local else []
     with atomic_output_dir(a.model_dir, stage=STAGE, inputs=local, field="assets.model_dir") as tmp:
         tokenizer.save_pretrained(tmp)
         model.save_pretrained(tmp)
         write_provenance(tmp, stage=STAGE, recipe=recipe, inputs=inputs)
     log.info(f"saved to {a.model_dir}")
     return Path(a.model_dir)
+
+
+def check_local_model(source: Path) -> None:
+    """A local base_model is a saved model: config.json present and every JSON file in it whole
+    (a tokenizer.json cut off by an interrupted copy otherwise fails deep inside transformers)."""
+    if not (source / "config.json").is_file():
+        what = "it holds a prepared dataset" if (source / "dataset_dict.json").is_file() else "not a model"
+        raise UserError(
+            f"assets.base_model={str(source)!r} is a directory without config.json ({what}); point it at "
+            "a model directory saved with save_pretrained, or at a hub id"
+        )
+    for path in sorted(source.glob("*.json")):
+        load_json(path, field="assets.base_model", fix="copy or download the model again")

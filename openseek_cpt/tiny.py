@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+from openseek_cpt.artifacts.atomic import check_output_dir
 from openseek_cpt.artifacts.fileio import read_json
 from openseek_cpt.errors import UserError
 from openseek_cpt.logs import get_logger
@@ -37,6 +38,7 @@ def default_recipe() -> Path:
 def run(recipe_path: str | None, overrides: list[str], workdir: str | Path = ".") -> Path:
     """Run every stage of the tiny recipe in `workdir`; returns the report path."""
     recipe_file = Path(recipe_path).resolve() if recipe_path else default_recipe()
+    check_output_dir(workdir, stage=None, field="tiny --workdir")
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     recipe = load_recipe(recipe_file, overrides)  # its paths stay relative: to `workdir` below

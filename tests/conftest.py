@@ -132,9 +132,10 @@ def tiny_workdir(tiny_assets_dir, tmp_path) -> Path:
     return work
 
 
-# Fixtures that run the CLI end to end (download, data, train): a test using one, directly or through
-# another fixture, is in the end-to-end tier. `make test-fast` runs the rest (the unit tier).
-END_TO_END_FIXTURES = {"tiny_assets_dir"}
+# Fixtures that run the CLI end to end (download, data, train; test_tiny's whole pipeline, twice): a
+# test using one, directly or through another fixture, is in the end-to-end tier. `make test-fast`
+# runs the rest (the unit tier).
+END_TO_END_FIXTURES = {"tiny_assets_dir", "two_tiny_runs"}
 
 
 def pytest_collection_modifyitems(config, items):

@@ -250,6 +250,69 @@ def test_runtime_wrapper_passes_mounts_and_hf_environment_to_each_container_runt
 
 def test_make_tiny_creates_the_venv_when_missing_and_runs_the_tiny_pipeline(tmp_path):
     venv = tmp_path / "venv"
-    dry = make("-n", "tiny", f"VENV={venv}", "TORCH_SPEC=torch==2.13.0").stdout
-    assert f"python3 -m venv {venv}" in dry and f"{venv}/bin/pip install torch==2.13.0" in dry
-    assert f"{venv}/bin/pip install -e {REPO}" in dry and f"{venv}/bin/openseek-cpt tiny" in dry
+    dry = make("-n", "tiny", f"VENV={venv}").stdout
+    assert f"python3 -m venv {venv}" in dry and f"{venv}/bin/openseek-cpt tiny" in dry
+    assert f"{venv}/bin/pip install -q --no-deps -e {REPO}" in dry and "[test]" not in dry
+
+
+def pip_installs(lines: list[str], pip: str) -> list[list[str]]:
+    """The arguments of each `PIP install` line, without -q, paths made relative to the repo."""
+    out = []
+    for line in lines:
+        words = line.replace(f"{REPO}/", "").replace(str(REPO), ".").split()
+        if words[:2] == [pip, "install"] and "--upgrade" not in words:
+            out.append([w for w in words[2:] if w != "-q"])
+    return out
+
+
+def test_make_installs_the_venv_exactly_as_ci_does_from_the_hashed_test_lock(tmp_path):
+    """`make tiny`/`make test` and .ci/run install the same lock with the same flags, so what a fresh
+    machine runs is what CI tested (pyproject's ranges would resolve the newest releases instead)."""
+    venv = tmp_path / "venv"
+    made = pip_installs(make("-n", "test", f"VENV={venv}").stdout.splitlines(), f"{venv}/bin/pip")
+    ci = pip_installs(code_lines(REPO / ".ci" / "run").splitlines(), "pip")
+    assert ci == [["--require-hashes", "-r", "container/requirements-test.lock"], ["--no-deps", "-e", "."]]
+    assert made == ci, f"the Makefile installs {made}, .ci/run installs {ci}"
+
+
+@pytest.fixture()
+def recording_sbatch(tmp_path) -> tuple[str, Path]:
+    """A PATH whose `sbatch` records its arguments in `calls` and prints a job id."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    calls = tmp_path / "calls"
+    (fake / "sbatch").write_text(f'#!/bin/sh\necho "$@" >> {calls}\necho 4242\n')
+    (fake / "sbatch").chmod(0o755)
+    return f"{fake}:{os.environ['PATH']}", calls
+
+
+@pytest.mark.parametrize(
+    ("target", "setting", "says"),
+    [
+        ("train", "SLURM_NODES=abc", "SLURM_NODES=abc is not a whole number >= 1"),
+        ("train", "SLURM_NODES=0", "SLURM_NODES=0 is not a whole number >= 1"),
+        ("train", "SLURM_NODES=-2", "SLURM_NODES=-2 is not a whole number >= 1"),
+        ("train", "GPUS_PER_NODE=x", "GPUS_PER_NODE=x is not a whole number >= 0"),
+        ("train", "SIGNAL_BEFORE=5m", "SIGNAL_BEFORE=5m is not a whole number >= 0"),
+        ("data", "RECIPE=missing.yaml", "RECIPE=missing.yaml does not exist"),
+        ("train", "RECIPE=recipes", "RECIPE=recipes is a directory"),
+        ("soup", "LOCAL=yes", "LOCAL=yes must be 1"),
+        ("data", "WAIT=true", "WAIT=true must be 1"),
+        ("soup", "CPUS_PER_TASK=0", "CPUS_PER_TASK=0 is not a whole number >= 1"),
+    ],
+)
+def test_a_bad_make_variable_is_one_line_and_nothing_is_submitted(recording_sbatch, target, setting, says):
+    path, calls = recording_sbatch
+    r = make(target, setting, "RUNTIME=none", path=path, check=False)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert r.stderr.strip().count("\n") == 0 and f"make {target}: {says}" in r.stderr, r.stderr
+    assert "nothing was submitted" in r.stderr and not calls.exists(), "sbatch was called"
+
+
+def test_good_make_variables_reach_sbatch(recording_sbatch, tmp_path):
+    path, calls = recording_sbatch
+    r = make("train", "SLURM_NODES=2", "GPUS_PER_NODE=0", "RECIPE=recipes/tiny/config.yaml", "RUNTIME=none",
+             "WAIT=0", f"LOGDIR={tmp_path}/logs", path=path)  # fmt: skip
+    assert r.stdout.strip() == "4242"
+    args = calls.read_text().split()
+    assert "--nodes=2" in args and "--wait" not in args and not any(a.startswith("--gpus") for a in args)

@@ -65,17 +65,24 @@ def atomic_output_dir(
 def check_output_dir(
     final: str | Path, *, stage: str | None, inputs: Iterable[str | Path] = (), field: str | None = None
 ) -> None:
-    """UserError unless writing `stage`'s output to `final` can replace nothing it did not write."""
+    """UserError unless writing `stage`'s output to `final` can replace nothing it did not write, and
+    can be written at all: not a file, no file among its parents, a writable (not read-only) place.
+    `stage=None` (train's run directory, tiny's workdir): only those last checks, and `final` is
+    written in place, not renamed into it."""
     final = Path(final)
     field = field or (f"{stage}: output" if stage else "output")
     _check_not_an_input(final, inputs, field)
-    if stage is None or not (final.exists() or final.is_symlink()):
-        return
-    if not final.is_dir():
+    if (final.exists() or final.is_symlink()) and not final.is_dir():
         raise UserError(
-            f"{field}: {str(final)!r} exists and is not a directory; {stage} will not replace it; "
-            "choose another path or remove it yourself"
+            f"{field}: {str(final)!r} exists and is not a directory; {stage or 'openseek-cpt'} will not "
+            "replace it; choose another path or remove it yourself"
         )
+    if final.is_dir():
+        check_writable(final, field)
+    if stage is not None or not final.is_dir():  # a stage's output is a temp sibling renamed into place
+        check_writable(_nearest_existing(final.absolute().parent, final, field), field)
+    if stage is None or not final.exists():
+        return
     prov = read_provenance(final)
     written_by = prov.get("stage") if prov else None
     if written_by != stage and any(final.iterdir()):
@@ -121,13 +128,43 @@ def check_output_files(
             f"{field}: {str(existing[0])!r} exists and was {what}; {stage} replaces only its own earlier "
             "output; choose another path or remove it yourself"
         )
-    parent = outputs[0].absolute().parent
+    check_writable(_nearest_existing(outputs[0].absolute().parent, outputs[0], field), field)
+
+
+def check_output_prefix(prefix: str | Path, field: str) -> None:
+    """UserError when a file PREFIX (PREFIX.bin/.idx) names a directory: `DIR/` would write the
+    hidden `DIR/.bin`, and `DIR` files beside the directory the user meant to write into."""
+    if Path(prefix).is_dir() or str(prefix).endswith(("/", os.sep)):
+        raise UserError(
+            f"{field} {str(prefix)!r} is a directory; give a file prefix inside it, e.g. "
+            f"{str(Path(prefix) / 'train_text_document')!r} (writes that name's .bin and .idx)"
+        )
+
+
+def _nearest_existing(parent: Path, target: Path, field: str) -> Path:
+    """The nearest existing directory at or above `parent`, which `target` will be created under;
+    a file there means `target` can never be created."""
     while not parent.exists() and not parent.is_symlink():
         parent = parent.parent
     if not parent.is_dir():
-        raise UserError(f"{field}: {str(parent)!r} is a file, not a directory; choose another path")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UserError(f"{field}: cannot write in {str(parent)!r} (permission denied); choose another path")
+        raise UserError(
+            f"{field}: {str(target)!r} cannot be created: {str(parent)!r} is a file, not a directory; "
+            "choose another path"
+        )
+    return parent
+
+
+def check_writable(directory: Path, field: str) -> None:
+    """UserError naming `field` unless this process can create files in `directory` (access(2)
+    answers for a read-only filesystem too, where root's bypass of the mode bits does not help)."""
+    if os.access(directory, os.W_OK | os.X_OK):
+        return
+    try:
+        read_only = bool(os.statvfs(directory).f_flag & os.ST_RDONLY)
+    except OSError:
+        read_only = False
+    why = "a read-only filesystem" if read_only else "permission denied"
+    raise UserError(f"{field}: cannot write in {str(directory)!r} ({why}); choose another path")
 
 
 def _check_not_an_input(final: Path, inputs: Iterable[str | Path], field: str) -> None:

@@ -15,13 +15,45 @@ from pathlib import Path
 from typing import Any
 
 from openseek_cpt.artifacts.temps import sweep_leftovers, temp_path
+from openseek_cpt.errors import UserError, first_line
+
+# Sidecars (provenance, manifests, markers, configs) are small; a bigger file is not one of ours,
+# and reading it whole would only cost memory.
+MAX_JSON_BYTES = 64 << 20
+
+
+def parse_json(raw: str | bytes, **kwargs: Any) -> Any:
+    """json.loads that raises ValueError for every bad document: also for hostile nesting
+    (`[` * 100000), where json's decoder raises RecursionError."""
+    try:
+        return json.loads(raw, **kwargs)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
+def load_json(path: str | Path, *, field: str = "", fix: str = "restore or rewrite the file") -> Any:
+    """The JSON value in `path`; a UserError naming the file (after `field`, the key that pointed
+    there) when it is unreadable or damaged."""
+    path = Path(path)
+    where = f"{field}: {path}" if field else str(path)
+    try:
+        if path.stat().st_size > MAX_JSON_BYTES:
+            raise ValueError(
+                f"{path.stat().st_size} bytes, more than the {MAX_JSON_BYTES} a sidecar may have"
+            )
+        return parse_json(path.read_bytes())
+    except OSError as exc:
+        raise UserError(f"{where}: cannot be read ({exc.strerror or exc}); {fix}") from None
+    except ValueError as exc:  # json.JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise UserError(f"{where}: not valid JSON ({first_line(exc)}); {fix}") from None
 
 
 def read_json(path: str | Path) -> dict[str, Any] | None:
-    """The JSON object in `path`, or None when it is missing, unreadable or not an object."""
+    """The JSON object in `path`, or None when it is missing, unreadable, damaged or not an object
+    (callers treat all of these as "no such sidecar")."""
     try:
-        value = json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        value = load_json(path)
+    except UserError:
         return None
     return value if isinstance(value, dict) else None
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from openseek_cpt.artifacts.fileio import read_json
+from openseek_cpt.artifacts.fileio import load_json
 from openseek_cpt.errors import UserError, first_line
 
 MANIFEST = "manifest.json"
@@ -22,8 +22,17 @@ FORMAT = 2
 
 
 def read_manifest(dataset_dir: str | Path) -> dict[str, Any]:
-    """The manifest of a prepared dataset ({} when absent: datasets made elsewhere have none)."""
-    return read_json(Path(dataset_dir, MANIFEST)) or {}
+    """The manifest of a prepared dataset ({} when absent: datasets made elsewhere have none).
+
+    A manifest that is there but damaged is an error: its pad id and vocabulary size would
+    otherwise be guessed silently."""
+    path = Path(dataset_dir, MANIFEST)
+    if not (path.exists() or path.is_symlink()):
+        return {}
+    manifest = load_json(path)
+    if not isinstance(manifest, dict):
+        raise UserError(f"{path}: not a JSON object ({type(manifest).__name__}); rerun `openseek-cpt data`")
+    return manifest
 
 
 def is_prepared(dataset_dir: str | Path) -> bool:
@@ -47,9 +56,10 @@ def load_split(dataset_dir: str | Path, split: str, field: str) -> Any:
             f"{field}: {dataset_dir} has dataset format {made!r}, newer than this openseek-cpt reads "
             f"(up to {FORMAT}); prepare it again with this version or upgrade openseek-cpt"
         )
+    check_arrow_files(dataset_dir, field)
     try:
         data = load_from_disk(str(dataset_dir))
-    except (FileNotFoundError, ValueError) as exc:
+    except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError, ArrowIOError an OSError
         raise UserError(
             f"{field}: {dataset_dir} is not a prepared dataset ({first_line(exc)}); run `openseek-cpt data`"
         ) from None
@@ -68,6 +78,43 @@ def load_split(dataset_dir: str | Path, split: str, field: str) -> Any:
             "run `openseek-cpt data`"
         )
     return rows
+
+
+# The end-of-stream marker Arrow's stream writer closes every file with (continuation + length 0).
+ARROW_EOS = b"\xff\xff\xff\xff\x00\x00\x00\x00"
+
+
+def check_arrow_files(dataset_dir: Path, field: str) -> None:
+    """Every Arrow file of every split is whole, named when not: present, closed with Arrow's
+    end-of-stream marker (a cut at a batch boundary reads as fewer rows otherwise), and each record
+    batch's message fits in the file. Memory-mapped, so only the batch headers are read."""
+    import pyarrow as pa
+
+    if (dataset_dir / "dataset_dict.json").is_file():
+        splits = load_json(dataset_dir / "dataset_dict.json", field=field)
+        names = splits.get("splits", []) if isinstance(splits, dict) else []
+        folders = [dataset_dir / name for name in names if isinstance(name, str)]
+    else:  # one split saved by Dataset.save_to_disk; anything else is load_from_disk's to refuse
+        folders = [dataset_dir] if (dataset_dir / "state.json").is_file() else []
+    for folder in folders:
+        state = load_json(folder / "state.json", field=field) if (folder / "state.json").is_file() else {}
+        for entry in state.get("_data_files", []) if isinstance(state, dict) else []:
+            path = folder / str(entry.get("filename", "?"))
+            if not path.is_file():
+                raise UserError(f"{field}: {path} is missing; rerun `openseek-cpt data`")
+            try:
+                with open(path, "rb") as f:
+                    f.seek(max(path.stat().st_size - len(ARROW_EOS), 0))
+                    if f.read() != ARROW_EOS:
+                        raise ValueError("it does not end with Arrow's end-of-stream marker")
+                with pa.memory_map(str(path)) as source:
+                    for _ in pa.ipc.open_stream(source):
+                        pass
+            except (OSError, ValueError, pa.ArrowException) as exc:
+                raise UserError(
+                    f"{field}: {path} is truncated or damaged ({first_line(exc)}); rerun `openseek-cpt data` "
+                    "or restore the dataset"
+                ) from None
 
 
 def pad_token_id(manifest: dict[str, Any], config: Any = None) -> int:

@@ -88,7 +88,7 @@ def open_model(path: str | Path, field_name: str) -> ModelFiles:
         try:
             weight_map = json.loads(raw)["weight_map"]
             key_file = {str(k): str(v) for k, v in dict(weight_map).items()}
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError):
+        except (RecursionError, UnicodeDecodeError, KeyError, TypeError, ValueError):
             raise UserError(
                 f"{field_name}: {p / INDEX_FILE} is not a safetensors index (no weight_map)"
             ) from None
@@ -148,7 +148,7 @@ def _read_header(path: Path, field_name: str) -> tuple[dict[str, TensorInfo], by
         header = json.loads(blob, object_pairs_hook=_unique_keys)
     except _DuplicateKey as exc:
         raise bad(f"key {exc.args[0]!r} appears twice in the header") from None
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         raise bad("header is not JSON") from None
     if not isinstance(header, dict):
         raise bad("header is not a JSON object")

@@ -12,7 +12,7 @@ from typing import Any
 import datasets
 
 from openseek_cpt.artifacts import megatron_format, prepared
-from openseek_cpt.artifacts.atomic import check_output_files
+from openseek_cpt.artifacts.atomic import check_output_files, check_output_prefix
 from openseek_cpt.export import STAGE
 from openseek_cpt.export.sidecar import write_sidecar
 from openseek_cpt.logs import get_logger
@@ -30,6 +30,7 @@ def export_megatron(dataset_dir: str | Path, prefix: str | Path, split: str = "t
     no directory for `atomic_output_dir` (each file is renamed into place instead). Existing files
     are replaced only when that sidecar says an earlier export wrote them.
     """
+    check_output_prefix(prefix, "export-megatron: PREFIX")
     bin_path, idx_path = Path(f"{prefix}.bin"), Path(f"{prefix}.idx")
     check_output_files(
         [bin_path, idx_path],

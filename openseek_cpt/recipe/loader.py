@@ -18,15 +18,18 @@ from openseek_cpt.recipe.checks import validate
 from openseek_cpt.recipe.schema import Recipe
 from openseek_cpt.recipe.values import build, parse_value
 
+# Top-level keys starting with this hold YAML anchors for the sections to merge (`<<: *common`)
+# or alias; they are not part of the recipe (docker compose's `x-` convention).
+ANCHOR_PREFIX = "x-"
+
 
 def load_recipe(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     """Read a recipe YAML (or the defaults when path is None), apply KEY=VALUE overrides, validate."""
     raw: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
-        if not p.is_file():
-            raise UserError(f"recipe: file {str(path)!r} does not exist; pass --recipe PATH to a YAML file")
-        raw = read_yaml(p)
+        _check_readable(p)
+        raw = {k: v for k, v in read_yaml(p).items() if not str(k).startswith(ANCHOR_PREFIX)}
     for item in overrides:
         apply_override(raw, item)
     recipe = build(Recipe, raw, "")
@@ -34,12 +37,34 @@ def load_recipe(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     return recipe
 
 
+def _check_readable(p: Path) -> None:
+    """A recipe is a regular file (or a pipe, for `--recipe <(...)`): name what it is otherwise."""
+    if not p.exists():
+        raise UserError(f"recipe: file {str(p)!r} does not exist; pass --recipe PATH to a YAML file")
+    if p.is_dir():
+        raise UserError(
+            f"recipe: {str(p)!r} is a directory, not a YAML file; pass --recipe PATH to a YAML file"
+        )
+    if not (p.is_file() or p.is_fifo()):
+        raise UserError(
+            f"recipe: {str(p)!r} is not a regular file (a device or socket); pass --recipe PATH to a YAML file"
+        )
+
+
+MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """safe_load that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
+    """safe_load that refuses a key given twice in one mapping (PyYAML keeps the last silently).
+
+    Only the keys written in the mapping itself count: a key it also takes from a merge (`<<: *common`)
+    is YAML's documented override, not a repetition."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
         seen: dict[Any, int] = {}
         for key_node, _ in node.value:
+            if key_node.tag == MERGE_TAG:
+                continue
             key = self.construct_object(key_node, deep=True)
             line = key_node.start_mark.line + 1
             if key in seen:
@@ -65,14 +90,43 @@ def read_yaml(path: Path) -> dict[str, Any]:
     loader = _UniqueKeyLoader(text)
     loader.name = str(path)
     try:
-        raw = loader.get_single_data() or {}
+        raw = loader.get_single_data()
     except yaml.YAMLError as exc:
-        raise UserError(f"recipe: {path} is not valid YAML ({first_line(exc)}); fix the syntax") from None
+        raise UserError(yaml_error_line(path, text, exc)) from None
     finally:
         loader.dispose()
+    if raw is None:
+        raise UserError(
+            f"recipe: {path} is empty (no sections); write the run's assets/data/train/soup sections "
+            "(e.g. start from recipes/tiny/config.yaml)"
+        )
     if not isinstance(raw, dict):
         raise UserError(f"recipe: {path} must be a mapping of sections, got {type(raw).__name__}")
     return raw
+
+
+def yaml_error_line(path: Path, text: str, exc: yaml.YAMLError) -> str:
+    """One line for a YAML error: the line and column, what YAML says, and for a tab in the
+    indentation (YAML's own message only says a character "cannot start any token") that cause."""
+    mark = getattr(exc, "problem_mark", None)
+    if mark is None:
+        return f"recipe: {path} is not valid YAML ({first_line(exc)}); fix the syntax"
+    lines = text.splitlines()
+    for number in range(mark.line, -1, -1):  # the error's line, or the nearest tab-indented one above
+        line = lines[number] if number < len(lines) else ""
+        indent = line[: len(line) - len(line.lstrip(" \t"))]
+        if "\t" in indent:
+            return (
+                f"recipe: {path} line {number + 1}: a tab in the indentation (column {indent.index(chr(9)) + 1}); "
+                "YAML indents with spaces only: replace the tab with spaces"
+            )
+        if number < mark.line and line.strip():
+            break
+    what = "; ".join(str(x) for x in (getattr(exc, "context", None), getattr(exc, "problem", None)) if x)
+    return (
+        f"recipe: {path} line {mark.line + 1}, column {mark.column + 1}: not valid YAML "
+        f"({' '.join((what or first_line(exc)).split())}); fix the syntax"
+    )
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:

@@ -69,6 +69,9 @@ def worst_leak(model, varlen: bool) -> float:
     return worst
 
 
+# Slow (end-to-end tier): on a CPU, inductor compiles a C++ flex kernel per document length (minutes
+# on a 2-core host); the GPU image runs this file whole (tests/cluster/test_image_gpu.py).
+@pytest.mark.slow
 def test_flex_attention_keeps_documents_of_a_batch_of_4_apart():
     model = tiny_model("flex_attention")
     with torch.no_grad():  # FlexAttention has no CPU backward

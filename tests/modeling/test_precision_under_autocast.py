@@ -60,6 +60,7 @@ def flex_kernel_dtypes(monkeypatch):
     return seen
 
 
+@pytest.mark.slow  # a CPU inductor compile of flex per test: the end-to-end tier
 def test_flex_gets_query_key_and_value_in_the_autocast_dtype(flex_kernel_dtypes):
     attention.prepare("flex_attention")
     model = tiny_model("flex_attention")
@@ -70,6 +71,7 @@ def test_flex_gets_query_key_and_value_in_the_autocast_dtype(flex_kernel_dtypes)
     assert set(flex_kernel_dtypes) == {(torch.bfloat16,) * 3}, flex_kernel_dtypes
 
 
+@pytest.mark.slow  # a CPU inductor compile of flex per test: the end-to-end tier
 def test_flex_without_autocast_keeps_fp32():
     attention.prepare("flex_attention")
     with torch.no_grad():

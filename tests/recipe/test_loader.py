@@ -66,3 +66,52 @@ def test_a_logger_whose_package_is_missing_is_named_at_load():
         pytest.skip("wandb is installed here")
     with pytest.raises(UserError, match=r"report_to='wandb' needs the 'wandb' package"):
         load_recipe(TINY_RECIPE, ["train.args.report_to=[wandb]"])
+
+
+def test_anchors_aliases_and_merge_keys_load_as_yaml_defines_them(tmp_path):
+    """`<<: *common` takes the anchored keys, a key written beside it overrides, `x-` keys are not keys."""
+    text = TINY_TEXT.replace("train:\n", "x-args: &args\n  max_steps: 5\n  save_steps: 5\n\ntrain:\n", 1)
+    text = text.replace("    max_steps: 24\n", "    <<: *args\n    save_steps: 1\n")
+    text = text.replace("    save_steps: 6\n", "").replace("    eval_steps: 6\n", "    eval_steps: 1\n")
+    text = text.replace("  output_dir: runs/tiny\n", "  output_dir: &run runs/tiny-anchored\n")
+    text = text.replace("[runs/tiny/checkpoint-*]", "[runs/tiny-anchored/checkpoint-*]")
+    recipe = load_recipe(write(tmp_path, text))
+    assert recipe.train.args["max_steps"] == 5 and recipe.train.args["save_steps"] == 1
+    assert recipe.train.output_dir == "runs/tiny-anchored"
+
+
+def test_a_tab_in_the_indentation_names_the_line_and_the_tab(tmp_path):
+    text = TINY_TEXT.replace("    max_steps: 24\n", "\tmax_steps: 24\n")
+    line = text.splitlines().index("\tmax_steps: 24") + 1
+    with pytest.raises(
+        UserError, match=rf"line {line}: a tab in the indentation .* replace the tab with spaces"
+    ):
+        load_recipe(write(tmp_path, text))
+
+
+def test_other_yaml_errors_keep_the_line_and_the_cause(tmp_path):
+    with pytest.raises(
+        UserError, match=r"line 3, column 1: not valid YAML \(while parsing a flow sequence; expected"
+    ):
+        load_recipe(write(tmp_path, "train:\n  global_batch_size: [8\n"))
+
+
+@pytest.mark.parametrize("text", ["", "# only a comment\n\n"])
+def test_an_empty_recipe_is_refused_not_run_on_the_defaults(tmp_path, text):
+    with pytest.raises(UserError, match=r"recipe\.yaml is empty \(no sections\)"):
+        load_recipe(write(tmp_path, text))
+
+
+def test_a_directory_as_recipe_is_named_as_a_directory_not_as_missing(tmp_path):
+    (tmp_path / "conf.yaml").mkdir()
+    r = run_cli("recipe", "--recipe", "conf.yaml", cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().splitlines() == [
+        "openseek-cpt recipe: error: recipe: 'conf.yaml' is a directory, not a YAML file; "
+        "pass --recipe PATH to a YAML file"
+    ]
+
+
+def test_a_device_as_recipe_is_not_called_missing(tmp_path):
+    with pytest.raises(UserError, match=r"'/dev/zero' is not a regular file"):
+        load_recipe("/dev/zero")
