@@ -19,7 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from openseek_cpt.artifacts import prepared
-from openseek_cpt.artifacts.atomic import atomic_output_dir, check_output_dir, check_output_files
+from openseek_cpt.artifacts.atomic import (
+    atomic_output_dir,
+    check_output_dir,
+    check_output_files,
+    check_output_prefix,
+)
 from openseek_cpt.artifacts.fileio import write_json_atomic
 from openseek_cpt.artifacts.provenance import directory_fingerprint, write_provenance
 from openseek_cpt.artifacts.temps import sweep_leftovers, temp_path
@@ -120,6 +125,7 @@ def check_outputs(recipe: Recipe, out: Path, read: list[str]) -> None:
     check_output_dir(out, stage=STAGE, inputs=read, field="data.output_dir")
     prefix = recipe.data.megatron_prefix
     if prefix:
+        check_output_prefix(prefix, "data.megatron_prefix")
         megatron_inputs = [*read, *(f"{path}.{ext}" for path in read for ext in ("bin", "idx"))]
         check_output_files(
             [f"{prefix}.bin", f"{prefix}.idx"],

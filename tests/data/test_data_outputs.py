@@ -97,3 +97,16 @@ def test_megatron_prefix_refusal_through_the_cli_is_one_line_and_a_rerun_replace
         )
         assert r.returncode == 0, r.stderr[-2000:]
     assert (tiny_workdir / "datasets" / "own.provenance.json").is_file()
+
+
+def test_a_megatron_prefix_that_is_a_directory_is_refused_before_any_work(tiny_workdir, monkeypatch):
+    from openseek_cpt.data import stage
+    from openseek_cpt.errors import UserError
+    from tests.data.test_data import _recipe
+
+    monkeypatch.chdir(tiny_workdir)
+    (tiny_workdir / "megatron").mkdir()
+    with pytest.raises(UserError) as err:
+        stage.run(_recipe(tiny_workdir, "data.megatron_prefix=megatron"))
+    assert "data.megatron_prefix 'megatron' is a directory" in str(err.value)
+    assert not (tiny_workdir / "datasets/tiny-mix").exists()
