@@ -238,8 +238,11 @@ class JsonLinesRows(Rows):
         if columns:
             schema = pa.schema([(c, pa.large_string()) for c in columns])
             options = pj.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore")
+        # Arrow's reader needs each line inside one block: blocks of 1 MiB, or the longest line's size.
+        longest = int((self.ends[indices] - self.starts[indices]).max()) if len(indices) else 0
+        read = pj.ReadOptions(block_size=min(max(1 << 20, longest + 2), 2**31 - 1))
         try:
-            table = pj.read_json(io.BytesIO(b"\n".join(lines)), parse_options=options)
+            table = pj.read_json(io.BytesIO(b"\n".join(lines)), read_options=read, parse_options=options)
         except pa.ArrowInvalid:
             raise self._bad_line(indices, lines, columns) from None
         if columns:

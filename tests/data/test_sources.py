@@ -248,3 +248,12 @@ def test_a_source_whose_every_document_is_empty_is_named(tiny_workdir, monkeypat
     assert "data.sources.0.path='blank.jsonl': every document read (4) is empty or whitespace only" in str(
         err.value
     )
+
+
+def test_json_lines_longer_than_arrows_block_are_read(tmp_path):
+    """Arrow's JSON reader parses 1 MiB blocks and refuses a line that straddles two: a 3 MB document
+    is read whole, beside short ones, in the order asked."""
+    docs = ["short", "x" * 3_000_000, "another"]
+    (tmp_path / "long.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    rows = source_rows.JsonLinesRows([tmp_path / "long.jsonl"], "data.sources.0", "long.jsonl")
+    assert rows.take([2, 1, 0], ["text"]).column("text").to_pylist() == docs[::-1]
