@@ -153,19 +153,11 @@ def write_rows(
     """Write every drawn row: train rows (times drawn) in part order, eval rows shuffled at the end."""
     import pyarrow as pa
 
-    def size(rows: list[np.ndarray]) -> tuple[int, int, int]:  # rows, tokens, segments
-        picked = [(p.row_tokens()[r], p.row_segments()[r]) for p, r in zip(packed, rows, strict=True)]
-        return (
-            sum(len(t) for t, _ in picked),
-            sum(int(t.sum()) for t, _ in picked),
-            sum(int(g.sum()) for _, g in picked),
-        )
-
-    train_rows = [np.repeat(np.arange(len(c)), c) for c, _ in draws]
-    n, tokens, segments = size(train_rows)
-    train = output.SplitWriter(
-        out / "train", n, output.split_nbytes(n, tokens, segments), short_hash([build_id, "train"])
-    )
+    n = sum(int(counts.sum()) for counts, _ in draws)
+    tokens = sum(int(c @ p.row_tokens()) for p, (c, _) in zip(packed, draws, strict=True))
+    segments = sum(int(c @ p.row_segments()) for p, (c, _) in zip(packed, draws, strict=True))
+    nbytes = output.split_nbytes(n, tokens, segments)
+    train = output.SplitWriter(out / "train", n, nbytes, short_hash([build_id, "train"]))
     eval_tables, eval_at = [], []  # eval rows gathered part by part, and their place in the draw
     drawn = 0
     for p, (counts, ev) in zip(packed, draws, strict=True):
