@@ -180,7 +180,12 @@ class DataConfig:
     eval_size: int = setting(
         0, "Number of held-out sequences (same mix) for evaluation; 0 means no eval split.", at_least=0
     )
-    num_proc: int = setting(4, "Worker processes for tokenization and packing.", above=0)
+    num_proc: int = setting(
+        4,
+        "Cores the data stage encodes on: tiktoken threads, or forked workers for the tokenizer's own "
+        "and the Rust paths (GigaToken uses every core; the output does not depend on it).",
+        above=0,
+    )
     read_margin: float = setting(
         0.2, "Documents read per source beyond the estimate of what its share needs (fraction).", at_least=0
     )
