@@ -64,6 +64,16 @@ class WatchedProcess:
         return "".join(self.lines)
 
 
+def refused_in_one_line(r: subprocess.CompletedProcess, *words: str) -> str:
+    """The single `openseek-cpt ...` error line of a refused command (exit 2, no traceback)."""
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.startswith("openseek-cpt ")]
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    for word in words:
+        assert word in lines[0], lines[0]
+    return lines[0]
+
+
 def run_cli(
     *args: str, cwd: str | Path, env: dict | None = None, timeout: int = 900
 ) -> subprocess.CompletedProcess:

@@ -10,20 +10,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import TINY_RECIPE, run_cli
+from conftest import TINY_RECIPE, refused_in_one_line, run_cli
 
 from openseek_cpt.artifacts.atomic import check_output_dir
 from openseek_cpt.errors import UserError
-
-
-def one_line(r: subprocess.CompletedProcess, *words: str) -> str:
-    """The single `openseek-cpt ...` error line of a refused command (exit 2, no traceback)."""
-    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
-    lines = [ln for ln in r.stderr.strip().splitlines() if ln.startswith("openseek-cpt ")]
-    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
-    for word in words:
-        assert word in lines[0], lines[0]
-    return lines[0]
 
 
 @pytest.fixture()
@@ -58,7 +48,9 @@ def train(work: Path, output_dir: str) -> subprocess.CompletedProcess:
 
 
 def test_train_output_dir_that_is_a_file_is_refused_and_the_file_kept(work):
-    one_line(train(work, "notes.txt"), "train.output_dir", "'notes.txt' exists and is not a directory")
+    refused_in_one_line(
+        train(work, "notes.txt"), "train.output_dir", "'notes.txt' exists and is not a directory"
+    )
     assert (work / "notes.txt").read_text() == "my notes\n"
 
 
@@ -90,19 +82,21 @@ def test_download_model_dir_under_a_file_is_refused_before_fetching(work):
     r = run_cli(
         "download", "--recipe", str(TINY_RECIPE), "--set", "assets.model_dir=notes.txt/model", cwd=work
     )
-    one_line(r, "assets.model_dir", "'notes.txt/model' cannot be created", "is a file, not a directory")
+    refused_in_one_line(
+        r, "assets.model_dir", "'notes.txt/model' cannot be created", "is a file, not a directory"
+    )
 
 
 def test_tiny_workdir_that_is_a_file_or_under_one_is_refused(work):
     r = run_cli("tiny", "--workdir", "notes.txt", cwd=work)
-    one_line(r, "tiny --workdir", "'notes.txt' exists and is not a directory")
+    refused_in_one_line(r, "tiny --workdir", "'notes.txt' exists and is not a directory")
     r = run_cli("tiny", "--workdir", "notes.txt/w", cwd=work)
-    one_line(r, "tiny --workdir", "'notes.txt/w' cannot be created")
+    refused_in_one_line(r, "tiny --workdir", "'notes.txt/w' cannot be created")
     assert (work / "notes.txt").read_text() == "my notes\n"
 
 
 def test_tiny_workdir_on_a_read_only_filesystem_is_refused(work, readonly):
-    one_line(
+    refused_in_one_line(
         run_cli("tiny", "--workdir", str(readonly), cwd=work),
         "tiny --workdir",
         f"cannot write in '{readonly}'",
@@ -113,13 +107,13 @@ def test_tiny_workdir_on_a_read_only_filesystem_is_refused(work, readonly):
 def test_export_megatron_to_a_directory_prefix_is_refused(work, prefix):
     (work / "export").mkdir()
     r = run_cli("export-megatron", "datasets/tiny-mix", prefix, cwd=work)
-    one_line(r, f"PREFIX '{prefix}' is a directory", "'export/train_text_document'")
+    refused_in_one_line(r, f"PREFIX '{prefix}' is a directory", "'export/train_text_document'")
     assert not list((work / "export").iterdir())
 
 
 def test_export_megatron_prefix_on_a_read_only_filesystem_is_refused(work, readonly):
     r = run_cli("export-megatron", "datasets/tiny-mix", f"{readonly}/x", cwd=work)
-    one_line(r, "export-megatron: PREFIX", f"cannot write in '{readonly}'")
+    refused_in_one_line(r, "export-megatron: PREFIX", f"cannot write in '{readonly}'")
 
 
 @pytest.mark.parametrize("stage", ["soup", "data", None])

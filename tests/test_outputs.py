@@ -12,7 +12,7 @@ import shutil
 import struct
 
 import pytest
-from conftest import TINY_RECIPE, copy_workdir, run_cli
+from conftest import TINY_RECIPE, copy_workdir, refused_in_one_line, run_cli
 
 from openseek_cpt.artifacts.provenance import file_hashes
 
@@ -27,26 +27,17 @@ def work(tiny_prepared_dir, tmp_path_factory):
     return work
 
 
-def _refused(r, *words: str) -> str:
-    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
-    lines = [ln for ln in r.stderr.strip().splitlines() if ln.startswith("openseek-cpt ")]
-    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
-    for word in words:
-        assert word in lines[0], lines[0]
-    return lines[0]
-
-
 def test_soup_into_one_of_its_input_checkpoints_is_refused_and_the_checkpoint_is_untouched(work):
     ckpt = work / "runs" / "tiny" / "checkpoint-2"
     before = file_hashes(ckpt)
     r = run_cli("soup", "--recipe", str(TINY_RECIPE), "--set", "soup.output_dir=runs/tiny/checkpoint-2",
                 "--set", "soup.evaluate=false", cwd=work)  # fmt: skip
-    _refused(r, "soup.output_dir", "runs/tiny/checkpoint-2", "input")
+    refused_in_one_line(r, "soup.output_dir", "runs/tiny/checkpoint-2", "input")
     assert file_hashes(ckpt) == before
     # inside the run that holds the inputs: the same refusal
     r = run_cli("soup", "--recipe", str(TINY_RECIPE), "--set", "soup.output_dir=runs/tiny",
                 "--set", "soup.evaluate=false", cwd=work)  # fmt: skip
-    _refused(r, "soup.output_dir", "contains the input")
+    refused_in_one_line(r, "soup.output_dir", "contains the input")
     assert file_hashes(ckpt) == before
 
 
@@ -54,7 +45,7 @@ def test_download_onto_an_existing_file_is_refused_and_the_file_is_untouched(wor
     notes = work / "notes.txt"
     notes.write_text("my notes\n")
     r = run_cli("download", "--recipe", str(TINY_RECIPE), "--set", "assets.model_dir=notes.txt", cwd=work)
-    _refused(r, "assets.model_dir", "notes.txt", "not a directory")
+    refused_in_one_line(r, "assets.model_dir", "notes.txt", "not a directory")
     assert notes.read_text() == "my notes\n"
 
 
@@ -62,16 +53,16 @@ def test_data_into_another_stages_directory_is_refused_and_it_is_untouched(work)
     final = work / "runs" / "tiny" / "final"
     before = file_hashes(final)
     r = run_cli("data", "--recipe", str(TINY_RECIPE), "--set", "data.output_dir=runs/tiny/final", cwd=work)
-    _refused(r, "data.output_dir", "runs/tiny/final", "train stage")
+    refused_in_one_line(r, "data.output_dir", "runs/tiny/final", "train stage")
     assert file_hashes(final) == before
 
 
-def test_train_output_inside_its_base_model_is_refused(work):
+def test_train_output_inside_its_base_model_isrefused_in_one_line(work):
     model = work / "models" / "tiny-openseek"
     before = file_hashes(model)
     r = run_cli("train", "--recipe", str(TINY_RECIPE), "--set", "train.output_dir=models/tiny-openseek/run",
                 cwd=work)  # fmt: skip
-    _refused(r, "train.output_dir", "inside the input")
+    refused_in_one_line(r, "train.output_dir", "inside the input")
     assert file_hashes(model) == before
 
 
@@ -96,5 +87,5 @@ def test_soup_of_a_safetensors_file_with_aliased_keys_is_one_line_exit_2(work):
     (bad / "model.safetensors").write_bytes(raw[:8] + blob + raw[8 + length :])
     r = run_cli("soup", "--recipe", str(TINY_RECIPE), "--set", "soup.checkpoints=[runs/tiny/checkpoint-2, models/aliased]",
                 "--set", "soup.output_dir=models/soup-aliased", "--set", "soup.evaluate=false", cwd=work)  # fmt: skip
-    _refused(r, "models/aliased/model.safetensors", f"{second} and {first} share the same bytes")
+    refused_in_one_line(r, "models/aliased/model.safetensors", f"{second} and {first} share the same bytes")
     assert not list((work / "models").glob("*soup-aliased*"))

@@ -43,13 +43,13 @@ class Plan:
 
     def row_tokens(self) -> np.ndarray:
         """Tokens per row."""
-        return _per_row(self.seg_len, self.row_offsets)
+        return row_sums(self.seg_len, self.row_offsets)
 
     def row_documents(self) -> np.ndarray:
         """Documents that start in each row (a segment from a document's first token)."""
         import numpy as np
 
-        return _per_row((self.seg_start == 0).astype(np.int64), self.row_offsets)
+        return row_sums((self.seg_start == 0).astype(np.int64), self.row_offsets)
 
 
 def plan(strategy: str, lengths: np.ndarray, max_length: int) -> Plan:
@@ -244,7 +244,8 @@ def _concat(plans: list[Plan]) -> Plan:
     )
 
 
-def _per_row(values: np.ndarray, row_offsets: np.ndarray) -> np.ndarray:
+def row_sums(values: np.ndarray, row_offsets: np.ndarray) -> np.ndarray:
+    """Sum of `values` over each row's span row_offsets[r]:row_offsets[r+1]."""
     import numpy as np
 
     sums = np.concatenate([[0], np.cumsum(values, dtype=np.int64)])

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from openseek_cpt.artifacts import prepared
-from openseek_cpt.data import output
+from openseek_cpt.data import output, packing
 from openseek_cpt.data.prepare import PackedSource, short_hash
 from openseek_cpt.errors import UserError
 from openseek_cpt.recipe.schema import Recipe
@@ -197,10 +197,5 @@ def rows_table(part: Any, rows: np.ndarray) -> Any:
     seg = np.repeat(begin - (np.cumsum(per_row) - per_row), per_row) + np.arange(int(per_row.sum()))
     seg_len = plan.seg_len[seg]
     values = part.store.gather(plan.seg_doc[seg], plan.seg_start[seg], seg_len)
-    return output.row_table(values, _per_row(seg_len, per_row), seg_len, per_row)
-
-
-def _per_row(values: np.ndarray, per_row: np.ndarray) -> np.ndarray:
-    sums = np.concatenate([[0], np.cumsum(values, dtype=np.int64)])
-    bounds = np.concatenate([[0], np.cumsum(per_row)])
-    return sums[bounds[1:]] - sums[bounds[:-1]]
+    tokens = packing.row_sums(seg_len, np.concatenate([[0], np.cumsum(per_row)]))
+    return output.row_table(values, tokens, seg_len, per_row)
