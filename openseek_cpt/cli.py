@@ -111,19 +111,19 @@ def cmd_recipe(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     from openseek_cpt.artifacts import checkpoints, provenance
 
-    rc = 0
+    damaged = False  # artifact or checkpoint alike: 1 = something differs, 2 = could not check
     for directory in args.dirs:
-        if checkpoints.is_checkpoint_dir(directory):
-            status, lines = checkpoints.verify_status(directory)
-            bad = 2 if status == "DAMAGED" else 0  # a checkpoint resume would fall back past
-        else:
-            status, lines = provenance.verify_status(directory)
-            bad = 1 if status == "DAMAGED" else 0
+        verify_status = (
+            checkpoints.verify_status
+            if checkpoints.is_checkpoint_dir(directory)
+            else provenance.verify_status
+        )
+        status, lines = verify_status(directory)
         print(f"{directory}: {status}")
         for line in lines:
             print(f"  {line}")
-        rc = max(rc, bad)
-    return rc
+        damaged |= status == "DAMAGED"
+    return EXIT_FAILURE if damaged else EXIT_OK
 
 
 def cmd_export_megatron(args: argparse.Namespace) -> int:
