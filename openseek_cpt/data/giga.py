@@ -9,14 +9,20 @@ of documents from one flat buffer on its own thread pool, with the GIL released.
   (as `split_special_tokens=True` does) and what its post-processor adds around a text put back.
 `load` returns None, with the reason, where neither applies; the encoder still compares the ids
 with the tokenizer's own on the estimate sample before it uses this path (encoder.choose_path).
+
+GigaToken 0.10 caches every distinct pretoken it has seen, per worker thread, without a bound
+(upstream issue #36: a TB-scale job runs out of memory); `Giga` builds a fresh tokenizer after every
+CACHE_WINDOW_TOKENS, which frees the old caches, so memory follows the window, not the corpus.
 """
 
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,20 +37,34 @@ PROBE = (
     "   spaces   \n\n\n  Ünïcödé 中文字符测试 日本語 한국어 Ελληνικά кириллица 😀👍🏽 ...!!! ?? "
     "<tag attr='v'>  </tag>\u00a0\u2003end. 'S 's 'Ll\n"
 )
+# Tokens encoded by one GigaToken tokenizer before a fresh one replaces it (its caches freed): a
+# rebuild costs ~0.4 CPU-s and re-misses of common pretokens, ~1% of encoding this many tokens.
+CACHE_WINDOW_TOKENS = 2**28
 
 
 @dataclass
 class Giga:
-    """A GigaToken tokenizer plus the ids its HF tokenizer adds around each text (post-processor)."""
+    """A GigaToken tokenizer (rebuilt by `build` after each cache window) plus the ids its HF
+    tokenizer adds around each text (post-processor)."""
 
-    tokenizer: Any
+    build: Callable[[], Any]
     prefix: list[int]
     suffix: list[int]
     about: str
+    tokenizer: Any = None  # the first one, when `load` already built it to probe it
+    window: int = CACHE_WINDOW_TOKENS
+
+    def __post_init__(self) -> None:
+        self.tokenizer = self.tokenizer or self.build()
+        self.encoded = 0  # tokens encoded by this tokenizer
 
     def encode(self, texts: Any) -> tuple[np.ndarray, np.ndarray]:
         """(all ids int32, ids per text int64) of an Arrow string array (no nulls), on all cores."""
+        if self.encoded >= self.window:
+            self.tokenizer = None  # its caches go before the next one's are filled
+            self.tokenizer, self.encoded = self.build(), 0
         values, offsets = _flat(self.tokenizer.encode_batch(_awkward_strings(texts)))
+        self.encoded += len(values)
         lengths = np.diff(offsets)
         if not (self.prefix or self.suffix):
             return values.astype(np.int32), lengths
@@ -78,21 +98,28 @@ def load(tokenizer: Any, encoding: Any) -> tuple[Giga | None, str]:
 
 
 def _from_tiktoken(gigatoken: Any, encoding: Any) -> tuple[Giga | None, str]:
-    ranks = encoding._mergeable_ranks
+    ranks = b"".join(
+        base64.b64encode(token) + b" %d\n" % rank for token, rank in encoding._mergeable_ranks.items()
+    )
     expected = encoding.encode_ordinary(PROBE)
-    fd, path = tempfile.mkstemp(suffix=".tiktoken")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.writelines(base64.b64encode(token) + b" %d\n" % rank for token, rank in ranks.items())
-        for scheme in SCHEMES:
-            try:
-                tok = gigatoken.Tokenizer.from_tiktoken(path, pretokenizer=scheme, special_tokens={})
-            except Exception:  # a scheme this GigaToken does not know
-                continue
-            if tok.encode(PROBE).tolist() == expected:
-                return Giga(tok, [], [], f"tiktoken ranks, pretokenizer {scheme}"), ""
-    finally:
-        os.unlink(path)
+
+    def build(scheme: str) -> Any:
+        fd, path = tempfile.mkstemp(suffix=".tiktoken")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(ranks)
+            return gigatoken.Tokenizer.from_tiktoken(path, pretokenizer=scheme, special_tokens={})
+        finally:
+            os.unlink(path)
+
+    for scheme in SCHEMES:
+        try:
+            tok = build(scheme)
+        except Exception:  # a scheme this GigaToken does not know
+            continue
+        if tok.encode(PROBE).tolist() == expected:
+            about = f"tiktoken ranks, pretokenizer {scheme}"
+            return Giga(functools.partial(build, scheme), [], [], about, tokenizer=tok), ""
     return None, "no GigaToken pretokenizer scheme splits text as the tiktoken pattern does"
 
 
@@ -104,14 +131,16 @@ def _from_tokenizer_json(gigatoken: Any, tokenizer: Any) -> tuple[Giga | None, s
     spec["added_tokens"] = [t for t in spec.get("added_tokens") or [] if not t.get("special")]
     spec["post_processor"] = None
     spec["truncation"] = spec["padding"] = None
-    tok = gigatoken.Tokenizer.from_json(json.dumps(spec))
+    text = json.dumps(spec)
+    tok = gigatoken.Tokenizer.from_json(text)
     probe = "a"
     bare = tokenizer(probe, add_special_tokens=False)["input_ids"]
     full = tokenizer(probe)["input_ids"]
     at = next((i for i in range(len(full) - len(bare) + 1) if full[i : i + len(bare)] == bare), None)
     if at is None:
         return None, "its post-processor changes the text's own ids"
-    return Giga(tok, full[:at], full[at + len(bare) :], "tokenizer.json"), ""
+    build = functools.partial(gigatoken.Tokenizer.from_json, text)
+    return Giga(build, full[:at], full[at + len(bare) :], "tokenizer.json", tokenizer=tok), ""
 
 
 def _awkward_strings(texts: Any) -> Any:

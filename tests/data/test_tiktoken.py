@@ -68,6 +68,25 @@ def test_gigatoken_path_is_chosen_first_and_gives_the_tokenizers_own_ids(tokeniz
     assert table.column("special_text").to_pylist() == [0] * len(kept) + [1]
 
 
+def test_gigatoken_tokenizer_is_rebuilt_after_each_cache_window_with_the_same_ids(tokenizer_dir):
+    """GigaToken 0.10 caches every pretoken it sees without a bound: a fresh tokenizer per window."""
+    import pyarrow as pa
+
+    encoder = Encoder(_tokenizer(tokenizer_dir))
+    encoder.choose_path(_texts())
+    column = pa.array([t for t in _texts() if t])
+    first_ids, _ = encoder.giga.encode(column)
+    encoder.giga.window = len(first_ids)  # the next call starts a new window
+    first = encoder.giga.tokenizer
+    again, _ = encoder.giga.encode(column)
+    assert encoder.giga.tokenizer is not first and encoder.giga.encoded == len(again)
+    assert np.array_equal(again, first_ids)
+    encoder.giga.window = 10 * len(first_ids)
+    second = encoder.giga.tokenizer
+    encoder.giga.encode(column)
+    assert encoder.giga.tokenizer is second  # within the window: the same one, caches kept
+
+
 def test_tiktoken_path_is_chosen_without_gigatoken_and_gives_the_tokenizers_own_ids(
     tokenizer_dir, monkeypatch
 ):
@@ -130,7 +149,9 @@ def test_a_gigatoken_path_that_splits_text_differently_is_not_used(tokenizer_dir
 
     tok = _tokenizer(tokenizer_dir)
     other = gigatoken.Tokenizer.from_tiktoken(tok.vocab_file, pretokenizer="gpt2", special_tokens={})
-    monkeypatch.setattr(giga, "load", lambda tokenizer, encoding: (giga.Giga(other, [], [], "gpt2"), ""))
+    monkeypatch.setattr(
+        giga, "load", lambda tokenizer, encoding: (giga.Giga(lambda: other, [], [], "gpt2"), "")
+    )
     encoder = Encoder(tok)
     encoder.choose_path(_texts())
     assert encoder.path == "tiktoken" and "gigatoken path disagrees" in encoder.path_note
