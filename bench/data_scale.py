@@ -74,6 +74,7 @@ from bench.data_throughput import corpus  # noqa: E402
 REAL_JOB_TOKENS = 30.7e9  # OpenSeek-Pretrain-30B: 7.5 M rows x 4096 tokens
 MAX_LENGTH = 4096
 CHARS_PER_TOKEN = 4.1  # Qwen tokens on Python source; only sizes the corpus
+FRESH_CHARS_PER_TOKEN = 2.3  # the same with its letters permuted (--fresh)
 # Pieces per document, cycled over 40 documents: most are one 1-8k character piece (~1.1k tokens on
 # average); one in 20 is 6 or 12 pieces (~7k / ~13k tokens, longer than max_length: bfd_split cuts
 # them, Megatron keeps them whole) and holds ~a quarter of the tokens.
@@ -108,13 +109,31 @@ class Run:
 # ---------------------------------------------------------------- inputs
 
 
-def build_corpus(path: Path, n_tokens: float, encoding) -> dict:
+def fresh_copies(pieces: list[str]) -> list[str]:
+    """Each repetition k >= 1 of the standard library with its lowercase letters permuted by its own
+    seed: no word repeats across repetitions, as in a corpus whose vocabulary keeps growing (the worst
+    case for a tokenizer that caches every pretoken it has seen)."""
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    tables: dict[int, dict] = {}
+    out = []
+    for piece in pieces:
+        k = int(piece.rsplit("# copy ", 1)[1])
+        if k and k not in tables:
+            shuffled = random.Random(k).sample(letters, len(letters))
+            tables[k] = str.maketrans(letters, "".join(shuffled))
+        out.append(piece.translate(tables[k]) if k else piece)
+    return out
+
+
+def build_corpus(path: Path, n_tokens: float, encoding, fresh: bool = False) -> dict:
     """The jsonl (built once): documents of 1-40 stdlib pieces, shuffled; its exact token count."""
     meta_path = path.with_suffix(".meta.json")
     if path.is_file() and meta_path.is_file():
         return json.loads(meta_path.read_text())
     t0 = time.perf_counter()
-    pieces = corpus(int(n_tokens * CHARS_PER_TOKEN))
+    pieces = corpus(int(n_tokens * (FRESH_CHARS_PER_TOKEN if fresh else CHARS_PER_TOKEN)))
+    if fresh:
+        pieces = fresh_copies(pieces)
     docs, i, k = [], 0, 0
     while i < len(pieces):
         n = GROUPS[k % len(GROUPS)]
@@ -422,6 +441,9 @@ def main() -> None:
         "--classic-tokens", type=float, default=None, help="run classic on ~this many tokens, extrapolated"
     )
     ap.add_argument("--skip-ours", action="store_true", help="only the Megatron tools (debugging the setup)")
+    ap.add_argument(
+        "--fresh", action="store_true", help="no word repeats across the corpus' repetitions (fresh_copies)"
+    )
     args = ap.parse_args()
 
     from transformers import AutoTokenizer
@@ -436,8 +458,8 @@ def main() -> None:
         write_qwen_tokenizer(tok_dir)
     tokenizer = AutoTokenizer.from_pretrained(str(tok_dir), trust_remote_code=True)
     encoding, eod = tokenizer.tokenizer, tokenizer.eos_token_id
-    jsonl = workdir / f"corpus-{args.tokens:.0e}.jsonl"
-    meta = build_corpus(jsonl, args.tokens, tokenizer.tokenizer)
+    jsonl = workdir / f"corpus-{'fresh-' if args.fresh else ''}{args.tokens:.0e}.jsonl"
+    meta = build_corpus(jsonl, args.tokens, tokenizer.tokenizer, fresh=args.fresh)
     hf_dir = convert_tokenizer(tokenizer, workdir / "qwen-hf")
     checked = check_ids(tokenizer, hf_dir, jsonl, meta["documents"])
     print(f"tokenizer.json ({hf_dir}) ids == tiktoken's on {checked} texts (corpus sample + hard strings)")
