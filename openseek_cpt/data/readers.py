@@ -2,8 +2,9 @@
 
 `detect_kind` (sources.py) picks an entry for `type: auto`; the entry's `load` opens the source in
 place and fingerprints it: Megatron `.bin/.idx` through a memory map, parquet files by row group,
-`save_to_disk` directories memory-mapped; json/text files and hub datasets go through `datasets`'
-own Arrow cache, as `load_dataset` makes it, or as a stream (`streaming: true`, `StreamedRows`).
+`save_to_disk` directories memory-mapped, JSON Lines and text files by a line index (only the sampled
+lines read), a JSON document parsed in memory; hub datasets go through `datasets`' own Arrow cache, as
+`load_dataset` makes it; hub, json and text sources can be read as a stream (`streaming: true`).
 Adding a source type = one `Reader` entry here (with its `Rows` in rows.py if none there fits) and
 its tests in tests/data/test_sources.py: the recipe reads its `data.sources.N.type` choices from this
 table, so this module imports nothing of the package at load but `errors` (the rest inside functions).
@@ -16,7 +17,7 @@ import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from openseek_cpt.errors import UserError, first_line
 
@@ -115,6 +116,12 @@ def _load_files(src: SourceConfig, where: str, path: str, kind: str) -> tuple[Ro
         from openseek_cpt.data.rows import JsonLinesRows
 
         return JsonLinesRows(files, where, src.path), _fingerprint_files(files)
+    if kind == "text" and not src.streaming:
+        from openseek_cpt.data.rows import TextLinesRows
+
+        return TextLinesRows(files, where, src.path), _fingerprint_files(files)
+    if kind == "json" and not src.streaming:
+        return DatasetRows(_json_documents(files, where, src.path)), _fingerprint_files(files)
     try:
         ds = datasets.load_dataset(
             kind, data_files=[str(f) for f in files], split="train", streaming=src.streaming
@@ -133,6 +140,36 @@ def _load_files(src: SourceConfig, where: str, path: str, kind: str) -> tuple[Ro
             "check the file or set type"
         ) from None
     return DatasetRows(ds), _fingerprint_files(files)
+
+
+def _json_documents(files: list[Path], where: str, path: str) -> Any:
+    """JSON files that are one document each (a list of objects), parsed in memory: no `datasets` cache."""
+    import json
+
+    import datasets
+    import pyarrow as pa
+
+    records: list = []
+    for f in files:
+        try:
+            value = json.loads(f.read_bytes())
+        except (ValueError, RecursionError) as exc:
+            raise UserError(
+                f"{where}.path={path!r}: {f} is neither JSON Lines nor one JSON document ({first_line(exc)[:200]}); "
+                "fix the file"
+            ) from None
+        if not (isinstance(value, list) and all(isinstance(r, dict) for r in value)):
+            raise UserError(
+                f"{where}.path={path!r}: {f} holds one JSON {type(value).__name__}, not a list of objects "
+                "(one per document); write it as JSON Lines or as a list of objects"
+            )
+        records += value
+    try:
+        return datasets.Dataset(datasets.table.InMemoryTable(pa.Table.from_pylist(records)))
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+        raise UserError(
+            f"{where}.path={path!r}: its objects' fields differ in type ({first_line(exc)[:200]}); fix the file"
+        ) from None
 
 
 def _is_json_lines(path: Path) -> bool:
@@ -236,13 +273,15 @@ READERS: dict[str, Reader] = {
         Reader("disk", "a `save_to_disk` directory, memory-mapped", False, _load_disk),
         Reader(
             "json",
-            "json/jsonl files: JSON Lines read in place (sampled lines only), a JSON document through the "
-            "`datasets` cache",
+            "json/jsonl files: JSON Lines read in place (sampled lines only), a JSON document (a list of "
+            "objects) parsed in memory",
             True,
             _load_files,
         ),
         Reader("parquet", "parquet files, read by row group", False, _load_files),
-        Reader("text", "text files (a line per document), through the `datasets` cache", True, _load_files),
+        Reader(
+            "text", "text files (a line per document), read in place (sampled lines only)", True, _load_files
+        ),
         Reader("megatron", "a Megatron PREFIX (.bin + .idx), memory-mapped", False, _load_megatron),
         Reader("folder", "a local directory `load_dataset` reads", True, _load_hub, selectable=False),
     )

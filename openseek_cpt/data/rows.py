@@ -1,8 +1,8 @@
-"""A source's rows, read in place: the `Rows` interface and the two kinds several readers share.
+"""A source's rows, read in place: the `Rows` interface and one class per layout on disk.
 
-`DatasetRows` is a memory-mapped `datasets.Dataset` (save_to_disk, or what load_dataset cached);
-`StreamedRows` reads a stream in a seeded shuffled order, only as far as the mix asks. Kinds with a
-layout of their own (Megatron, parquet) keep their `Rows` beside their reader (readers.py).
+`DatasetRows` is a `datasets.Dataset` (save_to_disk memory-mapped, a hub dataset's cache, a JSON
+document in memory); `StreamedRows` reads a stream in a seeded shuffled order, only as far as the mix
+asks; `MegatronRows`, `ParquetRows`, `JsonLinesRows` and `TextLinesRows` read files in place.
 """
 
 from __future__ import annotations
@@ -187,26 +187,17 @@ class ParquetRows(Rows):
         return table.take(pa.array(np.argsort(order, kind="stable")))
 
 
-class JsonLinesRows(Rows):
-    """JSON Lines files read in place: an index of line offsets (one pass over the bytes, 16 bytes a
-    row), then only the sampled lines parsed, by Arrow's multi-threaded JSON reader. No copy of the
-    file is made (no `datasets` cache). A line is checked when it is read: one that is not JSON, or
-    whose text is not a string, is named by file:line."""
+class LineFileRows(Rows):
+    """Rows that are lines of files, read in place: an index of line offsets (one pass over the bytes,
+    16 bytes a row), then only the sampled lines read, through a memory map. No copy of the file."""
 
-    def __init__(self, files: list[Path], where: str, path: str):
+    def __init__(self, files: list[Path], where: str, path: str, spans: Callable[[Path], tuple]):
         self.files, self.where, self.path = files, where, path
-        starts, ends, file_of = [], [], []
-        for k, f in enumerate(files):
-            s, e = _line_spans(f)
-            starts.append(s)
-            ends.append(e)
-            file_of.append(np.full(len(s), k, dtype=np.int32))
-        self.starts = np.concatenate(starts) if starts else np.empty(0, np.int64)
-        self.ends = np.concatenate(ends) if ends else np.empty(0, np.int64)
-        self.file_of = np.concatenate(file_of) if file_of else np.empty(0, np.int32)
+        found = [spans(f) for f in files]
+        self.starts = np.concatenate([s for s, _ in found]) if found else np.empty(0, np.int64)
+        self.ends = np.concatenate([e for _, e in found]) if found else np.empty(0, np.int64)
+        self.file_of = np.concatenate([np.full(len(s), k, np.int32) for k, (s, _) in enumerate(found)])
         self._maps: dict[int, Any] = {}
-        first = self.take([0]) if len(self) else None
-        self.column_names = list(first.column_names) if first is not None else []
 
     def __len__(self) -> int:
         return len(self.starts)
@@ -223,6 +214,23 @@ class JsonLinesRows(Rows):
             m, rows = self._maps[k], indices[self.file_of[indices] == k]
             out += [m[a:b] for a, b in zip(self.starts[rows].tolist(), self.ends[rows].tolist(), strict=True)]
         return out
+
+    def line_number(self, row: int) -> int:
+        """The 1-based line of `row` in its file (counted only on the error path)."""
+        k = int(self.file_of[row])
+        with open(self.files[k], "rb") as f:
+            return f.read(int(self.starts[row])).count(b"\n") + 1
+
+
+class JsonLinesRows(LineFileRows):
+    """JSON Lines files read in place, only the sampled lines parsed, by Arrow's multi-threaded JSON
+    reader (no `datasets` cache). A line is checked when it is read: one that is not JSON, or whose
+    text is not a string, is named by file:line."""
+
+    def __init__(self, files: list[Path], where: str, path: str):
+        super().__init__(files, where, path, _line_spans)
+        first = self.take([0]) if len(self) else None
+        self.column_names = list(first.column_names) if first is not None else []
 
     def take(self, indices: Any, columns: list[str] | None = None) -> Any:
         import io
@@ -278,11 +286,74 @@ class JsonLinesRows(Rows):
                     )
         return UserError(f"{self.where}.path={self.path!r} could not be read as json lines; check the file")
 
-    def line_number(self, row: int) -> int:
-        """The 1-based line of `row` in its file (counted only on the error path)."""
-        k = int(self.file_of[row])
-        with open(self.files[k], "rb") as f:
-            return f.read(int(self.starts[row])).count(b"\n") + 1
+
+class TextLinesRows(LineFileRows):
+    """Text files read in place, a row per line as `datasets`' text builder makes them (every line,
+    empty ones too; `\n`, `\r\n` and `\r` end a line and are not kept), the sampled lines gathered
+    into one Arrow text column, checked as UTF-8. No `datasets` cache."""
+
+    column_names = ["text"]
+
+    def __init__(self, files: list[Path], where: str, path: str):
+        super().__init__(files, where, path, _text_line_spans)
+
+    def take(self, indices: Any, columns: list[str] | None = None) -> Any:
+        import pyarrow as pa
+
+        indices = np.asarray(indices, dtype=np.int64)
+        order = np.argsort(indices, kind="stable")  # read in file order, then put back in the order asked
+        in_file_order = self.lines(indices[order])
+        lines: list[bytes] = [b""] * len(indices)
+        for at, line in zip(order.tolist(), in_file_order, strict=True):
+            lines[at] = line
+        lengths = np.fromiter(map(len, lines), dtype=np.int64, count=len(lines))
+        offsets = np.concatenate([[0], np.cumsum(lengths)])
+        texts = pa.LargeStringArray.from_buffers(
+            len(lines), pa.py_buffer(offsets), pa.py_buffer(b"".join(lines))
+        )
+        try:
+            texts.validate(full=True)
+        except pa.ArrowInvalid:
+            bad = next(i for i, line in enumerate(lines) if not _is_utf8(line))
+            row = int(indices[bad])
+            at = f"{self.files[int(self.file_of[row])]}:{self.line_number(row)}"
+            raise UserError(
+                f"{self.where}.path={self.path!r} could not be read as text: {at} is not UTF-8; fix or drop that line"
+            ) from None
+        return pa.table({"text": texts})
+
+
+def _is_utf8(raw: bytes) -> bool:
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _text_line_spans(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(start, end) byte offsets of every line of a text file, without its line end (universal
+    newlines, as Python's text mode reads them; no empty row after a final line end)."""
+    import mmap
+
+    size = path.stat().st_size
+    if size == 0:
+        return np.empty(0, np.int64), np.empty(0, np.int64)
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        buffer = np.frombuffer(m, dtype=np.uint8)
+        cr = np.flatnonzero(buffer == 13)
+        lf = np.flatnonzero(buffer == 10)
+        crlf = cr[(cr + 1 < size) & (buffer[np.minimum(cr + 1, size - 1)] == 10)]
+        del buffer
+    lone_cr = np.setdiff1d(cr, crlf, assume_unique=True)
+    # a line ends at its \n (the \r before it dropped too) or at a lone \r
+    breaks = np.sort(np.concatenate([lf, lone_cr])).astype(np.int64)
+    starts = np.concatenate([[0], breaks + 1]).astype(np.int64)
+    ends = np.concatenate([breaks, [size]]).astype(np.int64)
+    ends[np.isin(ends, crlf + 1)] -= 1
+    if starts[-1] == size:  # the file ends with a line end: no empty last row
+        starts, ends = starts[:-1], ends[:-1]
+    return starts, ends
 
 
 def _line_spans(path: Path, block: int = 1 << 26) -> tuple[np.ndarray, np.ndarray]:

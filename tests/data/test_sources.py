@@ -257,3 +257,52 @@ def test_json_lines_longer_than_arrows_block_are_read(tmp_path):
     (tmp_path / "long.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
     rows = source_rows.JsonLinesRows([tmp_path / "long.jsonl"], "data.sources.0", "long.jsonl")
     assert rows.take([2, 1, 0], ["text"]).column("text").to_pylist() == docs[::-1]
+
+
+def _text_source(path: Path):
+    from types import SimpleNamespace
+
+    src = SimpleNamespace(path=str(path), streaming=False)
+    return READERS["text"].load(src, "data.sources.0", str(path), "text")[0]
+
+
+def test_text_files_are_read_in_place_with_the_rows_datasets_text_builder_makes(tmp_path, monkeypatch):
+    import datasets
+
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs/a.txt").write_bytes(
+        "\ufefffirst line\nsecond\r\nthird\rfourth\n\n\nlast, no line end: café 中文".encode()
+    )
+    (tmp_path / "docs/b.txt").write_bytes(b"\r\n\rx\r\n")
+    rows = _text_source(tmp_path / "docs")
+    assert isinstance(rows, source_rows.TextLinesRows) and not (tmp_path / "cache").exists()
+    files = [str(tmp_path / "docs/a.txt"), str(tmp_path / "docs/b.txt")]
+    expected = datasets.load_dataset("text", data_files=files, split="train", cache_dir=str(tmp_path / "ds"))
+    assert len(rows) == len(expected) == 10
+    order = [9, 0, 3, 3, 6, 7, 8, 1]
+    assert rows.take(order, ["text"]).column("text").to_pylist() == [expected[i]["text"] for i in order]
+
+
+def test_a_text_line_that_is_not_utf8_is_named_by_file_and_line(tmp_path):
+    (tmp_path / "a.txt").write_bytes(b"fine\nalso fine\nbad \xff byte\n")
+    rows = _text_source(tmp_path / "a.txt")
+    assert rows.take([1, 0], ["text"]).column("text").to_pylist() == ["also fine", "fine"]
+    with pytest.raises(UserError, match=r"a\.txt:3 is not UTF-8; fix or drop that line"):
+        rows.take([0, 2])
+
+
+def test_a_json_document_is_read_without_the_datasets_cache_and_a_bad_one_is_named(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "docs.json").write_text(
+        json.dumps([{"text": f"doc {i}", "n": i} for i in range(5)], indent=1)
+    )
+    src = SimpleNamespace(path=str(tmp_path / "docs.json"), streaming=False)
+    rows = READERS["json"].load(src, "data.sources.0", src.path, "json")[0]
+    assert rows.take([4, 1], ["text"]).column("text").to_pylist() == ["doc 4", "doc 1"]
+    assert not (tmp_path / "cache").exists()
+    (tmp_path / "docs.json").write_text(json.dumps({"text": "one object"}, indent=1))
+    with pytest.raises(UserError, match=r"holds one JSON dict, not a list of objects"):
+        READERS["json"].load(src, "data.sources.0", src.path, "json")
