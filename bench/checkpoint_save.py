@@ -1,11 +1,12 @@
 """How long a DDP checkpoint of OpenSeek-Small-v1 takes to write here, and what Slurm settings it needs.
 
-    python bench/checkpoint_save.py [--dir DIR] [--gb 2]
+    python bench/checkpoint_save.py [--dir DIR] [--gb 2] [--repeats 2] [--fill random|untouched]
 
 A checkpoint of the real model under bf16-mixed is fp32 weights (model.safetensors, tied head
 stored once) + AdamW's two fp32 moments (optimizer.pt) + small files: its size is counted from the
 6-layer model's parameter count on the meta device. Writing that much needs RAM this machine may
-not have, so the bench writes `--gb` of the same kinds of file (safetensors for weights, torch.save
+not have, so the bench writes `--gb` of the same kinds of file (`--gb 15.6 --fill untouched` writes the
+real size from zero pages, which hold no RAM) (safetensors for weights, torch.save
 for optimizer state, each fsynced, as the train stage's marker requires) and extrapolates at the
 measured rate. It prints the estimated save time and the Slurm settings a preempted job needs:
 SIGTERM (preemption, `scontrol requeue`) leaves `KillWait` seconds before SIGKILL; the time-limit
@@ -48,11 +49,15 @@ def real_checkpoint_bytes() -> tuple[int, int]:
     return params * 4, params * 4 * 2
 
 
-def make_tensors(gigabytes: float) -> list[torch.Tensor]:
-    """`gigabytes` of fp32 in 64 MiB tensors, like the large expert and embedding tensors."""
+def make_tensors(gigabytes: float, fill: str = "random") -> list[torch.Tensor]:
+    """`gigabytes` of fp32 in 64 MiB tensors, like the large expert and embedding tensors: random, or
+    (`fill="untouched"`) allocated and never written, so they read as zero pages and hold no RAM (the
+    real checkpoint's size on a machine with less free RAM than that; hashing and writing cost the
+    same per byte whatever the bytes)."""
     per_tensor = 64 << 20
     n = max(3, round(gigabytes * (1 << 30) / per_tensor))
-    return [torch.randn(per_tensor // 4) for _ in range(n)]
+    make = torch.randn if fill == "random" else torch.empty
+    return [make(per_tensor // 4) for _ in range(n)]
 
 
 def timed_save(directory: Path, tensors: list[torch.Tensor], hashing: bool) -> float:
@@ -98,6 +103,12 @@ def main() -> None:
     parser.add_argument("--dir", default=None, help="filesystem to measure (default: a temp dir in /tmp)")
     parser.add_argument("--gb", type=float, default=2.0, help="bytes to write per repeat, in GiB")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument(
+        "--fill",
+        choices=("random", "untouched"),
+        default="random",
+        help="untouched: no RAM for --gb (zero pages)",
+    )
     args = parser.parse_args()
     weights, optimizer = real_checkpoint_bytes()
     total = weights + optimizer
@@ -110,7 +121,7 @@ def main() -> None:
     print(f"[bench] xxh3_128 on {content_hash.WORKERS} threads hashes {speedup:.2f}x as fast as on one")
     rates, ratios, alone = [], [], []
     for i in range(args.repeats):
-        seconds, tensors = {}, make_tensors(args.gb)
+        seconds, tensors = {}, make_tensors(args.gb, args.fill)
         for hashing in (False, True) if i % 2 == 0 else (True, False):  # same bytes, order alternated
             root = Path(tempfile.mkdtemp(prefix="ckpt-bench-", dir=args.dir))
             try:
