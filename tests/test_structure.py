@@ -237,7 +237,7 @@ def test_the_section_rule_catches_planted_reads(tmp_path):
 
 
 def test_stage_and_layer_init_files_import_nothing():
-    """The CLI's lazy imports and the recipe's use of a stage's tables must not load the stage."""
+    """The CLI's lazy imports and the assembly's use of a stage's config must not load the stage."""
     for init in PACKAGE.glob("*/__init__.py"):
         tree = ast.parse(init.read_text())
         imports = [n for n in ast.walk(tree) if isinstance(n, ast.Import | ast.ImportFrom)]

@@ -143,7 +143,7 @@ class TrainConfig:
         if not self.args:  # transformers is imported only when there is something to check
             return
         check_training_args(self.args)
-        with environment_kept():
+        with environment_kept():  # the seed's value changes nothing TrainingArguments accepts
             training_arguments(self, RunFacts(seed=0))
 
     @property

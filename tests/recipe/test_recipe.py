@@ -222,6 +222,7 @@ BAD = [
     ("train.experts_implementation=fast", "train.experts_implementation='fast' is not one of eager"),
     ("train.args.save_steps=-5", "train.args.save_steps=-5 must be > 0"),
     ("train.args.max_steps=0", "train.args.max_steps=0 must be > 0 (or -1)"),
+    ("train.args.save_total_limit=0", "train.args.save_total_limit=0 must be > 0 (or None)"),
     (
         "train.args.eval_strategy=sometimes",
         "train.args.eval_strategy='sometimes' is not one of no, steps, epoch",

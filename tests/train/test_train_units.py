@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -189,6 +190,24 @@ def test_bf16_on_a_device_without_it_is_an_error_naming_the_fp32_fix():
     assert config.precision_args("bf16-mixed", has_bf16=True)["bf16"] is True
     assert config.precision_args("bf16-pure", has_bf16=True)["bf16"] is False  # weights are bf16 already
     assert config.bf16_supported() is True  # CPU autocast runs bf16
+
+
+def test_training_arguments_are_built_in_one_place_from_the_section_and_what_the_stage_derives():
+    """The load-time check and the stage build TrainingArguments with one function; the check's
+    build (on a CPU) leaves os.environ as it found it, so a GPU run never inherits its variables."""
+    before = dict(os.environ)
+    recipe = load_recipe(
+        TINY_RECIPE, ["seed=7", "train.per_device_batch_size=2", "train.args.save_total_limit=3"]
+    )
+    assert dict(os.environ) == before
+    args = config.training_arguments(recipe.train, config.RunFacts(seed=recipe.seed, grad_accum=2))
+    assert (args.output_dir, args.seed, args.per_device_train_batch_size, args.gradient_accumulation_steps) == (
+        recipe.train.output_dir, 7, 2, 2)  # fmt: skip
+    assert args.remove_unused_columns is False and args.ddp_find_unused_parameters is False
+    assert args.save_total_limit is None and recipe.train.keep == 3  # the stage rotates, after its marker
+    for key, (instead, _) in config.DERIVED_ARGS.items():
+        with pytest.raises(UserError, match=f"train.args.{key} is set by the train stage; .*{re.escape(instead)}"):
+            load_recipe(TINY_RECIPE, [f"train.args.{key}=1"])
 
 
 def test_gradient_accumulation_is_derived_from_the_world_size():
