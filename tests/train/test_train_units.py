@@ -206,7 +206,9 @@ def test_training_arguments_are_built_in_one_place_from_the_section_and_what_the
     assert args.remove_unused_columns is False and args.ddp_find_unused_parameters is False
     assert args.save_total_limit is None and recipe.train.keep == 3  # the stage rotates, after its marker
     for key, (instead, _) in config.DERIVED_ARGS.items():
-        with pytest.raises(UserError, match=f"train.args.{key} is set by the train stage; .*{re.escape(instead)}"):
+        with pytest.raises(
+            UserError, match=f"train.args.{key} is set by the train stage; .*{re.escape(instead)}"
+        ):
             load_recipe(TINY_RECIPE, [f"train.args.{key}=1"])
 
 
