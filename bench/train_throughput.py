@@ -39,9 +39,9 @@ import torch  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
 from openseek_cpt import doctor  # noqa: E402
+from openseek_cpt.config import load_recipe  # noqa: E402
 from openseek_cpt.errors import first_line  # noqa: E402
 from openseek_cpt.modeling import flops  # noqa: E402
-from openseek_cpt.recipe.loader import load_recipe  # noqa: E402
 from openseek_cpt.train.setup import setup_run  # noqa: E402
 from openseek_cpt.train.stage import build_trainer  # noqa: E402
 
@@ -180,8 +180,8 @@ def measure(recipe_path: Path, overrides: list[str], args, label: str) -> dict:
     """Build the Trainer exactly as `openseek-cpt train` does and time `trainer.train()`."""
     memory = PeakMemory()
     recipe = load_recipe(recipe_path, overrides)
-    setup = setup_run(recipe)
-    trainer = build_trainer(recipe, setup)
+    setup = setup_run(**recipe.stage_args("train"))
+    trainer = build_trainer(setup)
     timer = StepTimer(args.warmup)
     timer.attach(trainer.model)
     trainer.add_callback(timer)

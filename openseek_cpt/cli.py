@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from openseek_cpt import logs
+from openseek_cpt.config import Recipe, load_recipe
 from openseek_cpt.errors import (
     EXIT_FAILURE,
     EXIT_OK,
@@ -25,8 +26,6 @@ from openseek_cpt.errors import (
     Preempted,
     UserError,
 )
-from openseek_cpt.recipe.loader import load_recipe
-from openseek_cpt.recipe.schema import Recipe
 
 
 def _recipe(args: argparse.Namespace) -> Recipe:
@@ -35,9 +34,9 @@ def _recipe(args: argparse.Namespace) -> Recipe:
 
 def cmd_download(args: argparse.Namespace) -> int:
     recipe = _recipe(args)
-    from openseek_cpt import download as assets
+    from openseek_cpt import download
 
-    assets.run(recipe)
+    download.run(**recipe.stage_args("download"))
     return 0
 
 
@@ -56,7 +55,7 @@ def cmd_data(args: argparse.Namespace) -> int:
     recipe = _recipe(args)
     from openseek_cpt.data import stage as data
 
-    data.run(recipe)
+    data.run(**recipe.stage_args("data"))
     return 0
 
 
@@ -64,7 +63,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     recipe = _recipe(args)
     from openseek_cpt.train import stage as train
 
-    train.run(recipe)
+    train.run(**recipe.stage_args("train"))
     return EXIT_OK
 
 
@@ -81,7 +80,7 @@ def cmd_soup(args: argparse.Namespace) -> int:
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     from openseek_cpt.soup import stage as soup
 
-    soup.run(recipe)
+    soup.run(**recipe.stage_args("soup"))
     return 0
 
 
@@ -95,14 +94,14 @@ def cmd_tiny(args: argparse.Namespace) -> int:
 def cmd_recipe(args: argparse.Namespace) -> int:
     import yaml
 
-    from openseek_cpt.recipe import keys as recipe_module
+    from openseek_cpt.recipe import keys
 
     if args.markdown:
-        print(recipe_module.keys_markdown())
+        print(keys.keys_markdown(Recipe))
         return EXIT_OK
     loaded = _recipe(args) if args.recipe or args.overrides else None
     if args.keys:
-        print(recipe_module.keys_text(loaded))
+        print(keys.keys_text(Recipe, loaded))
     else:
         print(yaml.safe_dump((loaded or load_recipe(None)).to_dict(), sort_keys=False), end="")
     return EXIT_OK

@@ -6,11 +6,15 @@ nodes can run with HF_HUB_OFFLINE=1. The hub endpoint (HF_ENDPOINT, e.g. a mirro
 the model have separate `trust_remote_code` switches: OpenSeek's tokenizer needs its remote code
 (tiktoken), while the model must load with transformers' native deepseek_v3 classes, whose MoE
 can train (the remote modelling code asserts eval mode in its gate).
+
+The recipe's `assets` section is declared here, beside the code that uses it; transformers is
+imported inside `run`, so the recipe loads without it.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from openseek_cpt.artifacts.atomic import atomic_output_dir, check_output_dir
@@ -18,15 +22,38 @@ from openseek_cpt.artifacts.fileio import load_json
 from openseek_cpt.artifacts.provenance import directory_fingerprint, write_provenance
 from openseek_cpt.errors import UserError, first_line
 from openseek_cpt.logs import get_logger
-from openseek_cpt.recipe.schema import Recipe
+from openseek_cpt.recipe.schema import RunRecord, setting
 
 STAGE = "download"  # the name its logger, output guard and provenance.json use
 log = get_logger(STAGE)
 
 
-def run(recipe: Recipe) -> Path:
+@dataclass
+class AssetsConfig:
+    base_model: str = setting(
+        "BAAI/OpenSeek-Small-v1",
+        "Hub id (e.g. BAAI/OpenSeek-Small-v1) or a local directory holding the base model + tokenizer.",
+        required=True,
+    )
+    revision: str | None = setting(
+        None, "Hub revision (branch, tag or commit) of base_model; ignored for local dirs."
+    )
+    model_dir: str = setting(
+        "models/OpenSeek_Small_v1",
+        "Where `download` saves model + tokenizer (save_pretrained); later stages read from here.",
+        required=True,
+    )
+    tokenizer_trust_remote_code: bool = setting(
+        True, "trust_remote_code for the tokenizer (OpenSeek's tiktoken tokenizer ships as remote code)."
+    )
+    model_trust_remote_code: bool = setting(
+        False, "trust_remote_code for the model: off, so transformers' native deepseek_v3 classes train it."
+    )
+
+
+def run(assets: AssetsConfig, record: RunRecord) -> Path:
     """Download (or copy from a local directory) model + tokenizer; returns assets.model_dir."""
-    a = recipe.assets
+    a = assets
     source = a.base_model
     is_local = Path(source).is_dir()
     local = [source] if is_local else []
@@ -71,7 +98,7 @@ def run(recipe: Recipe) -> Path:
     with atomic_output_dir(a.model_dir, stage=STAGE, inputs=local, field="assets.model_dir") as tmp:
         tokenizer.save_pretrained(tmp)
         model.save_pretrained(tmp)
-        write_provenance(tmp, stage=STAGE, recipe=recipe, inputs=inputs)
+        write_provenance(tmp, stage=STAGE, recipe=record, inputs=inputs)
     log.info(f"saved to {a.model_dir}")
     return Path(a.model_dir)
 

@@ -84,7 +84,7 @@ class World:
 
 def launch_train(recipe_path: str | Path, overrides: Sequence[str] = (), nproc: int | None = None) -> int:
     """Run `train` under `accelerate launch` for this node; returns its exit code (see module doc)."""
-    from openseek_cpt.recipe.loader import load_recipe
+    from openseek_cpt.config import load_recipe
 
     recipe = load_recipe(recipe_path, overrides)  # fail fast, before any process starts
     config_file = recipe.train.accelerate_config

@@ -15,9 +15,9 @@ from pathlib import Path
 
 from openseek_cpt.artifacts.atomic import check_output_dir
 from openseek_cpt.artifacts.fileio import read_json
+from openseek_cpt.config import load_recipe
 from openseek_cpt.errors import UserError
 from openseek_cpt.logs import get_logger
-from openseek_cpt.recipe.loader import load_recipe
 from openseek_cpt.shipped import find_shipped
 
 log = get_logger("tiny")

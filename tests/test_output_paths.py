@@ -58,12 +58,12 @@ def in_process(stage: str, work: Path, key: str, value: str, monkeypatch) -> Non
     """Run `stage`'s entry on the tiny recipe with `key=value` as the CLI would, in this process
     (the CLI cases above show that such a UserError is one line with exit 2)."""
     from openseek_cpt import download
-    from openseek_cpt.recipe.loader import load_recipe
+    from openseek_cpt.config import load_recipe
     from openseek_cpt.train.setup import setup_run
 
     monkeypatch.chdir(work)
     recipe = load_recipe(TINY_RECIPE, [f"{key}={value}"])
-    (setup_run if stage == "train" else download.run)(recipe)
+    (setup_run if stage == "train" else download.run)(**recipe.stage_args(stage))
 
 
 @pytest.mark.parametrize("stage", ["train", "download"])

@@ -1,16 +1,23 @@
 """The package's shape, read from its folders: imports run one way (no cycles), a stage (a folder
-that is not a shared layer, or `download`) never imports another stage, a shared layer imports no
-stage module but a leaf table, only `__main__` imports the CLI, `__init__` files import nothing,
-and exit codes are defined once in `errors`. Imports under `if TYPE_CHECKING:` never run and do not count."""
+that is not a shared layer, or `download`) never imports another stage nor the assembled recipe, a
+shared layer imports no stage module, a stage reads no other stage's recipe section, only `__main__`
+imports the CLI, `__init__` files import nothing, and exit codes are defined once in `errors`.
+Imports under `if TYPE_CHECKING:` never run and do not count."""
 
 from __future__ import annotations
 
 import ast
+import dataclasses
+import typing
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "openseek_cpt"
 # Folders every stage may use: the contract on disk, the recipe, the model-level levers, fixtures.
 SHARED_LAYERS = {"artifacts", "recipe", "modeling", "testing"}
+# The module that assembles every stage's section into the whole recipe (the CLI's to hand out).
+ASSEMBLY = "config"
+# Each recipe section and the stage that owns it.
+SECTION_OWNERS = {"assets": "download", "data": "data", "train": "train", "soup": "soup"}
 
 
 def module_name(path: Path, package: Path = PACKAGE) -> str:
@@ -99,7 +106,6 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def layer_violations(graph: dict[str, set[str]], package: Path = PACKAGE) -> list[str]:
     """Every import that breaks the layering rule, as 'importer -> imported (why)'."""
-    at_load = imports_of_every_module(package, at_load=True)
     found = []
     for module, deps in sorted(graph.items()):
         mine = stage_of(module, package)
@@ -109,11 +115,55 @@ def layer_violations(graph: dict[str, set[str]], package: Path = PACKAGE) -> lis
                 found.append(f"{module} -> cli (only __main__ imports the CLI)")
             elif theirs and mine and theirs != mine:
                 found.append(f"{module} -> {dep} (stage {mine} imports stage {theirs})")
-            elif theirs and module.split(".")[0] in SHARED_LAYERS and at_load.get(dep, set()) - {"errors"}:
-                # a stage's leaf table (a choice list it owns, e.g. data.packing, data.readers: a
-                # module that imports nothing of the package but errors when imported) may be read
+            elif theirs and module.split(".")[0] in SHARED_LAYERS:
                 found.append(f"{module} -> {dep} (a shared layer imports stage {theirs})")
+            elif mine and dep == ASSEMBLY:
+                found.append(f"{module} -> {dep} (a stage takes its own section, not the whole recipe)")
     return found
+
+
+def section_fields() -> dict[str, set[str]]:
+    """Section -> the keys it declares, read from the assembled recipe."""
+    from openseek_cpt.config import Recipe
+
+    hints = typing.get_type_hints(Recipe)
+    return {name: {f.name for f in dataclasses.fields(hints[name])} for name in SECTION_OWNERS}
+
+
+def _last_name(node: ast.expr) -> str:
+    return node.id if isinstance(node, ast.Name) else node.attr if isinstance(node, ast.Attribute) else ""
+
+
+def section_reads(package: Path = PACKAGE, fields: dict[str, set[str]] | None = None) -> list[str]:
+    """Every place a stage module reads another stage's recipe section, as 'module:line reads CODE (why)'.
+
+    A read is `<...recipe>.SECTION` (the section of anything named like a recipe) or
+    `<anything>.SECTION.KEY` with KEY a key that section declares (`cfg.data.max_length`), where
+    SECTION belongs to another stage; `param.data.float()` is neither."""
+    fields = fields if fields is not None else section_fields()
+    found = []
+    for path in package.rglob("*.py"):
+        module = module_name(path, package)
+        mine = stage_of(module, package)
+        if mine is None:
+            continue
+        reads, inside = [], set()  # `recipe.data.max_length` is one read, not two
+        for node in ast.walk(ast.parse(path.read_text())):  # outer attributes come first
+            if not isinstance(node, ast.Attribute) or id(node) in inside:
+                continue
+            inner = node.value
+            if isinstance(inner, ast.Attribute) and inner.attr in fields and node.attr in fields[inner.attr]:
+                reads.append((inner.attr, node))
+                inside.add(id(inner))
+            elif node.attr in fields and "recipe" in _last_name(inner).lower():
+                reads.append((node.attr, node))
+        found += [
+            f"{module}:{node.lineno} reads {ast.unparse(node)} "
+            f"(section {section} belongs to stage {SECTION_OWNERS[section]})"
+            for section, node in reads
+            if SECTION_OWNERS[section] != mine
+        ]
+    return sorted(found)
 
 
 def test_the_import_graph_has_no_cycle():
@@ -135,8 +185,8 @@ def test_no_stage_imports_another_stage_and_only_main_imports_the_cli():
 
 
 def test_the_layer_rule_catches_a_planted_stage_import_and_a_cli_import(tmp_path):
-    """The rule is read from folders: a planted `soup -> train` import and a `data -> cli`
-    import in a copy of the package are both reported."""
+    """The rule is read from folders: planted `soup -> train`, `data -> cli`, `recipe -> soup`,
+    `recipe -> data.config` and `train -> config` imports in a copy of the package are all reported."""
     import shutil
 
     copy = tmp_path / "openseek_cpt"
@@ -144,19 +194,50 @@ def test_the_layer_rule_catches_a_planted_stage_import_and_a_cli_import(tmp_path
     (copy / "soup" / "planted.py").write_text("from openseek_cpt.train import stage\n")
     (copy / "data" / "planted.py").write_text("def f():\n    from openseek_cpt import cli\n")
     (copy / "recipe" / "planted.py").write_text("import openseek_cpt.soup.stage\n")
-    (copy / "recipe" / "reads_a_table.py").write_text("from openseek_cpt.data import packing\n")
-    (copy / "data" / "heavy_table.py").write_text("from openseek_cpt.data import stage\nNAMES = ()\n")
-    (copy / "recipe" / "reads_a_heavy_table.py").write_text("from openseek_cpt.data import heavy_table\n")
+    (copy / "recipe" / "reads_a_table.py").write_text("from openseek_cpt.data import config\n")
+    (copy / "train" / "planted.py").write_text("from openseek_cpt.config import Recipe\n")
     found = layer_violations(imports_of_every_module(copy), copy)
     assert "soup.planted -> train.stage (stage soup imports stage train)" in found
     assert "data.planted -> cli (only __main__ imports the CLI)" in found
     assert "recipe.planted -> soup.stage (a shared layer imports stage soup)" in found
-    assert not [f for f in found if f.startswith("recipe.reads_a_table")]  # a leaf table is allowed
-    assert "recipe.reads_a_heavy_table -> data.heavy_table (a shared layer imports stage data)" in found
+    assert "recipe.reads_a_table -> data.config (a shared layer imports stage data)" in found
+    assert "train.planted -> config (a stage takes its own section, not the whole recipe)" in found
+
+
+def test_no_stage_reads_another_stages_recipe_section():
+    assert section_reads() == []
+
+
+def test_the_section_rule_owners_are_where_the_sections_are_declared():
+    from openseek_cpt.config import Recipe
+
+    hints = typing.get_type_hints(Recipe)
+    owners = {name: stage_of(hints[name].__module__.removeprefix("openseek_cpt.")) for name in SECTION_OWNERS}
+    assert owners == SECTION_OWNERS
+
+
+def test_the_section_rule_catches_planted_reads(tmp_path):
+    """Reads of another stage's section in a copy of the package are reported; a stage's own section,
+    and an attribute that only shares a section's name (`param.data.float()`), are not."""
+    import shutil
+
+    copy = tmp_path / "openseek_cpt"
+    shutil.copytree(PACKAGE, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    (copy / "train" / "planted.py").write_text(
+        "def f(self, param, cfg):\n"
+        "    return self.recipe.data, cfg.data.max_length, self.recipe.train.args, param.data.float()\n"
+    )
+    (copy / "soup" / "planted.py").write_text("def g(recipe):\n    return recipe.assets.model_dir\n")
+    found = section_reads(copy)
+    assert found == [
+        "soup.planted:2 reads recipe.assets.model_dir (section assets belongs to stage download)",
+        "train.planted:2 reads cfg.data.max_length (section data belongs to stage data)",
+        "train.planted:2 reads self.recipe.data (section data belongs to stage data)",
+    ]
 
 
 def test_stage_and_layer_init_files_import_nothing():
-    """The CLI's lazy imports and the recipe's use of a stage's tables must not load the stage."""
+    """The CLI's lazy imports and the assembly's use of a stage's config must not load the stage."""
     for init in PACKAGE.glob("*/__init__.py"):
         tree = ast.parse(init.read_text())
         imports = [n for n in ast.walk(tree) if isinstance(n, ast.Import | ast.ImportFrom)]

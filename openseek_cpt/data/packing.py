@@ -2,7 +2,8 @@
 
 The data stage asks this table (never a strategy's name) what a strategy does: whether it drops
 the tokens of a document past `max_length`, whether it makes one row per document, whether a
-document can continue in another row. Recipe validation takes its choices from the same table.
+document can continue in another row. `data.packing` takes its choices from the same table
+(data/config.py), so this module imports no numpy when it is imported.
 
 The stage packs by index: a strategy's `plan` turns document lengths into a `Plan`, each row a list
 of (document, first token, length) segments, and no token is copied until the output rows are
@@ -21,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:  # the recipe reads this table: numpy is imported where the plans are made
+if TYPE_CHECKING:  # data/config.py reads this table: numpy is imported where the plans are made
     import numpy as np
 
 # Documents packed together: TRL packs within each batch of `Dataset.map` (1000 by default).
@@ -57,9 +58,7 @@ def plan(strategy: str, lengths: np.ndarray, max_length: int) -> Plan:
     import numpy as np
 
     lengths = np.asarray(lengths, dtype=np.int64)
-    make = {"bfd_split": _bfd_split, "bfd": _bfd_truncate, "wrapped": _wrapped, "truncate": _truncate}[
-        strategy
-    ]
+    make = STRATEGIES[strategy].plan
     plans = [
         make(lengths[first : first + PACK_BATCH], max_length, first)
         for first in range(0, len(lengths), PACK_BATCH)

@@ -20,13 +20,13 @@ import numpy as np
 
 from openseek_cpt.artifacts.fileio import canonical_hash
 from openseek_cpt.data import STAGE, packing
+from openseek_cpt.data.config import DataConfig
 from openseek_cpt.data.encoder import Encoder, is_empty
 from openseek_cpt.data.rows import StreamedRows
 from openseek_cpt.data.sources import OpenSource
 from openseek_cpt.data.token_store import TokenStore
 from openseek_cpt.errors import UserError
 from openseek_cpt.logs import get_logger
-from openseek_cpt.recipe.schema import Recipe
 
 # Documents tokenized in-process to estimate tokens per document of a source.
 ESTIMATE_DOCS = 256
@@ -86,19 +86,18 @@ def _concat(arrays: list[np.ndarray]) -> np.ndarray:
 
 
 def prepare_source(
-    src: OpenSource, encoder: Encoder, recipe: Recipe, need: int, work: Path, build_id: str
+    src: OpenSource, encoder: Encoder, d: DataConfig, seed: int, need: int, work: Path, build_id: str
 ) -> PackedSource:
     """Tokenize and pack enough randomly chosen documents of `src` for `need` rows (all if short)."""
-    d = recipe.data
     stream = src.rows if isinstance(src.rows, StreamedRows) else None
     if stream is not None:  # rows come in a seeded shuffled order: read them in that order
-        seed = int(np.random.default_rng([recipe.seed, src.index, 1]).integers(2**31))
+        seed = int(np.random.default_rng([seed, src.index, 1]).integers(2**31))
         stream.start(seed=seed, work=work / f"{build_id}-{src.index}-stream")
         n_docs = stream.fill(ESTIMATE_DOCS)
         order = np.arange(n_docs)
     else:
         n_docs = len(src.rows)
-        order = np.random.default_rng([recipe.seed, src.index, 0]).permutation(n_docs)
+        order = np.random.default_rng([seed, src.index, 0]).permutation(n_docs)
     strategy = packing.get(d.packing)
     per_doc = estimate_tokens_per_doc(src, encoder, order[:ESTIMATE_DOCS], d.max_length, strategy)
     docs_needed = need if strategy.one_row_per_document else math.ceil(need * d.max_length / per_doc)
@@ -114,7 +113,7 @@ def prepare_source(
             break
         pos += len(chunk)
         new, lengths, special = tokenize_and_pack(
-            src, encoder, chunk, recipe, work, f"{build_id}-{src.index}-{len(parts)}"
+            src, encoder, chunk, d, work, f"{build_id}-{src.index}-{len(parts)}"
         )
         parts += new
         result.special_text_documents += special
@@ -210,7 +209,7 @@ def check_document_sizes(src: OpenSource, texts: Any, indices: np.ndarray) -> No
 
 
 def tokenize_and_pack(
-    src: OpenSource, encoder: Encoder, indices: np.ndarray, recipe: Recipe, work: Path, tag: str
+    src: OpenSource, encoder: Encoder, indices: np.ndarray, d: DataConfig, work: Path, tag: str
 ) -> tuple[list[Part], np.ndarray, int]:
     """(the documents `indices` of `src` tokenized into token files and packed by index, their token
     lengths incl. eos (none for an empty text: it is skipped), documents whose text held special-token
@@ -220,7 +219,6 @@ def tokenize_and_pack(
     documents, so its rows are those one file would give and the writer can delete each file as soon
     as it has written the part's rows: the peak disk stays near the output's size.
     """
-    d = recipe.data
     parts: list[Part] = []
     lengths_read: list[np.ndarray] = []
     special = 0

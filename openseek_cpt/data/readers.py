@@ -6,7 +6,7 @@ place and fingerprints it: Megatron `.bin/.idx` through a memory map, parquet fi
 lines read), a JSON document parsed in memory; hub datasets go through `datasets`' own Arrow cache, as
 `load_dataset` makes it; hub, json and text sources can be read as a stream (`streaming: true`).
 Adding a source type = one `Reader` entry here (with its `Rows` in rows.py if none there fits) and
-its tests in tests/data/test_sources.py: the recipe reads its `data.sources.N.type` choices from this
+its tests in tests/data/test_sources.py: data/config.py reads its `data.sources.N.type` choices from this
 table, so this module imports nothing of the package at load but `errors` (the rest inside functions).
 """
 
@@ -21,9 +21,9 @@ from typing import TYPE_CHECKING, Any
 
 from openseek_cpt.errors import UserError, first_line
 
-if TYPE_CHECKING:  # the recipe reads READERS: this module imports no more of the package at load
+if TYPE_CHECKING:  # data/config.py reads READERS: this module imports no more of the package at load
+    from openseek_cpt.data.config import SourceConfig
     from openseek_cpt.data.rows import Rows
-    from openseek_cpt.recipe.schema import SourceConfig
 
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text"}
 # Files above this size are fingerprinted by size + mtime: hashing them would read the whole source.

@@ -15,9 +15,9 @@ import numpy as np
 
 from openseek_cpt.artifacts import prepared
 from openseek_cpt.data import output, packing
+from openseek_cpt.data.config import DataConfig
 from openseek_cpt.data.prepare import PackedSource, short_hash
 from openseek_cpt.errors import UserError
-from openseek_cpt.recipe.schema import Recipe
 
 # Distinct rows gathered and written per batch (bounded memory: at most this many rows of tokens).
 WRITE_ROWS = 1024
@@ -67,7 +67,8 @@ def sample_and_save(
     packed: list[PackedSource],
     train_counts: list[int],
     eval_counts: list[int],
-    recipe: Recipe,
+    d: DataConfig,
+    seed: int,
     out: Path,
     build_id: str,
 ) -> dict[str, Any]:
@@ -79,13 +80,12 @@ def sample_and_save(
     (train/sampler.py), so their order on disk does not matter; the eval split, read in order by
     `evaluation.eval_loss`, is shuffled with the seed.
     """
-    d = recipe.data
     n_train, n_eval = d.total_sample_size, d.eval_size
     per_source, draws = [], []
     for p, t, e in zip(packed, train_counts, eval_counts, strict=True):
         src = p.source
         lengths, n_docs, available = p.row_tokens(), p.row_documents(), len(p.row_tokens())
-        rng = np.random.default_rng([recipe.seed, src.index, 1])
+        rng = np.random.default_rng([seed, src.index, 1])
         where = f"{src.where} ({src.label}, {src.config.path})"
         tr, ev = sample_rows(available, t, e, rng, where, d.max_repetition)
         draws.append((np.bincount(tr, minlength=available), ev))
@@ -118,7 +118,7 @@ def sample_and_save(
                 "padding_fraction": 1 - used / max(1, (len(tr) + len(ev)) * d.max_length),
             }
         )
-    write_rows(packed, draws, out, build_id, np.random.default_rng([recipe.seed, 2**20]))
+    write_rows(packed, draws, out, build_id, np.random.default_rng([seed, 2**20]))
     total_used = sum(s["tokens_used"] for s in per_source)
     return {
         "format": prepared.FORMAT,
@@ -138,7 +138,7 @@ def sample_and_save(
         "padding_fraction": 1 - total_used / ((n_train + n_eval) * d.max_length),
         "max_length": d.max_length,
         "packing": d.packing,
-        "seed": recipe.seed,
+        "seed": seed,
         "fingerprint": build_id,
     }
 

@@ -16,11 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from openseek_cpt.data import readers
+from openseek_cpt.data.config import SourceConfig
 from openseek_cpt.data.readers import FILE_BUILDERS
 from openseek_cpt.data.rows import Rows
 from openseek_cpt.data.text_checks import check_text_column
 from openseek_cpt.errors import UserError
-from openseek_cpt.recipe.schema import SourceConfig
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Stage 1: mix, tokenize, pack and sample the sources into a reproducible training set.
 
-`run(recipe)` reads every source of `recipe.data` (sources.py), tokenizes only as many
+`run(data, record, ...)` reads every source of the `data` section (sources.py), tokenizes only as many
 documents as its share of the mix needs (estimated from a sample, plus `read_margin`, topped up if
 short), packs them per source with TRL's `pack_dataset` (default `bfd_split`: no token lost) and
 samples `total_sample_size` train (+ `eval_size` eval) rows by ratio, randomly with the seed. The
@@ -29,6 +29,7 @@ from openseek_cpt.artifacts.fileio import write_json_atomic
 from openseek_cpt.artifacts.provenance import directory_fingerprint, write_provenance
 from openseek_cpt.artifacts.temps import sweep_leftovers, temp_path
 from openseek_cpt.data import STAGE
+from openseek_cpt.data.config import DataConfig
 from openseek_cpt.data.encoder import Encoder
 from openseek_cpt.data.prepare import prepare_source, short_hash
 from openseek_cpt.data.sample import largest_remainder, sample_and_save
@@ -36,31 +37,36 @@ from openseek_cpt.data.sources import open_sources
 from openseek_cpt.data.tokenizer import check_max_length, load_tokenizer, remote_code_cache
 from openseek_cpt.errors import UserError
 from openseek_cpt.logs import get_logger
-from openseek_cpt.recipe.schema import Recipe
+from openseek_cpt.recipe.schema import RunRecord
 
 log = get_logger(STAGE)
 
 
-def run(recipe: Recipe) -> Path:
-    """Build the prepared dataset at `recipe.data.output_dir`; returns that path."""
+def run(
+    data: DataConfig, record: RunRecord, *, tokenizer_dir: str, model_dir: str, trust_remote_code: bool = True
+) -> Path:
+    """Build the prepared dataset at `data.output_dir`; returns that path.
+
+    From outside its section the stage takes the tokenizer (`tokenizer_dir`, resolved, loaded with
+    `trust_remote_code`), the model directory whose config bounds `max_length`, and the run record."""
     started = time.perf_counter()
-    d = recipe.data
+    d = data
     if not d.sources:
         raise UserError("recipe: data.sources is empty; list at least one source with path and ratio")
     out = Path(d.output_dir)
-    read = [recipe.tokenizer_dir, *(s.path for s in d.sources)]
-    check_outputs(recipe, out, read)
+    read = [tokenizer_dir, *(s.path for s in d.sources)]
+    check_outputs(d, out, read)
     sweep_leftovers(out.parent, out.name)  # a killed earlier build's work dir
     with remote_code_cache(temp_path(out, "modules")):
-        tokenizer = load_tokenizer(recipe)
-    check_max_length(recipe)
+        tokenizer = load_tokenizer(tokenizer_dir, trust_remote_code)
+    check_max_length(d.max_length, model_dir)
     sources = open_sources(d.sources)
     ratios = [s.ratio for s in d.sources]
     train_counts = largest_remainder(ratios, d.total_sample_size)
     eval_counts = largest_remainder(ratios, d.eval_size)
     inputs = {
-        "tokenizer": recipe.tokenizer_dir,
-        "tokenizer_fingerprint": directory_fingerprint(recipe.tokenizer_dir),
+        "tokenizer": tokenizer_dir,
+        "tokenizer_fingerprint": directory_fingerprint(tokenizer_dir),
     }
     for s in sources:
         inputs[f"source.{s.label}"] = s.config.path
@@ -69,7 +75,7 @@ def run(recipe: Recipe) -> Path:
     # nor how many processes wrote them).
     ignored = ("output_dir", "megatron_prefix", "sources", "num_proc")
     shaping = {k: v for k, v in d.__dict__.items() if k not in ignored}
-    build_id = short_hash([shaping, [s.__dict__ for s in d.sources], recipe.seed, inputs])
+    build_id = short_hash([shaping, [s.__dict__ for s in d.sources], record.seed, inputs])
 
     work = temp_path(out, "work")
     work.mkdir(parents=True, exist_ok=True)
@@ -79,7 +85,8 @@ def run(recipe: Recipe) -> Path:
             prepare_source(
                 s,
                 encoder,
-                recipe,
+                d,
+                record.seed,
                 need=train_counts[s.index] + eval_counts[s.index],
                 work=work,
                 build_id=build_id,
@@ -87,9 +94,9 @@ def run(recipe: Recipe) -> Path:
             for s in sources
         ]
         with atomic_output_dir(out, stage=STAGE, inputs=read, field="data.output_dir") as tmp:
-            manifest = sample_and_save(packed, train_counts, eval_counts, recipe, tmp, build_id)
+            manifest = sample_and_save(packed, train_counts, eval_counts, d, record.seed, tmp, build_id)
             manifest.update(
-                tokenizer_dir=recipe.tokenizer_dir,
+                tokenizer_dir=tokenizer_dir,
                 vocab_size=len(tokenizer),
                 eos_token_id=tokenizer.eos_token_id,
                 pad_token_id=tokenizer.pad_token_id,
@@ -109,10 +116,10 @@ def run(recipe: Recipe) -> Path:
                 )
                 write_json_atomic(
                     megatron_sidecar(d.megatron_prefix),
-                    {"stage": STAGE, "dataset_dir": str(out), "split": "train", "recipe_hash": recipe.hash()},
+                    {"stage": STAGE, "dataset_dir": str(out), "split": "train", "recipe_hash": record.hash()},
                 )
                 log.info(f"Megatron copy of train written to {d.megatron_prefix}.bin/.idx")
-            write_provenance(tmp, stage=STAGE, recipe=recipe, inputs=inputs)
+            write_provenance(tmp, stage=STAGE, recipe=record, inputs=inputs)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print_summary(manifest)
@@ -120,10 +127,10 @@ def run(recipe: Recipe) -> Path:
     return out
 
 
-def check_outputs(recipe: Recipe, out: Path, read: list[str]) -> None:
+def check_outputs(d: DataConfig, out: Path, read: list[str]) -> None:
     """Refuse, before any work, outputs that would replace what the stage did not write or its inputs."""
     check_output_dir(out, stage=STAGE, inputs=read, field="data.output_dir")
-    prefix = recipe.data.megatron_prefix
+    prefix = d.megatron_prefix
     if prefix:
         check_output_prefix(prefix, "data.megatron_prefix")
         megatron_inputs = [*read, *(f"{path}.{ext}" for path in read for ext in ("bin", "idx"))]

@@ -17,7 +17,6 @@ from openseek_cpt.artifacts.fileio import read_json
 from openseek_cpt.data import STAGE
 from openseek_cpt.errors import UserError, first_line
 from openseek_cpt.logs import get_logger
-from openseek_cpt.recipe.schema import Recipe
 
 log = get_logger(STAGE)
 
@@ -38,17 +37,17 @@ def remote_code_cache(path: Path) -> Iterator[None]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def load_tokenizer(recipe: Recipe) -> Any:
-    """The tokenizer with the guardrails: right padding, pad falls back to eos, eos required."""
+def load_tokenizer(path: str, trust_remote_code: bool) -> Any:
+    """The tokenizer at `path` (data.tokenizer_dir, resolved) with the guardrails: right padding,
+    pad falls back to eos, eos required."""
     from transformers import AutoTokenizer
 
-    path = recipe.tokenizer_dir
     if not Path(path).is_dir():
         raise UserError(
             f"data.tokenizer_dir={path!r} does not exist; run `openseek-cpt download` first or set data.tokenizer_dir"
         )
     try:
-        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=recipe.assets.tokenizer_trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         raise UserError(
             f"data.tokenizer_dir={path!r} has no loadable tokenizer ({first_line(exc)})"
@@ -70,17 +69,17 @@ def load_tokenizer(recipe: Recipe) -> Any:
     return tok
 
 
-def check_max_length(recipe: Recipe) -> None:
-    """max_length must fit the model's position embeddings (config.json of assets.model_dir, if present)."""
-    cfg_path = Path(recipe.assets.model_dir, "config.json")
+def check_max_length(max_length: int, model_dir: str) -> None:
+    """max_length must fit the model's position embeddings (config.json of `model_dir`, if present)."""
+    cfg_path = Path(model_dir, "config.json")
     cfg = read_json(cfg_path)
     if cfg is None:
         return
     limit = cfg.get("max_position_embeddings") or (cfg.get("text_config") or {}).get(
         "max_position_embeddings"
     )
-    if limit and recipe.data.max_length > limit:
+    if limit and max_length > limit:
         raise UserError(
-            f"recipe: data.max_length={recipe.data.max_length} exceeds the model's max_position_embeddings="
+            f"recipe: data.max_length={max_length} exceeds the model's max_position_embeddings="
             f"{limit} ({cfg_path}); set data.max_length <= {limit}"
         )

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 from openseek_cpt.errors import UserError
 
-if TYPE_CHECKING:  # the recipe imports this table: no torch import at load
+if TYPE_CHECKING:  # train/config.py reads this table: no torch import at load
     import torch
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:  # the recipe reads IMPLEMENTATIONS: no torch import at load
+if TYPE_CHECKING:  # train/config.py reads IMPLEMENTATIONS: no torch import at load
     import torch
 
 AUTOCAST_GROUPED_MM = "grouped_mm_autocast"

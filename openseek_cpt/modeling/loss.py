@@ -28,8 +28,6 @@ from typing import Any
 
 import torch
 
-from openseek_cpt.modeling.loss_names import IMPLEMENTATIONS
-
 IGNORE_INDEX = -100
 # Tokens per chunk: big enough for an efficient GEMM (2048 x 1280 x 151851), small enough that
 # its fp32 logits stay ~1.2 GiB.
@@ -38,12 +36,12 @@ CHUNK_TOKENS = 2048
 
 def install(model: Any, implementation: str = "chunked", chunk_tokens: int = CHUNK_TOKENS) -> Any:
     """Make `model(..., labels=...)` compute its loss with `implementation`; returns the model."""
-    if implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"loss implementation {implementation!r} is not one of {IMPLEMENTATIONS}")
     if implementation == "hf":
         return model
     if implementation == "liger":
         check_liger()
+    elif implementation != "chunked":
+        raise ValueError(f"loss implementation {implementation!r} is not one of chunked, liger, hf")
     if not hasattr(model, "lm_head") or not hasattr(model, "model"):
         raise ValueError(f"{type(model).__name__} has no lm_head/model: cannot fuse its loss")
     stock_forward = type(model).forward

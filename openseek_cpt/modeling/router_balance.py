@@ -30,8 +30,6 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from openseek_cpt.modeling.router_defaults import DEFAULT_RATE
-
 BIAS_NAME = "e_score_correction_bias"
 
 
@@ -55,7 +53,7 @@ def bias_update(loads: torch.Tensor, rate: float) -> torch.Tensor:
 class RouterBalanceCallback(TrainerCallback):
     """Counts expert loads during each optimizer step, then moves the router bias toward balance."""
 
-    def __init__(self, model: Any, rate: float = DEFAULT_RATE):
+    def __init__(self, model: Any, rate: float):
         self.rate = float(rate)
         self.routers = find_routers(model)
         self.layers = [layer for layer, _ in self.routers]

@@ -1,4 +1,7 @@
-"""`openseek-cpt recipe --keys` and `--markdown`: every declared key with its type, default and doc."""
+"""`openseek-cpt recipe --keys` and `--markdown`: every declared key with its type, default and doc.
+
+The schema (the assembled sections, `openseek_cpt.config.Recipe`) is an argument: this layer knows
+no stage."""
 
 from __future__ import annotations
 
@@ -9,8 +12,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import yaml
-
-from openseek_cpt.recipe.schema import Recipe
 
 
 @dataclass(frozen=True)
@@ -23,10 +24,11 @@ class Key:
     doc: str
 
 
-def keys(recipe: Recipe | None = None) -> list[Key]:
-    """Every declared key with its type and doc; values are `recipe`'s (its sources expanded) or defaults."""
+def keys(schema: type, recipe: Any = None) -> list[Key]:
+    """Every key `schema` declares, with its type and doc; values are `recipe`'s (its sources
+    expanded) or the defaults."""
     out: list[Key] = []
-    _keys(Recipe, recipe, "", out)
+    _keys(schema, recipe, "", out)
     return out
 
 
@@ -83,9 +85,9 @@ def _show(value: Any) -> str:
     return yaml.safe_dump(value, default_flow_style=True, width=1000).strip().removesuffix("...").strip()
 
 
-def keys_text(recipe: Recipe | None = None) -> str:
+def keys_text(schema: type, recipe: Any = None) -> str:
     """`recipe --keys`: one line per key: KEY  TYPE  DEFAULT (or the recipe's VALUE)  DOC."""
-    rows = [(k.key, k.type, _show(k.value), k.doc) for k in keys(recipe)]
+    rows = [(k.key, k.type, _show(k.value), k.doc) for k in keys(schema, recipe)]
     head = ("KEY", "TYPE", "VALUE" if recipe is not None else "DEFAULT", "DOC")
     widths = [min(max(len(r[i]) for r in [head, *rows]), 40) for i in range(3)]  # longer ones overflow
     return "\n".join(
@@ -93,10 +95,10 @@ def keys_text(recipe: Recipe | None = None) -> str:
     )
 
 
-def keys_markdown() -> str:
+def keys_markdown(schema: type) -> str:
     """docs/recipe.md's key table (generated: tests/test_docs.py checks docs/recipe.md holds exactly this)."""
     lines = ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
-    for k in keys():
+    for k in keys(schema):
         cells = [f"`{k.key}`", f"`{k.type}`", f"`{_show(k.value)}`", k.doc]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return "\n".join(lines)

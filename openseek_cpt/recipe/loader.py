@@ -1,7 +1,8 @@
 """Loading a recipe: the YAML file (or the defaults), `--set KEY=VALUE` overrides, then the checks.
 
 Each override's value is parsed against the type of the key it sets (values.py), so a typo in any
-stage's settings fails at load, for every stage, as one line (checks.py).
+stage's settings fails at load, for every stage, as one line (checks.py). The schema (the assembled
+sections, `openseek_cpt.config.Recipe`) is an argument: this layer knows no stage.
 """
 
 from __future__ import annotations
@@ -9,30 +10,32 @@ from __future__ import annotations
 import dataclasses
 import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
 from openseek_cpt.errors import UserError, first_line
 from openseek_cpt.recipe.checks import validate
-from openseek_cpt.recipe.schema import Recipe
 from openseek_cpt.recipe.values import build, parse_value
+
+T = TypeVar("T")
 
 # Top-level keys starting with this hold YAML anchors for the sections to merge (`<<: *common`)
 # or alias; they are not part of the recipe (docker compose's `x-` convention).
 ANCHOR_PREFIX = "x-"
 
 
-def load_recipe(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
-    """Read a recipe YAML (or the defaults when path is None), apply KEY=VALUE overrides, validate."""
+def load(schema: type[T], path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> T:
+    """Read a recipe YAML (or the defaults when path is None) as `schema`, apply KEY=VALUE
+    overrides, validate."""
     raw: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
         _check_readable(p)
         raw = {k: v for k, v in read_yaml(p).items() if not str(k).startswith(ANCHOR_PREFIX)}
     for item in overrides:
-        apply_override(raw, item)
-    recipe = build(Recipe, raw, "")
+        apply_override(raw, item, schema)
+    recipe = build(schema, raw, "")
     validate(recipe)
     return recipe
 
@@ -129,7 +132,7 @@ def yaml_error_line(path: Path, text: str, exc: yaml.YAMLError) -> str:
     )
 
 
-def apply_override(raw: dict[str, Any], item: str) -> None:
+def apply_override(raw: dict[str, Any], item: str, schema: type) -> None:
     """Set `a.b.c=value`, the value parsed against the key's declared type (list items by index).
 
     A string-typed key takes the text as is (no YAML 1.1 surprises: `no` stays "no", `1e3` stays
@@ -139,7 +142,7 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
         raise UserError(f"--set: {item!r} is not KEY=VALUE; write e.g. --set data.max_length=2048")
     key, _, text = item.partition("=")
     parts = key.strip().split(".")
-    value = parse_value(text, declared_type(parts))
+    value = parse_value(text, declared_type(parts, schema))
     node: Any = raw
     for i, part in enumerate(parts[:-1]):
         if isinstance(node, list):
@@ -165,9 +168,9 @@ def _index(part: str, node: list, parts: list[str]) -> int:
     return int(part)
 
 
-def declared_type(parts: list[str]) -> Any:
-    """The annotation of the dotted key `parts` (Any when it is not a declared key)."""
-    tp: Any = Recipe
+def declared_type(parts: list[str], schema: type) -> Any:
+    """The annotation of the dotted key `parts` in `schema` (Any when it is not a declared key)."""
+    tp: Any = schema
     item_types = None  # the last field's, when its items are typed by another schema (train.args)
     for i, part in enumerate(parts):
         if dataclasses.is_dataclass(tp):

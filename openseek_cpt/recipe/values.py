@@ -2,7 +2,8 @@
 
 `--set` text is parsed as its key's type says (`--set train.args.eval_strategy=no` is the string
 "no", `--set assets.revision=1e3` stays "1e3"); a YAML mapping becomes its section's dataclass,
-rejecting unknown keys (suggesting the nearest valid one), wrong types and conflicting keys.
+rejecting unknown keys (suggesting the nearest valid one), wrong types and conflicting keys (a
+section's `CONFLICTS`: pairs of keys that must not both be given, the second would be unused).
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from typing import Any
 import yaml
 
 from openseek_cpt.errors import UserError
-from openseek_cpt.recipe.schema import CONFLICTS
 
 
 def parse_value(text: str, tp: Any) -> Any:
@@ -97,7 +97,7 @@ def build(cls: type, raw: Any, where: str) -> Any:
             hint = f"; did you mean {(where + '.' if where else '') + close[0]!r}?" if close else ""
             raise UserError(f"recipe: unknown key {dotted!r}{hint} (valid: {', '.join(sorted(known))})")
         kwargs[key] = coerce(hints[key], value, dotted)
-    for a, b, why in CONFLICTS.get(cls, ()):
+    for a, b, why in getattr(cls, "CONFLICTS", ()):
         if raw.get(a) is not None and b in raw:
             raise UserError(f"recipe: {where} sets both {a} and {b}; {why}: remove one of them")
     return cls(**kwargs)
@@ -156,21 +156,3 @@ def coerce(tp: Any, value: Any, where: str) -> Any:
     if tp is float and (isinstance(value, bool) or not isinstance(value, float)):
         raise UserError(f"recipe: {where} must be a float, got {value!r}")
     return value
-
-
-def parse_size(value: str | int) -> int:
-    """`2GB`, `500MB`, `1GiB` or a number of bytes -> bytes (GB = 10**9, GiB = 2**30, as in transformers)."""
-    if isinstance(value, int):
-        size = value
-    else:
-        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)\s*", str(value), flags=re.IGNORECASE)
-        if not m:
-            raise UserError(
-                f"soup.max_shard_size={value!r} is not a size; write e.g. 2GB, 500MB or a byte count"
-            )
-        unit = m.group(2).upper().rstrip("B")
-        base = 1024 if unit.endswith("I") else 1000
-        size = int(float(m.group(1)) * base ** ("KMGT".index(unit[0]) + 1 if unit else 0))
-    if size <= 0:
-        raise UserError(f"soup.max_shard_size={value!r} must be > 0")
-    return size

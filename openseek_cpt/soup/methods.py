@@ -10,9 +10,9 @@ every input's chunk come in the same order, not necessarily the stored one (bf16
 de-interleaved, see numerics.to_fp32): a method is elementwise. The pipeline rounds the result
 once to `soup.dtype`.
 
-A new method is a function here and a row of METHODS. This module is a leaf the recipe imports:
-numpy is imported inside the methods (the soup command sets OPENBLAS_NUM_THREADS before numpy's
-first import, after the recipe is loaded).
+A new method is a function here and a row of METHODS. soup/config.py reads METHODS when the recipe
+loads, so numpy is imported inside the methods (the soup command sets OPENBLAS_NUM_THREADS before
+numpy's first import, after the recipe is loaded).
 """
 
 from __future__ import annotations

@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from openseek_cpt.soup.dtypes import FLOAT_DTYPES
+# Float dtypes of safetensors that can be averaged, by torch name.
+FLOAT_DTYPES = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
+}  # fmt: skip
 
 
 class Workspace:

@@ -16,8 +16,8 @@ from typing import Any
 from openseek_cpt.artifacts import checkpoints
 from openseek_cpt.artifacts.fileio import read_json
 from openseek_cpt.logs import get_logger
-from openseek_cpt.recipe.schema import Recipe, SoupConfig
 from openseek_cpt.soup import STAGE, methods
+from openseek_cpt.soup.config import SoupConfig
 from openseek_cpt.soup.inputs import SoupInput
 from openseek_cpt.soup.pipeline import MergeResult
 from openseek_cpt.soup.plan import MERGE_INFO, KeyPlan
@@ -50,19 +50,20 @@ def copy_side_files(base_dir: Path, out_dir: Path, dtype: str) -> None:
         (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def evaluate(recipe: Recipe, inputs: list[SoupInput], soup_dir: Path) -> list[dict[str, Any]]:
+def evaluate(
+    s: SoupConfig, eval_dataset_dir: str, trust_remote_code: bool, inputs: list[SoupInput], soup_dir: Path
+) -> list[dict[str, Any]]:
     """Eval loss of every input and of the soup on the prepared eval split (imports torch)."""
     from openseek_cpt.evaluation import eval_loss
 
-    s = recipe.soup
     rows = []
     for name, path in [*((inp.label, inp.path) for inp in inputs), ("soup", soup_dir)]:
         log.info(f"evaluating {name} ...")
         result = eval_loss(
             path,
-            recipe.soup_eval_dataset_dir,
+            eval_dataset_dir,
             max_sequences=s.eval_max_sequences,
-            trust_remote_code=recipe.assets.model_trust_remote_code,
+            trust_remote_code=trust_remote_code,
         )
         rows.append({"name": name, "path": str(path if name != "soup" else s.output_dir), **result})
     return rows

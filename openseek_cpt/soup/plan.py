@@ -18,8 +18,8 @@ from typing import Any
 from openseek_cpt.artifacts.fileio import read_json
 from openseek_cpt.artifacts.safetensors_stream import ITEMSIZE
 from openseek_cpt.errors import UserError
-from openseek_cpt.soup.dtypes import FLOAT_DTYPES
 from openseek_cpt.soup.inputs import SoupInput
+from openseek_cpt.soup.numerics import FLOAT_DTYPES
 
 MERGE_INFO = "merge_info.json"
 # Keys that a model with tied embeddings does not store: they are read from their source.

@@ -30,10 +30,9 @@ from openseek_cpt.artifacts.atomic import atomic_output_dir
 from openseek_cpt.artifacts.provenance import write_provenance
 from openseek_cpt.errors import UserError
 from openseek_cpt.logs import get_logger
-from openseek_cpt.recipe.schema import Recipe
-from openseek_cpt.recipe.values import parse_size
+from openseek_cpt.recipe.schema import RunRecord
 from openseek_cpt.soup import STAGE, outputs
-from openseek_cpt.soup.dtypes import OUTPUT_DTYPES
+from openseek_cpt.soup.config import OUTPUT_DTYPES, SoupConfig, parse_size
 from openseek_cpt.soup.inputs import (
     check_content,
     check_distinct,
@@ -49,20 +48,30 @@ from openseek_cpt.soup.plan import MERGE_INFO, account_keys, plan_keys
 log = get_logger(STAGE)
 
 
-def run(recipe: Recipe) -> Path:
-    """Combine [base, *checkpoints] into soup.output_dir; returns that directory."""
-    s = recipe.soup
+def run(
+    soup: SoupConfig,
+    record: RunRecord,
+    *,
+    base_dir: str,
+    eval_dataset_dir: str,
+    trust_remote_code: bool = False,
+) -> Path:
+    """Combine [base, *checkpoints] into soup.output_dir; returns that directory.
+
+    From outside its section the soup takes the base and eval dataset directories (resolved), how
+    to load a model for the evaluation (`trust_remote_code`), and the run record."""
+    s = soup
     started = time.time()
     out_code = OUTPUT_DTYPES[s.dtype]
     max_shard_size = parse_size(s.max_shard_size)
-    base = open_input(recipe.soup_base_dir, role="base", field_name="soup.base_dir")
+    base = open_input(base_dir, role="base", field_name="soup.base_dir")
     ckpts = [open_input(p, role="checkpoint") for p in expand_checkpoints(s.checkpoints)]
     inputs = [base, *ckpts]
     check_distinct(inputs)
     weights = weights_for(s.weights, len(inputs))
     plan = plan_keys(inputs, weights, allow_partial=s.allow_partial, out_code=out_code)
     accounting = account_keys(inputs, plan)
-    eval_dir = recipe.soup_eval_dataset_dir
+    eval_dir = eval_dataset_dir
     if s.evaluate and not Path(eval_dir).is_dir():
         raise UserError(
             f"soup.eval_dataset_dir={eval_dir!r} does not exist; run `openseek-cpt data` first, "
@@ -83,13 +92,13 @@ def run(recipe: Recipe) -> Path:
             raise UserError(damaged_input_message(inputs) or non_finite_message(inputs, exc.key)) from None
         check_content(inputs, result.input_content_hashes)
         outputs.copy_side_files(base.path, tmp, s.dtype)
-        evaluation = outputs.evaluate(recipe, inputs, tmp) if s.evaluate else None
+        evaluation = outputs.evaluate(s, eval_dir, trust_remote_code, inputs, tmp) if s.evaluate else None
         info = outputs.merge_info(inputs, weights, plan, accounting, s, result, evaluation, started)
         (tmp / MERGE_INFO).write_text(json.dumps(info, indent=2) + "\n")
         write_provenance(
             tmp,
             stage=STAGE,
-            recipe=recipe,
+            recipe=record,
             inputs={
                 f"{inp.label}:{name}": digest
                 for inp, hashes in zip(inputs, result.input_hashes, strict=True)

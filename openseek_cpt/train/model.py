@@ -14,25 +14,24 @@ from openseek_cpt.logs import get_logger
 from openseek_cpt.modeling import attention, experts, router_precision
 from openseek_cpt.modeling import loss as lm_loss
 from openseek_cpt.modeling.collator import PackedCollator
-from openseek_cpt.recipe.schema import Recipe
 from openseek_cpt.train import STAGE
+from openseek_cpt.train.config import TrainConfig
 from openseek_cpt.train.setup import process_rank
 
 log = get_logger(STAGE)
 
 
-def load_model(recipe: Recipe, model_dir: str | None = None):
-    """The base (or a checkpoint) with native classes, strictly, in the training dtype, no KV cache."""
+def load_model(t: TrainConfig, model_dir: str, trust_remote_code: bool = False):
+    """The base (or a checkpoint) in `model_dir` with native classes, strictly, in the training
+    dtype, no KV cache."""
     from transformers import AutoModelForCausalLM
 
-    t = recipe.train
-    model_dir = model_dir or recipe.train_model_dir
     if not Path(model_dir, "config.json").is_file():
         raise UserError(
             f"train.model_dir: {model_dir!r} has no config.json; run `openseek-cpt download` or fix the path"
         )
     kwargs: dict[str, Any] = {
-        "trust_remote_code": recipe.assets.model_trust_remote_code,
+        "trust_remote_code": trust_remote_code,
         "attn_implementation": t.attn_implementation,
         "dtype": torch.bfloat16 if t.precision == "bf16-pure" else torch.float32,
         "output_loading_info": True,
@@ -65,7 +64,9 @@ def load_model(recipe: Recipe, model_dir: str | None = None):
     return lm_loss.install(model, t.loss)
 
 
-def check_vocab(recipe: Recipe, model, manifest: dict[str, Any], dataset_dir: Path) -> None:
+def check_vocab(
+    model_dir: str, trust_remote_code: bool, model, manifest: dict[str, Any], dataset_dir: Path
+) -> None:
     """The dataset's tokenizer must be the model's (same vocabulary size and eos)."""
     data_vocab = manifest.get("vocab_size")
     model_vocab = model.config.vocab_size
@@ -79,38 +80,33 @@ def check_vocab(recipe: Recipe, model, manifest: dict[str, Any], dataset_dir: Pa
     try:
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(
-            recipe.train_model_dir, trust_remote_code=recipe.assets.tokenizer_trust_remote_code
-        )
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
         expected = len(tokenizer)
     except (OSError, ValueError):
         pass  # no tokenizer beside the model: only the embedding size can be checked
     if int(data_vocab) != expected or int(data_vocab) > model_vocab:
         raise UserError(
             f"train.dataset_dir: {dataset_dir} was tokenized with a vocabulary of {data_vocab} tokens but the "
-            f"model {recipe.train_model_dir} uses {expected} (embeddings {model_vocab}); rebuild the dataset "
+            f"model {model_dir} uses {expected} (embeddings {model_vocab}); rebuild the dataset "
             "with the model's tokenizer (data.tokenizer_dir)"
         )
 
 
-def document_logits(
-    recipe: Recipe, rows: list[dict[str, Any]], model=None
-) -> tuple[torch.Tensor, torch.Tensor]:
+def document_logits(t: TrainConfig, rows: list[dict[str, Any]], model) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits, per-token loss) of packed rows, with the model, collator and mode training uses.
 
-    The model is loaded by `load_model` (config as trained: use_cache=False, training dtype), kept
-    in train mode, and run under the same autocast the Trainer uses for the recipe's precision.
+    The model comes from `load_model` (config as trained: use_cache=False, training dtype), is kept
+    in train mode, and runs under the same autocast the Trainer uses for `t.precision`.
     """
-    model = model if model is not None else load_model(recipe)
     model.train()
     batch = PackedCollator(
         pad_token_id=prepared.pad_token_id({}, model.config),
-        varlen=attention.needs_varlen(recipe.train.attn_implementation),
+        varlen=attention.needs_varlen(t.attn_implementation),
     )(rows)
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     model.to(device_type)
     batch = {k: v.to(device_type) if torch.is_tensor(v) else v for k, v in batch.items()}
-    autocast = recipe.train.precision == "bf16-mixed"
+    autocast = t.precision == "bf16-mixed"
     with torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast):
         out = model(**{k: v for k, v in batch.items() if k != "labels"})  # + varlen fields if any
     logits = out.logits.float()

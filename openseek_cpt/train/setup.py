@@ -1,5 +1,6 @@
-"""Everything the run needs before the model is built: the recipe checked against the environment
-and the prepared dataset, TrainingArguments, the output dir claimed (rank 0) and the resume point."""
+"""Everything the run needs before the model is built: the train section checked against the
+environment and the prepared dataset, TrainingArguments, the output dir claimed (rank 0) and the
+resume point. What the stage knows of the data stage it reads from the dataset's manifest."""
 
 from __future__ import annotations
 
@@ -15,9 +16,15 @@ from openseek_cpt.artifacts.provenance import directory_fingerprint
 from openseek_cpt.artifacts.run_lock import RunLock
 from openseek_cpt.errors import UserError
 from openseek_cpt.logs import get_logger, rank_and_world
-from openseek_cpt.recipe.schema import Recipe
+from openseek_cpt.recipe.schema import RunRecord
 from openseek_cpt.train import STAGE, fsdp
-from openseek_cpt.train.training_args import build_training_args, gradient_accumulation
+from openseek_cpt.train.config import (
+    RunFacts,
+    TrainConfig,
+    bf16_supported,
+    gradient_accumulation,
+    training_arguments,
+)
 
 log = get_logger(STAGE)
 
@@ -29,8 +36,13 @@ def process_rank() -> int:
 
 @dataclasses.dataclass
 class Setup:
-    """Everything derived from the recipe and the environment before the model is built."""
+    """Everything derived from the train section and the environment before the model is built."""
 
+    train: TrainConfig
+    record: RunRecord
+    model_dir: str  # train.model_dir, resolved
+    model_trust_remote_code: bool
+    tokenizer_trust_remote_code: bool
     output_dir: Path
     dataset_dir: Path
     dataset_fingerprint: str
@@ -44,23 +56,33 @@ class Setup:
     lock: RunLock | None = None  # rank 0 holds output_dir while it runs
     fsdp: bool = False  # the launch asks for FSDP (accelerate's FSDP config)
 
-    def run_info(self, recipe: Recipe, distributed_type: str) -> checkpoints.RunInfo:
+    def run_info(self, distributed_type: str) -> checkpoints.RunInfo:
         """What this run's checkpoint markers record (and what resume compares them with)."""
         return checkpoints.RunInfo(
             dataset_dir=str(self.dataset_dir),
             dataset_fingerprint=self.dataset_fingerprint,
-            recipe_hash=recipe.hash(),
+            recipe_hash=self.record.hash(),
             world_size=self.world_size,
             distributed_type=distributed_type,
-            global_batch_size=recipe.train.global_batch_size,
-            precision=recipe.train.precision,
+            global_batch_size=self.train.global_batch_size,
+            precision=self.train.precision,
         )
 
 
-def setup_run(recipe: Recipe) -> Setup:
-    """Validate the recipe against the environment, build TrainingArguments, find the resume point."""
-    t = recipe.train
-    dataset_dir = Path(recipe.train_dataset_dir)
+def setup_run(
+    train: TrainConfig,
+    record: RunRecord,
+    *,
+    dataset_dir: str,
+    model_dir: str,
+    model_trust_remote_code: bool = False,
+    tokenizer_trust_remote_code: bool = True,
+) -> Setup:
+    """Check the section against the environment, build TrainingArguments, find the resume point."""
+    import torch
+
+    t = train
+    dataset_dir = Path(dataset_dir)
     if not prepared.is_prepared(dataset_dir):
         raise UserError(
             f"train.dataset_dir: {str(dataset_dir)!r} is not a prepared dataset (no dataset_dict.json); "
@@ -70,21 +92,18 @@ def setup_run(recipe: Recipe) -> Setup:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = process_rank()
     grad_accum = gradient_accumulation(t.global_batch_size, world_size, t.per_device_batch_size)
-    user_args = dict(t.args)
-    overwrite = bool(user_args.pop("overwrite_output_dir", False))
-    # Deviation: Trainer rotates inside _save_checkpoint, before our marker makes the new checkpoint
-    # complete (a kill there can leave none complete); the stage rotates after the marker instead.
-    keep = user_args.pop("save_total_limit", None)
-    if keep is not None and (not isinstance(keep, int) or isinstance(keep, bool) or keep < 1):
-        raise UserError(
-            f"train.args.save_total_limit={keep!r} must be an integer >= 1 (or null to keep every checkpoint)"
-        )
     output_dir = Path(t.output_dir)
-    check_output_dir(
-        output_dir, stage=None, inputs=[dataset_dir, recipe.train_model_dir], field="train.output_dir"
+    check_output_dir(output_dir, stage=None, inputs=[dataset_dir, model_dir], field="train.output_dir")
+    facts = RunFacts(
+        record.seed, grad_accum, use_cpu=not torch.cuda.is_available(), has_bf16=bf16_supported()
     )
-    args = build_training_args(recipe, user_args, grad_accum)  # train.args errors before fingerprinting
+    args = training_arguments(t, facts)  # train.args errors before fingerprinting
     setup = Setup(
+        train=t,
+        record=record,
+        model_dir=model_dir,
+        model_trust_remote_code=model_trust_remote_code,
+        tokenizer_trust_remote_code=tokenizer_trust_remote_code,
         output_dir=output_dir,
         dataset_dir=dataset_dir,
         dataset_fingerprint=directory_fingerprint(dataset_dir),
@@ -94,7 +113,7 @@ def setup_run(recipe: Recipe) -> Setup:
         args=args,
         resume_from=None,
         manifest=manifest,
-        keep=keep,
+        keep=t.keep,
         fsdp=fsdp.requested(),
     )
     if rank == 0:  # before anything in output_dir is touched: a running run's files are not ours
@@ -104,15 +123,15 @@ def setup_run(recipe: Recipe) -> Setup:
             log.info(
                 f"removed {len(swept)} leftover(s) of killed writers: {', '.join(p.name for p in swept[:4])}"
             )
-    if overwrite:
+    if t.overwrite:
         if rank == 0:
             checkpoints.remove_all(output_dir)
     else:
-        setup.resume_from = find_resume_checkpoint(recipe, setup)
+        setup.resume_from = find_resume_checkpoint(setup)
     return setup
 
 
-def find_resume_checkpoint(recipe: Recipe, setup: Setup) -> Path | None:
+def find_resume_checkpoint(setup: Setup) -> Path | None:
     """The newest complete checkpoint whose files match their content hashes, checked against this
     run; rank 0 first removes incomplete ones, and then each one whose contents are damaged.
 
@@ -137,9 +156,9 @@ def find_resume_checkpoint(recipe: Recipe, setup: Setup) -> Path | None:
         kind = "FSDP" if setup.fsdp else "DDP"
         notes = checkpoints.check_resume(
             newest,
-            setup.run_info(recipe, kind),
-            force_resume=recipe.train.force_resume,
-            accelerate_config=recipe.train.accelerate_config,
+            setup.run_info(kind),
+            force_resume=setup.train.force_resume,
+            accelerate_config=setup.train.accelerate_config,
         )
         if setup.rank == 0:
             for level, note in notes:
@@ -147,10 +166,10 @@ def find_resume_checkpoint(recipe: Recipe, setup: Setup) -> Path | None:
     return newest
 
 
-def log_epoch_plan(recipe: Recipe, setup: Setup, rows: int) -> float:
+def log_epoch_plan(setup: Setup, rows: int) -> float:
     """Log (rank 0) how many sequences and epochs the run will see; more than one epoch is a warning."""
     args = setup.args
-    global_batch = recipe.train.global_batch_size
+    global_batch = setup.train.global_batch_size
     steps = args.max_steps if args.max_steps > 0 else math.ceil(rows / global_batch) * args.num_train_epochs
     seen = int(steps * global_batch)
     epochs = seen / rows
@@ -165,11 +184,5 @@ def log_epoch_plan(recipe: Recipe, setup: Setup, rows: int) -> float:
         log.warning(
             f"the run repeats the data {epochs:.2f}x (each epoch a new permutation of the same {rows} rows); "
             f"for one epoch set data.total_sample_size >= {seen} and rerun `openseek-cpt data`"
-        )
-    prepared_rows = (setup.manifest.get("totals") or {}).get("train_rows")
-    if prepared_rows is not None and recipe.data.total_sample_size != prepared_rows:
-        log.warning(
-            f"data.total_sample_size={recipe.data.total_sample_size} but {setup.dataset_dir} holds "
-            f"{prepared_rows} train rows (prepared with another recipe)"
         )
     return epochs

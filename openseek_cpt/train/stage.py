@@ -1,8 +1,8 @@
 """Stage 2, train: continued pretraining of the base model on the prepared dataset with HF Trainer.
 
-Reads top-down: `run` (setup: recipe -> TrainingArguments, world size, resume point) ->
+Reads top-down: `run` (setup: train section -> TrainingArguments, world size, resume point) ->
 `build_trainer` (model, data, trainer) -> `train_or_preempt` (train, final save, or the preemption
-checkpoint). The pieces, one concern each: `setup`, `training_args`, `model`, `trainer`, `sampler`,
+checkpoint). The pieces, one concern each: `config`, `setup`, `model`, `trainer`, `sampler`,
 `fsdp`, `preemption`, `callbacks/`, `teardown`; the checkpoint lifecycle is `artifacts.checkpoints`.
 
 What it guarantees, and where the HF stack needed help (each marked where it is done):
@@ -33,10 +33,10 @@ What it guarantees, and where the HF stack needed help (each marked where it is 
   evaluation; a save in progress is the preemption save), raise `errors.Preempted` (the CLI exits
   EXIT_PREEMPTED). Under `openseek-cpt launch`, a rank exits when the launcher is gone.
 
-`train.args` goes to `transformers.TrainingArguments`, except the keys in recipe/checks.py's
-DERIVED_ARGS, which the stage sets from the recipe (giving one is a UserError naming the recipe key
-to use instead), and `overwrite_output_dir: true` (not a TrainingArguments field in transformers 5),
-which means: delete the checkpoints in output_dir and start from the base model.
+`train.args` goes to `transformers.TrainingArguments`, except the keys in config.py's DERIVED_ARGS,
+which the stage sets from the recipe (giving one is a UserError naming the recipe key to use
+instead), and `overwrite_output_dir: true` (not a TrainingArguments field in transformers 5), which
+means: delete the checkpoints in output_dir and start from the base model.
 """
 
 from __future__ import annotations
@@ -51,10 +51,11 @@ from openseek_cpt.launcher import exit_with_launcher
 from openseek_cpt.logs import get_logger
 from openseek_cpt.modeling import attention, router_balance
 from openseek_cpt.modeling.collator import PackedCollator
-from openseek_cpt.recipe.schema import Recipe
+from openseek_cpt.recipe.schema import RunRecord
 from openseek_cpt.train import fsdp, preemption
 from openseek_cpt.train.callbacks.sharding import ShardingReport
 from openseek_cpt.train.callbacks.throughput import ThroughputCallback
+from openseek_cpt.train.config import TrainConfig
 from openseek_cpt.train.full_disk import named_when_full
 from openseek_cpt.train.model import check_vocab, load_model
 from openseek_cpt.train.setup import Setup, log_epoch_plan, setup_run
@@ -67,17 +68,34 @@ FINAL_SUBDIR = "final"
 log = get_logger("train")
 
 
-def run(recipe: Recipe) -> Path:
+def run(
+    train: TrainConfig,
+    record: RunRecord,
+    *,
+    dataset_dir: str,
+    model_dir: str,
+    model_trust_remote_code: bool = False,
+    tokenizer_trust_remote_code: bool = True,
+) -> Path:
     """Train on this process's rank; returns the run's output dir (with `final/`).
 
-    Raises `errors.Preempted(checkpoint)` after a signal-triggered save (the CLI maps it to
-    EXIT_PREEMPTED, the requeue code).
+    From outside its section the stage takes the prepared dataset and the base model (resolved
+    paths, how the model and its tokenizer load) and the run record; what it knows of the data
+    stage it reads from the dataset's manifest. Raises `errors.Preempted(checkpoint)` after a
+    signal-triggered save (the CLI maps it to EXIT_PREEMPTED, the requeue code).
     """
     exit_with_launcher()  # under `openseek-cpt launch`: no orphan rank if the launcher is killed
-    setup = setup_run(recipe)
+    setup = setup_run(
+        train,
+        record,
+        dataset_dir=dataset_dir,
+        model_dir=model_dir,
+        model_trust_remote_code=model_trust_remote_code,
+        tokenizer_trust_remote_code=tokenizer_trust_remote_code,
+    )
     try:
-        trainer = build_trainer(recipe, setup)
-        preempted_at = train_or_preempt(recipe, setup, trainer)
+        trainer = build_trainer(setup)
+        preempted_at = train_or_preempt(setup, trainer)
         leave_process_group(EXIT_OK if preempted_at is None else EXIT_PREEMPTED)
     finally:
         if setup.lock is not None:
@@ -87,10 +105,11 @@ def run(recipe: Recipe) -> Path:
     return setup.output_dir
 
 
-def build_trainer(recipe: Recipe, setup: Setup) -> CPTTrainer:
+def build_trainer(setup: Setup) -> CPTTrainer:
     """Model, data and the Trainer, built exactly as training uses them."""
-    model = load_model(recipe)
-    check_vocab(recipe, model, setup.manifest, setup.dataset_dir)
+    t = setup.train
+    model = load_model(t, setup.model_dir, setup.model_trust_remote_code)
+    check_vocab(setup.model_dir, setup.tokenizer_trust_remote_code, model, setup.manifest, setup.dataset_dir)
     train_data = prepared.load_split(setup.dataset_dir, "train", "train.dataset_dir")
     strategy = getattr(setup.args.eval_strategy, "value", setup.args.eval_strategy)
     eval_data = None
@@ -101,10 +120,10 @@ def build_trainer(recipe: Recipe, setup: Setup) -> CPTTrainer:
                 f"train.args.eval_strategy={strategy!r} but the eval split of {setup.dataset_dir} is "
                 "empty; set data.eval_size > 0 or train.args.eval_strategy: 'no'"
             )
-    log_epoch_plan(recipe, setup, len(train_data))
+    log_epoch_plan(setup, len(train_data))
     collator = PackedCollator(
         pad_token_id=prepared.pad_token_id(setup.manifest, model.config),
-        varlen=attention.needs_varlen(recipe.train.attn_implementation),
+        varlen=attention.needs_varlen(t.attn_implementation),
     )
     trainer = CPTTrainer(
         model=model,
@@ -116,10 +135,9 @@ def build_trainer(recipe: Recipe, setup: Setup) -> CPTTrainer:
             ThroughputCallback(),
             preemption.PreemptionCallback(),
             ShardingReport(),
-            router_balance.RouterBalanceCallback(model, recipe.train.router_bias_update_rate),
+            router_balance.RouterBalanceCallback(model, t.router_bias_update_rate),
         ],
         setup=setup,
-        recipe=recipe,
     )
     from transformers.integrations import TensorBoardCallback
 
@@ -131,7 +149,7 @@ def build_trainer(recipe: Recipe, setup: Setup) -> CPTTrainer:
     return trainer
 
 
-def train_or_preempt(recipe: Recipe, setup: Setup, trainer: CPTTrainer) -> Path | None:
+def train_or_preempt(setup: Setup, trainer: CPTTrainer) -> Path | None:
     """Train (resuming if a checkpoint exists) and save `final/`: returns None; or, stopped by a
     preemption signal, returns the checkpoint saved then (no final save)."""
     if setup.resume_from is not None and setup.rank == 0:
@@ -140,11 +158,11 @@ def train_or_preempt(recipe: Recipe, setup: Setup, trainer: CPTTrainer) -> Path 
         trainer.train(resume_from_checkpoint=str(setup.resume_from) if setup.resume_from else None)
         if caught.triggered:
             return preemption.saved_checkpoint(trainer, setup.output_dir)
-        save_final(recipe, setup, trainer)
+        save_final(setup, trainer)
     return None
 
 
-def save_final(recipe: Recipe, setup: Setup, trainer: CPTTrainer) -> None:
+def save_final(setup: Setup, trainer: CPTTrainer) -> None:
     """Write `final/` (weights + provenance) atomically; every rank takes part, rank 0 writes."""
     trainer.check_weights_finite(str(setup.output_dir / FINAL_SUBDIR))
     # Every rank takes part in gathering the weights (FSDP: an all-gather per tensor; a rank that
@@ -152,7 +170,7 @@ def save_final(recipe: Recipe, setup: Setup, trainer: CPTTrainer) -> None:
     state_dict = fsdp.full_state_dict(trainer)
     if trainer.is_world_process_zero():
         model = trainer.accelerator.unwrap_model(trainer.model)
-        inputs = [setup.dataset_dir, recipe.train_model_dir]
+        inputs = [setup.dataset_dir, setup.model_dir]
         with (
             atomic_output_dir(
                 setup.output_dir / FINAL_SUBDIR, stage="train", inputs=inputs, field="train.output_dir"
@@ -163,8 +181,8 @@ def save_final(recipe: Recipe, setup: Setup, trainer: CPTTrainer) -> None:
             write_provenance(
                 tmp,
                 stage="train",
-                recipe=recipe,
-                inputs={"dataset": setup.dataset_fingerprint, "model_dir": recipe.train_model_dir},
+                recipe=setup.record,
+                inputs={"dataset": setup.dataset_fingerprint, "model_dir": setup.model_dir},
                 extra={"global_step": trainer.state.global_step},
             )
     trainer.accelerator.wait_for_everyone()

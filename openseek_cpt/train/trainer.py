@@ -12,7 +12,6 @@ from transformers import Trainer
 from openseek_cpt.artifacts import checkpoints
 from openseek_cpt.logs import get_logger
 from openseek_cpt.modeling import router_balance
-from openseek_cpt.recipe.schema import Recipe
 from openseek_cpt.train import STAGE, finite, fsdp
 from openseek_cpt.train.callbacks.throughput import throughput_metrics
 from openseek_cpt.train.full_disk import named_when_full
@@ -26,13 +25,12 @@ log = get_logger(STAGE)
 class CPTTrainer(Trainer):
     """Trainer with: deterministic data order, completion markers, MoE-safe resume, throughput logs."""
 
-    def __init__(self, *a, setup: Setup, recipe: Recipe, **kw):
+    def __init__(self, *a, setup: Setup, **kw):
         self.setup = setup  # before Trainer.__init__: create_accelerator_and_postprocess reads it
-        self.recipe = recipe
         super().__init__(*a, **kw)
         self.tokens_local = 0
         self.nonfinite = finite.NonfiniteGuard(
-            recipe.train.max_nonfinite_steps, setup.output_dir, self.is_world_process_zero()
+            setup.train.max_nonfinite_steps, setup.output_dir, self.is_world_process_zero()
         )
 
     def _get_train_sampler(self, train_dataset=None):
@@ -78,7 +76,7 @@ class CPTTrainer(Trainer):
         self.accelerator.wait_for_everyone()  # every rank's files (rng_state_N.pth) are written
         if self.is_world_process_zero():
             kind = "FSDP" if fsdp.is_fsdp(self) else str(self.accelerator.distributed_type).rsplit(".", 1)[-1]
-            run = self.setup.run_info(self.recipe, kind)
+            run = self.setup.run_info(kind)
             checkpoints.write_marker(ckpt, checkpoints.marker_info(self.state.global_step, run))
             protect = [Path(self.state.best_model_checkpoint)] if self.state.best_model_checkpoint else []
             checkpoints.rotate(Path(self.args.output_dir), self.setup.keep, protect)
@@ -88,7 +86,7 @@ class CPTTrainer(Trainer):
         # Deviation: the stock path loads the safetensors state dict as is, which leaves native
         # deepseek_v3's fused experts random; from_pretrained converts per-expert keys correctly.
         model = model if model is not None else self.model
-        loaded = load_model(self.recipe, model_dir=resume_from_checkpoint)
+        loaded = load_model(self.setup.train, resume_from_checkpoint, self.setup.model_trust_remote_code)
         if fsdp.is_fsdp(self):
             result = fsdp.load_full_state_dict(model, loaded.state_dict())
         else:

@@ -198,11 +198,11 @@ def test_a_killed_data_stages_work_dir_is_swept(tiny_workdir):
     (tiny_workdir / "recipe.yaml").write_text(yaml.safe_dump(recipe))
     code = """
     from openseek_cpt.data import stage
-    from openseek_cpt.recipe.loader import load_recipe
+    from openseek_cpt.config import load_recipe
     def prepare_then_stop(*args, **kwargs):  # the work dir exists by now
         ready()
     stage.prepare_source = prepare_then_stop
-    stage.run(load_recipe("recipe.yaml"))
+    stage.run(**load_recipe("recipe.yaml").stage_args("data"))
     """
     pid = _kill_mid_write(code, tiny_workdir)
     datasets_dir = tiny_workdir / Path(recipe["data"]["output_dir"]).parent

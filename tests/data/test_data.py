@@ -11,6 +11,7 @@ import pytest
 import yaml
 from conftest import TINY_RECIPE, run_cli
 
+from openseek_cpt.config import load_recipe
 from openseek_cpt.data import stage as data
 from openseek_cpt.data.encoder import Encoder
 from openseek_cpt.data.prepare import Part, tokenize_and_pack
@@ -18,7 +19,6 @@ from openseek_cpt.data.sample import rows_table
 from openseek_cpt.data.sources import open_sources
 from openseek_cpt.data.tokenizer import load_tokenizer
 from openseek_cpt.errors import UserError
-from openseek_cpt.recipe.loader import load_recipe
 from openseek_cpt.testing.fixtures import format_title_body
 
 TOKENIZER = "models/tiny-openseek"
@@ -142,7 +142,7 @@ def test_mix_of_source_kinds_realizes_ratios_and_reports_them(tiny_workdir):
 def test_bfd_split_loses_no_token_and_no_segment_spans_two_documents(tiny_workdir, monkeypatch):
     """bfd_split loses no token and splits no segment across documents (both tiny sources, two processes)."""
     recipe = _recipe(tiny_workdir, "data.max_length=64", "data.num_proc=2", monkeypatch=monkeypatch)
-    tok = load_tokenizer(recipe)
+    tok = load_tokenizer(recipe.tokenizer_dir, recipe.assets.tokenizer_trust_remote_code)
     encoder = Encoder(tok)
     docs = _documents(tiny_workdir)
     work = tiny_workdir / "work"
@@ -163,7 +163,7 @@ def test_bfd_split_loses_no_token_and_no_segment_spans_two_documents(tiny_workdi
 def test_wrapped_and_truncate_report_honest_segments(tiny_workdir, monkeypatch):
     """wrapped rows cut documents anywhere: segments restart at each document and row start."""
     recipe = _recipe(tiny_workdir, "data.max_length=64", "data.packing=wrapped", monkeypatch=monkeypatch)
-    encoder = Encoder(load_tokenizer(recipe))
+    encoder = Encoder(load_tokenizer(recipe.tokenizer_dir, recipe.assets.tokenizer_trust_remote_code))
     src = open_sources(recipe.data.sources)[1]  # code: documents up to 4496 tokens
     docs = _documents(tiny_workdir)["code"][:300]
     (tiny_workdir / "w").mkdir()
@@ -192,14 +192,14 @@ def test_every_document_ends_with_exactly_one_eos(tiny_workdir, monkeypatch):
     from tokenizers.processors import TemplateProcessing
 
     recipe = _recipe(tiny_workdir, monkeypatch=monkeypatch)
-    tok = load_tokenizer(recipe)
+    tok = load_tokenizer(recipe.tokenizer_dir, recipe.assets.tokenizer_trust_remote_code)
     eos, eos_text = tok.eos_token_id, tok.eos_token
     plain = Encoder(tok).encode(["hello world", f"ends with eos{eos_text}", ""])
     assert [d.count(eos) for d in plain] == [1, 1, 1] and all(d[-1] == eos for d in plain)
     # the eos string in the text is text: its characters are encoded, then the one real eos follows
     assert tok.decode(plain[1][:-1]) == f"ends with eos{eos_text}"
     # a tokenizer that appends eos itself: still exactly one
-    tok2 = load_tokenizer(recipe)
+    tok2 = load_tokenizer(recipe.tokenizer_dir, recipe.assets.tokenizer_trust_remote_code)
     tok2.backend_tokenizer.post_processor = TemplateProcessing(
         single=f"$A {eos_text}", special_tokens=[(eos_text, eos)]
     )
@@ -221,7 +221,7 @@ def test_gigatoken_path_serves_a_tokenizer_json_with_its_post_processor(tiny_wor
     from tokenizers.processors import TemplateProcessing
 
     recipe = _recipe(tiny_workdir, monkeypatch=monkeypatch)
-    tok = load_tokenizer(recipe)
+    tok = load_tokenizer(recipe.tokenizer_dir, recipe.assets.tokenizer_trust_remote_code)
     eos_text = tok.eos_token
     texts = ["hello world", f"a{eos_text}b ends{eos_text}", "", None, "ünïcode  spaces\n\ttabs" * 50]
     slow = Encoder(tok).encode(texts)
@@ -246,7 +246,7 @@ def test_fast_backend_path_gives_the_tokenizers_own_ids(tiny_workdir, monkeypatc
 
     monkeypatch.setattr(giga, "load", lambda tokenizer, encoding: (None, "left out by this test"))
     recipe = _recipe(tiny_workdir, monkeypatch=monkeypatch)
-    tok = load_tokenizer(recipe)
+    tok = load_tokenizer(recipe.tokenizer_dir, recipe.assets.tokenizer_trust_remote_code)
     eos_text = tok.eos_token
     texts = ["hello world", f"a{eos_text}b ends{eos_text}", "", None, "ünïcode  spaces\n\ttabs" * 50]
     encoder = Encoder(tok)
@@ -256,7 +256,7 @@ def test_fast_backend_path_gives_the_tokenizers_own_ids(tiny_workdir, monkeypatc
     assert encoder.choose_path(texts) == reference
     assert encoder.path == "rust" and encoder.encode(texts) == slow
     # the tokenizer's own settings reach the fast path: an eos post-processor
-    tok2 = load_tokenizer(recipe)
+    tok2 = load_tokenizer(recipe.tokenizer_dir, recipe.assets.tokenizer_trust_remote_code)
     tok2.backend_tokenizer.post_processor = TemplateProcessing(
         single=f"$A {eos_text}", special_tokens=[(eos_text, tok2.eos_token_id)]
     )
@@ -271,7 +271,7 @@ def test_a_fast_path_that_disagrees_is_not_used_and_the_ids_stay_correct(tiny_wo
 
     monkeypatch.setattr(giga, "load", lambda tokenizer, encoding: (None, "left out by this test"))
     recipe = _recipe(tiny_workdir, monkeypatch=monkeypatch)
-    tok = load_tokenizer(recipe)
+    tok = load_tokenizer(recipe.tokenizer_dir, recipe.assets.tokenizer_trust_remote_code)
     texts = ["Hello World", "MiXeD case text", "lower"]
     right = Encoder(tok).encode(texts)
     encoder = Encoder(tok)
@@ -292,9 +292,9 @@ def test_a_fast_path_that_disagrees_is_not_used_and_the_ids_stay_correct(tiny_wo
 def test_same_recipe_is_byte_identical_and_seed_changes_order(tiny_workdir, monkeypatch):
     """The same recipe gives identical data files (arrow, state, info, manifest); another seed reorders."""
     monkeypatch.chdir(tiny_workdir)
-    first = data.run(_recipe(tiny_workdir, "data.output_dir=datasets/a"))
-    second = data.run(_recipe(tiny_workdir, "data.output_dir=datasets/b"))
-    other = data.run(_recipe(tiny_workdir, "data.output_dir=datasets/c", "seed=7"))
+    first = data.run(**_recipe(tiny_workdir, "data.output_dir=datasets/a").stage_args("data"))
+    second = data.run(**_recipe(tiny_workdir, "data.output_dir=datasets/b").stage_args("data"))
+    other = data.run(**_recipe(tiny_workdir, "data.output_dir=datasets/c", "seed=7").stage_args("data"))
     files = sorted(
         p.relative_to(first) for p in first.rglob("*") if p.is_file() and p.name != "provenance.json"
     )
@@ -315,7 +315,7 @@ def test_short_source_is_upsampled_with_whole_repeats_and_reported(tiny_workdir,
     texts = [f"doc {i}: " + " ".join(words[(i + k) % 10] for k in range(60)) + f" doc {i}" for i in range(12)]
     Dataset.from_dict({"text": texts}).save_to_disk("few")
     recipe = _recipe(tiny_workdir, "data.sources.1={path: few, ratio: 0.3}", "data.eval_size=0")
-    manifest = json.loads((data.run(recipe) / "manifest.json").read_text())
+    manifest = json.loads((data.run(**recipe.stage_args("data")) / "manifest.json").read_text())
     few = manifest["sources"][1]
     available = few["rows_available"]
     assert few["upsampled"] and few["train_rows"] == 58 and 58 / 4 <= available < 58
@@ -336,7 +336,11 @@ def test_a_source_repeated_more_than_max_repetition_is_a_one_line_error(tiny_wor
     monkeypatch.chdir(tiny_workdir)
     Dataset.from_dict({"text": [f"tiny doc {i}" for i in range(5)]}).save_to_disk("few")
     with pytest.raises(UserError) as info:
-        data.run(_recipe(tiny_workdir, "data.sources.1={path: few, ratio: 0.3}", "data.eval_size=0"))
+        data.run(
+            **_recipe(tiny_workdir, "data.sources.1={path: few, ratio: 0.3}", "data.eval_size=0").stage_args(
+                "data"
+            )
+        )
     message = str(info.value)
     assert "\n" not in message and "data.sources.1 (few, few)" in message
     assert (
@@ -349,7 +353,12 @@ def test_a_source_repeated_more_than_max_repetition_is_a_one_line_error(tiny_wor
     recipe = _recipe(
         tiny_workdir, "data.sources.1={path: few, ratio: 0.3}", "data.eval_size=0", "data.max_repetition=60"
     )
-    assert json.loads((data.run(recipe) / "manifest.json").read_text())["sources"][1]["times_repeated"] == 58
+    assert (
+        json.loads((data.run(**recipe.stage_args("data")) / "manifest.json").read_text())["sources"][1][
+            "times_repeated"
+        ]
+        == 58
+    )
 
 
 def _bad(workdir: Path, *args: str):
@@ -399,5 +408,5 @@ def test_source_tokenized_with_another_vocab_is_refused(tiny_workdir, monkeypatc
     monkeypatch.chdir(tiny_workdir)
     Dataset.from_dict({"input_ids": [[1, 2, 10**6]]}).save_to_disk("alien")
     with pytest.raises(UserError, match="another tokenizer"):
-        data.run(_recipe(tiny_workdir, "data.sources.1={path: alien, ratio: 0.3}"))
+        data.run(**_recipe(tiny_workdir, "data.sources.1={path: alien, ratio: 0.3}").stage_args("data"))
     assert not Path("datasets/tiny-mix").exists()

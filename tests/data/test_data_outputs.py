@@ -40,7 +40,7 @@ def test_megatron_prefix_onto_a_users_files_is_refused_before_any_work(tiny_work
     with pytest.raises(
         UserError, match=r"data.megatron_prefix: 'mine/corpus.bin' exists and was not written by data"
     ):
-        data.run(recipe)
+        data.run(**recipe.stage_args("data"))
     assert all(p.read_bytes() == b"the user's own file\n" for p in mine.values())
     _no_work_dir(tiny_workdir)
 
@@ -58,7 +58,7 @@ def test_megatron_prefix_onto_one_of_the_stages_megatron_sources_is_refused(
     (tiny_workdir / "meg/code.provenance.json").write_text('{"stage": "data"}\n')
     recipe = _recipe(tiny_workdir, "data.sources.1.path=meg/code", "data.megatron_prefix=meg/code")
     with pytest.raises(UserError, match=r"data.megatron_prefix: 'meg/code.bin' is the input 'meg/code.bin'"):
-        data.run(recipe)
+        data.run(**recipe.stage_args("data"))
     assert {ext: (tiny_workdir / f"meg/code.{ext}").read_bytes() for ext in ("bin", "idx")} == before
 
 
@@ -66,11 +66,11 @@ def test_output_dir_checks_come_before_any_work(tiny_workdir, monkeypatch, no_wo
     (tiny_workdir / "mine").mkdir()
     (tiny_workdir / "mine" / "notes.txt").write_text("mine\n")
     with pytest.raises(UserError, match="data.output_dir: 'mine' exists and is not an openseek-cpt artifact"):
-        data.run(_recipe(tiny_workdir, "data.output_dir=mine", monkeypatch=monkeypatch))
+        data.run(**_recipe(tiny_workdir, "data.output_dir=mine", monkeypatch=monkeypatch).stage_args("data"))
     (tiny_workdir / "datasets").mkdir(exist_ok=True)
     (tiny_workdir / "datasets" / "to-model").symlink_to(tiny_workdir / "models" / "tiny-openseek")
     with pytest.raises(UserError, match="data.output_dir: 'datasets/to-model' is the input"):
-        data.run(_recipe(tiny_workdir, "data.output_dir=datasets/to-model"))
+        data.run(**_recipe(tiny_workdir, "data.output_dir=datasets/to-model").stage_args("data"))
     assert (tiny_workdir / "mine" / "notes.txt").read_text() == "mine\n"
     _no_work_dir(tiny_workdir)
 
@@ -107,6 +107,6 @@ def test_a_megatron_prefix_that_is_a_directory_is_refused_before_any_work(tiny_w
     monkeypatch.chdir(tiny_workdir)
     (tiny_workdir / "megatron").mkdir()
     with pytest.raises(UserError) as err:
-        stage.run(_recipe(tiny_workdir, "data.megatron_prefix=megatron"))
+        stage.run(**_recipe(tiny_workdir, "data.megatron_prefix=megatron").stage_args("data"))
     assert "data.megatron_prefix 'megatron' is a directory" in str(err.value)
     assert not (tiny_workdir / "datasets/tiny-mix").exists()

@@ -8,9 +8,9 @@ from __future__ import annotations
 import pytest
 from conftest import TINY_RECIPE
 
+from openseek_cpt.config import load_recipe
 from openseek_cpt.data import packing
 from openseek_cpt.errors import UserError
-from openseek_cpt.recipe.loader import load_recipe
 
 MAX_LENGTH = 6
 # Document lengths: one longer than MAX_LENGTH, several that fit; every token id is unique.

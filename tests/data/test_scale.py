@@ -97,10 +97,10 @@ def test_small_token_files_give_the_same_dataset_and_are_deleted_as_written(tiny
     deleted = []
     original = TokenStore.delete
     monkeypatch.setattr(TokenStore, "delete", lambda self: (deleted.append(self.path.name), original(self)))
-    one = stage.run(_recipe(tiny_workdir, "data.output_dir=datasets/one"))
+    one = stage.run(**_recipe(tiny_workdir, "data.output_dir=datasets/one").stage_args("data"))
     files_one = len(deleted)
     monkeypatch.setattr(prepare, "PART_TOKENS", 2_000)
-    many = stage.run(_recipe(tiny_workdir, "data.output_dir=datasets/many"))
+    many = stage.run(**_recipe(tiny_workdir, "data.output_dir=datasets/many").stage_args("data"))
     assert len(deleted) - files_one > 2 * files_one  # several token files per read round
     for f in sorted(p.relative_to(one) for p in one.rglob("*.arrow")):
         assert (one / f).read_bytes() == (many / f).read_bytes(), f

@@ -13,14 +13,14 @@ import pytest
 
 from openseek_cpt.data import rows as source_rows
 from openseek_cpt.data import stage as data
+from openseek_cpt.data.config import SOURCE_TYPES
 from openseek_cpt.data.readers import READERS
 from openseek_cpt.errors import UserError
-from openseek_cpt.recipe.schema import SOURCE_TYPES
 from tests.data.test_data import _recipe
 
 
 def test_the_recipe_accepts_every_selectable_source_kind_of_the_table_and_no_other():
-    from openseek_cpt.recipe.loader import load_recipe
+    from openseek_cpt.config import load_recipe
 
     assert ("auto", *(name for name, r in READERS.items() if r.selectable)) == SOURCE_TYPES
     for kind in SOURCE_TYPES:
@@ -41,7 +41,7 @@ def test_megatron_prefix_is_a_source_and_an_export(tiny_workdir, monkeypatch):
     code = load_from_disk("models/tiny/sources/code")
     megatron_format.write_documents("meg/code", (np.asarray(x) for x in code["input_ids"]), 1024)
     recipe = _recipe(tiny_workdir, "data.sources.1.path=meg/code", "data.megatron_prefix=meg/out")
-    manifest = json.loads((data.run(recipe) / "manifest.json").read_text())
+    manifest = json.loads((data.run(**recipe.stage_args("data")) / "manifest.json").read_text())
     assert manifest["sources"][1]["kind"] == "megatron"
     back = megatron_format.read_documents("meg/out")
     train = load_from_disk("datasets/tiny-mix")["train"]
@@ -60,7 +60,11 @@ def test_megatron_source_is_read_in_place_and_the_same_recipe_is_byte_identical(
     code = load_from_disk("models/tiny/sources/code")
     megatron_format.write_documents("meg/code", (np.asarray(x) for x in code["input_ids"]), 1024)
     outs = [
-        data.run(_recipe(tiny_workdir, "data.sources.1.path=meg/code", f"data.output_dir=datasets/{name}"))
+        data.run(
+            **_recipe(
+                tiny_workdir, "data.sources.1.path=meg/code", f"data.output_dir=datasets/{name}"
+            ).stage_args("data")
+        )
         for name in ("a", "b")
     ]
     files = sorted(
@@ -129,7 +133,10 @@ def test_a_streamed_source_reads_only_what_its_share_needs_and_is_byte_identical
     monkeypatch.setattr(source_rows, "STREAM_BUFFER", 200)
     _write_jsonl_folder(tiny_workdir / "big", files=4, docs_per_file=1500)
     stream = "data.sources.1={path: big, ratio: 0.3, streaming: true}"
-    outs = [data.run(_recipe(tiny_workdir, stream, f"data.output_dir=datasets/{n}")) for n in ("a", "b")]
+    outs = [
+        data.run(**_recipe(tiny_workdir, stream, f"data.output_dir=datasets/{n}").stage_args("data"))
+        for n in ("a", "b")
+    ]
     files = sorted(
         p.relative_to(outs[0]) for p in outs[0].rglob("*") if p.is_file() and p.name != "provenance.json"
     )
@@ -142,7 +149,9 @@ def test_a_streamed_source_reads_only_what_its_share_needs_and_is_byte_identical
     assert 0 < src["documents_read"] < 6000 // 4, src["documents_read"]
     # The datasets cache holds nothing: the other jsonl source is read in place, `big` as a stream.
     assert not list((tiny_workdir / "hf-cache").rglob("*.arrow"))
-    other = data.run(_recipe(tiny_workdir, stream, "data.output_dir=datasets/c", "seed=7"))
+    other = data.run(
+        **_recipe(tiny_workdir, stream, "data.output_dir=datasets/c", "seed=7").stage_args("data")
+    )
     arrow = Path("train/data-00000-of-00001.arrow")
     assert (outs[0] / arrow).read_bytes() != (other / arrow).read_bytes()
 
@@ -156,7 +165,7 @@ def test_a_streamed_source_shorter_than_its_share_is_read_to_its_end_and_upsampl
         "data.eval_size=0",
         "data.max_repetition=60",
     )
-    src = json.loads((data.run(recipe) / "manifest.json").read_text())["sources"][1]
+    src = json.loads((data.run(**recipe.stage_args("data")) / "manifest.json").read_text())["sources"][1]
     assert src["documents_in_source"] == src["documents_read"] == 12
     assert src["upsampled"] and src["train_rows"] == 58
 
@@ -176,7 +185,7 @@ def test_a_stream_that_fails_midway_is_a_one_line_error_naming_the_source(tiny_w
         tiny_workdir, "data.sources.1={path: bad, ratio: 0.3, streaming: true}", "data.eval_size=0"
     )
     with pytest.raises(UserError) as info:
-        data.run(recipe)
+        data.run(**recipe.stage_args("data"))
     message = str(info.value)
     assert (
         "\n" not in message
@@ -190,7 +199,7 @@ def test_a_stream_that_fails_midway_is_a_one_line_error_naming_the_source(tiny_w
 def test_streaming_a_source_that_is_read_in_place_is_a_one_line_error(tiny_workdir, monkeypatch):
     monkeypatch.chdir(tiny_workdir)
     with pytest.raises(UserError) as info:
-        data.run(_recipe(tiny_workdir, "data.sources.1.streaming=true"))
+        data.run(**_recipe(tiny_workdir, "data.sources.1.streaming=true").stage_args("data"))
     message = str(info.value)
     assert "\n" not in message and "data.sources.1.streaming=true" in message and "disk source" in message
 
@@ -210,7 +219,7 @@ def test_a_directory_of_several_kinds_of_data_files_is_refused_naming_them(tiny_
     (folder / "b.txt").write_text("a line of text\n")
     (folder / "README.md").write_text("# notes\n")
     with pytest.raises(UserError) as err:
-        data.run(_one_source(tiny_workdir, "mixed"))
+        data.run(**_one_source(tiny_workdir, "mixed").stage_args("data"))
     assert (
         "data.sources.0.path='mixed' holds data files of several kinds (json: a.jsonl; text: b.txt)"
         in str(err.value)
@@ -231,7 +240,7 @@ def test_a_directory_read_as_one_kind_names_the_files_it_leaves_out(tiny_workdir
     (folder / "README.md").write_text("# notes\n")
     (folder / "c.txt").write_text("not read\n")
     caplog.set_level(logging.INFO)
-    out = data.run(_one_source(tiny_workdir, "docs", type="json", text_field="body"))
+    out = data.run(**_one_source(tiny_workdir, "docs", type="json", text_field="body").stage_args("data"))
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["sources"][0]["kind"] == "json"
     assert manifest["sources"][0]["documents_in_source"] == len(docs)
@@ -244,7 +253,7 @@ def test_a_source_whose_every_document_is_empty_is_named(tiny_workdir, monkeypat
         "".join(json.dumps({"text": t}) + "\n" for t in ["", "  ", "\n\t", None])
     )
     with pytest.raises(UserError) as err:
-        data.run(_one_source(tiny_workdir, "blank.jsonl"))
+        data.run(**_one_source(tiny_workdir, "blank.jsonl").stage_args("data"))
     assert "data.sources.0.path='blank.jsonl': every document read (4) is empty or whitespace only" in str(
         err.value
     )

@@ -128,7 +128,7 @@ def test_the_sample_check_tokenizes_a_bounded_prefix_of_long_documents(tiny_work
     Dataset.from_dict({"text": texts}).save_to_disk("long")
     recipe = _recipe(tiny_workdir, "data.sources.1={path: long, ratio: 0.3}")
     src = open_sources(recipe.data.sources)[1]
-    encoder = Encoder(load_tokenizer(recipe))
+    encoder = Encoder(load_tokenizer(recipe.tokenizer_dir, recipe.assets.tokenizer_trust_remote_code))
     seen: list[int] = []
     original = encoder.choose_path
     monkeypatch.setattr(encoder, "choose_path", lambda t: seen.extend(map(len, t)) or original(t))

@@ -14,10 +14,10 @@ import pytest
 import yaml
 
 from openseek_cpt.artifacts import megatron_format
+from openseek_cpt.config import load_recipe
 from openseek_cpt.data import stage as data
 from openseek_cpt.data.encoder import Encoder, with_one_eos
 from openseek_cpt.errors import UserError
-from openseek_cpt.recipe.loader import load_recipe
 from openseek_cpt.testing.fixtures import REAL_VOCAB, stdlib_docstrings, write_qwen_tokenizer
 
 SPECIAL_DOC = "A web page that quotes <|endoftext|> and <|extra_204|> and <|im_start|>user in its text."
@@ -183,7 +183,7 @@ def test_data_stage_with_the_tiktoken_tokenizer_reports_its_path_and_special_tex
         for t in [*texts[:150], SPECIAL_DOC, *texts[150:]]:
             f.write(json.dumps({"text": t}) + "\n")
     sources = [{"path": str(tmp_path / "web.jsonl"), "ratio": 1.0}]
-    out = data.run(_recipe(tmp_path, tokenizer_dir, sources, read_margin=10.0))
+    out = data.run(**_recipe(tmp_path, tokenizer_dir, sources, read_margin=10.0).stage_args("data"))
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["tokenizer_path"] == "gigatoken" and manifest["vocab_size"] == REAL_VOCAB
     (src,) = manifest["sources"]
@@ -214,7 +214,7 @@ def test_megatron_source_with_ids_beyond_the_vocab_is_refused(tokenizer_dir, tmp
     megatron_format.write_documents(tmp_path / "shard_text_document", docs, vocab_size=200000)
     recipe = _recipe(tmp_path, tokenizer_dir, [{"path": str(tmp_path / "shard_text_document"), "ratio": 1.0}])
     with pytest.raises(UserError) as info:
-        data.run(recipe)
+        data.run(**recipe.stage_args("data"))
     message = str(info.value)
     assert (
         "\n" not in message and f"token id {REAL_VOCAB + 48}" in message and f"[0, {REAL_VOCAB})" in message

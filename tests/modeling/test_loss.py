@@ -136,6 +136,19 @@ def test_unknown_implementation_is_rejected():
         loss.install(object(), "fast")
 
 
+def test_every_loss_the_recipe_offers_is_one_install_knows():
+    from openseek_cpt.errors import UserError
+    from openseek_cpt.train.config import LOSSES
+
+    for name in LOSSES:
+        try:
+            loss.install(object(), name)
+        except ValueError as exc:  # chunked: no lm_head on this object, but a known name
+            assert "not one of" not in str(exc), name
+        except UserError:  # liger: its package or a GPU is missing here
+            pass
+
+
 def test_eval_loss_of_the_evaluation_module_equals_the_stock_logits_loss(tmp_path):
     """evaluation.eval_loss (chunked, like training) == cross-entropy of the stock full logits."""
     from datasets import Dataset, DatasetDict

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 from conftest import TINY_RECIPE, run_cli
 
+from openseek_cpt.config import load_recipe
 from openseek_cpt.errors import UserError
-from openseek_cpt.recipe.loader import load_recipe
 
 TINY_TEXT = TINY_RECIPE.read_text()
 

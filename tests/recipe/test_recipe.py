@@ -12,11 +12,10 @@ import yaml
 from conftest import REPO, TINY_RECIPE, run_cli
 
 from openseek_cpt.artifacts.fileio import canonical_hash
+from openseek_cpt.config import Recipe, load_recipe
 from openseek_cpt.data import packing
 from openseek_cpt.errors import EXIT_USER_ERROR, UserError
-from openseek_cpt.recipe import keys as recipe_keys
-from openseek_cpt.recipe import schema
-from openseek_cpt.recipe.loader import load_recipe
+from openseek_cpt.recipe import keys
 
 OPENSEEK_RECIPE = REPO / "recipes" / "openseek" / "config.yaml"
 
@@ -96,7 +95,7 @@ def test_cli_reports_bad_recipe_in_one_line_with_exit_code_2(tmp_path):
 # ---- every key documents itself -------------------------------------------------------------------
 
 
-def _declared_keys(cls=schema.Recipe, prefix=""):
+def _declared_keys(cls=Recipe, prefix=""):
     """(dotted key, field) of every declared field, walking sections and list-of-section items (as N)."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
@@ -113,7 +112,7 @@ def _declared_keys(cls=schema.Recipe, prefix=""):
 def test_every_field_declares_a_doc():
     lacking = [key for key, f in _declared_keys() if not f.metadata.get("doc", "").strip()]
     assert not lacking, f"fields without a doc: {lacking}"
-    sections = [f.name for f in dataclasses.fields(schema.Recipe) if not f.metadata.get("doc")]
+    sections = [f.name for f in dataclasses.fields(Recipe) if not f.metadata.get("doc")]
     assert not sections, f"sections without a doc: {sections}"
 
 
@@ -122,7 +121,7 @@ def test_recipe_keys_lists_every_key_with_type_default_and_doc(tmp_path):
     assert r.returncode == 0, r.stderr
     rows = {line.split()[0]: line for line in r.stdout.splitlines()[1:]}
     assert list(rows) == [key for key, _ in _declared_keys()]
-    listed = {k.key: k for k in recipe_keys.keys(None)}
+    listed = {k.key: k for k in keys.keys(Recipe)}
     for key, f in _declared_keys():
         assert listed[key].doc.startswith(f.metadata["doc"]) and f.metadata["doc"] in rows[key]
     assert "data.packing" in rows and "One of: " + ", ".join(packing.NAMES) in rows["data.packing"]
@@ -223,6 +222,7 @@ BAD = [
     ("train.experts_implementation=fast", "train.experts_implementation='fast' is not one of eager"),
     ("train.args.save_steps=-5", "train.args.save_steps=-5 must be > 0"),
     ("train.args.max_steps=0", "train.args.max_steps=0 must be > 0 (or -1)"),
+    ("train.args.save_total_limit=0", "train.args.save_total_limit=0 must be > 0 (or None)"),
     (
         "train.args.eval_strategy=sometimes",
         "train.args.eval_strategy='sometimes' is not one of no, steps, epoch",
@@ -301,13 +301,16 @@ def test_choices_are_those_transformers_accept():
 
 
 def test_loading_a_recipe_without_train_args_imports_neither_torch_transformers_nor_numpy(tmp_path):
-    """The choice tables the recipe reads (loss, router, soup methods and dtypes) load no torch, and
-    no numpy: the soup command sets OPENBLAS_NUM_THREADS after loading the recipe."""
-    modules = sorted(p.stem for p in (REPO / "openseek_cpt" / "recipe").glob("[!_]*.py"))
+    """The recipe layer, the assembly and every stage's config module (with the tables they read:
+    packing, readers, soup methods, attention, experts) load no torch, and no numpy: the soup command
+    sets OPENBLAS_NUM_THREADS after loading the recipe."""
+    package = REPO / "openseek_cpt"
+    modules = sorted(f"openseek_cpt.recipe.{p.stem}" for p in (package / "recipe").glob("[!_]*.py"))
+    modules += sorted(f"openseek_cpt.{p.parent.name}.config" for p in package.glob("*/config.py"))
     code = (
-        f"import sys, importlib; [importlib.import_module('openseek_cpt.recipe.' + m) for m in {modules}]; "
-        "from openseek_cpt.recipe.loader import load_recipe; load_recipe(None); "
+        f"import sys, importlib; [importlib.import_module(m) for m in {modules}]; "
+        "from openseek_cpt.config import load_recipe; load_recipe(None); "
         "print(sorted(m for m in ('torch', 'transformers', 'numpy') if m in sys.modules))"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
-    assert len(modules) >= 5 and r.stdout.strip() == "[]"
+    assert len(modules) >= 8 and r.stdout.strip() == "[]"

@@ -17,9 +17,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, DeepseekV3ForCausalLM
 
+from openseek_cpt.config import load_recipe
 from openseek_cpt.errors import UserError
 from openseek_cpt.logs import get_logger
-from openseek_cpt.recipe.loader import load_recipe
 from openseek_cpt.soup import methods, numerics, pipeline
 from openseek_cpt.soup import stage as soup
 from openseek_cpt.soup.inputs import open_input
@@ -68,7 +68,7 @@ def _tiny_eval_dataset(path: Path) -> None:
 
 def _run_soup(work: Path, monkeypatch, *overrides: str) -> Path:
     monkeypatch.chdir(work)
-    return work / soup.run(load_recipe(TINY_RECIPE, ["soup.evaluate=false", *overrides]))
+    return work / soup.run(**load_recipe(TINY_RECIPE, ["soup.evaluate=false", *overrides]).stage_args("soup"))
 
 
 def _tensors(model_dir: Path) -> dict[str, torch.Tensor]:
@@ -294,7 +294,7 @@ def test_evaluate_records_and_prints_loss_of_base_checkpoints_and_soup(soup_work
     level = logger.level
     logger.setLevel(logging.INFO)
     try:
-        out = soup.run(recipe)
+        out = soup.run(**recipe.stage_args("soup"))
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
@@ -326,7 +326,7 @@ def test_non_float_tensors_are_copied_from_the_base_and_listed(tmp_path, monkeyp
             "soup.dtype=float32",
         ],
     )
-    out = tmp_path / soup.run(recipe)
+    out = tmp_path / soup.run(**recipe.stage_args("soup"))
     got = load_file(out / "model.safetensors")
     assert torch.equal(got["counter"], torch.tensor([0, 7])) and torch.equal(
         got["w"], torch.full((3, 5), 1.0)

@@ -14,8 +14,8 @@ from conftest import REPO, TINY_RECIPE, copy_workdir, run_cli
 from safetensors.torch import load_file
 
 from openseek_cpt.artifacts import checkpoints
+from openseek_cpt.config import load_recipe
 from openseek_cpt.errors import UserError
-from openseek_cpt.recipe.loader import load_recipe
 from openseek_cpt.train.setup import setup_run
 from openseek_cpt.train.stage import FINAL_SUBDIR, build_trainer, save_final
 
@@ -113,9 +113,9 @@ def test_every_rank_of_a_diverged_launch_stops_at_the_same_step(prepared, config
 def test_weights_that_are_not_finite_are_never_saved_as_a_complete_checkpoint_or_final(prepared, monkeypatch):
     monkeypatch.chdir(prepared)
     recipe = load_recipe(TINY_RECIPE, ["train.args.eval_strategy='no'", "train.output_dir=runs/nan-weights"])
-    setup = setup_run(recipe)
+    setup = setup_run(**recipe.stage_args("train"))
     try:
-        trainer = build_trainer(recipe, setup)
+        trainer = build_trainer(setup)
         trainer.create_optimizer_and_scheduler(num_training_steps=8)  # what train() builds first
         trainer.state.global_step = 3
         trainer._save_checkpoint(trainer.model, None)  # finite: saved and marked complete
@@ -125,7 +125,7 @@ def test_weights_that_are_not_finite_are_never_saved_as_a_complete_checkpoint_or
         with pytest.raises(UserError, match=r"step 4: the weights are not finite .*checkpoint-3"):
             trainer._save_checkpoint(trainer.model, None)
         with pytest.raises(UserError, match=r"step 4: the weights are not finite"):
-            save_final(recipe, setup, trainer)
+            save_final(setup, trainer)
     finally:
         setup.lock.release()
     run = prepared / "runs" / "nan-weights"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -17,9 +18,9 @@ from safetensors.torch import load_file
 
 from openseek_cpt import launcher
 from openseek_cpt.artifacts.provenance import directory_fingerprint
+from openseek_cpt.config import load_recipe
 from openseek_cpt.errors import UserError
-from openseek_cpt.recipe.loader import load_recipe
-from openseek_cpt.train import training_args
+from openseek_cpt.train import config
 from openseek_cpt.train.model import document_logits, load_model
 from openseek_cpt.train.setup import setup_run
 from openseek_cpt.train.stage import build_trainer
@@ -42,24 +43,26 @@ def in_prepared(prepared, monkeypatch) -> Path:
 
 def test_a_document_packed_after_others_gets_the_logits_it_gets_alone(in_prepared):
     recipe = load_recipe(TINY_RECIPE)
-    model = load_model(recipe)  # as training builds it: use_cache=False, fp32 weights, train mode
+    model = load_model(
+        recipe.train, recipe.train_model_dir
+    )  # as training builds it: use_cache=False, fp32 weights, train mode
     assert model.config.use_cache is False
     g = torch.Generator().manual_seed(0)
     doc = torch.randint(1, 1000, (37,), generator=g).tolist()
     other = torch.randint(1, 1000, (50,), generator=g).tolist()
-    alone_logits, alone_loss = document_logits(recipe, [{"input_ids": doc, "seq_lengths": [37]}], model)
+    alone_logits, alone_loss = document_logits(recipe.train, [{"input_ids": doc, "seq_lengths": [37]}], model)
     packed = [{"input_ids": other + doc, "seq_lengths": [50, 37]}]
-    packed_logits, packed_loss = document_logits(recipe, packed, model)
+    packed_logits, packed_loss = document_logits(recipe.train, packed, model)
     # Same document, same kernels (bf16 autocast as in training): equal to float tolerance.
     torch.testing.assert_close(packed_logits[0, 50:], alone_logits[0], rtol=0, atol=1e-4)
     torch.testing.assert_close(packed_loss[0, 50:], alone_loss[0], rtol=0, atol=1e-4)
     # The first token of the document is not a target of the previous document.
     assert packed_loss[0, 49] == 0
     # Controls that can fail: no position reset, or a KV cache, lets the document see the other one.
-    unreset, _ = document_logits(recipe, [{"input_ids": other + doc, "seq_lengths": [87]}], model)
+    unreset, _ = document_logits(recipe.train, [{"input_ids": other + doc, "seq_lengths": [87]}], model)
     assert (unreset[0, 50:] - alone_logits[0]).abs().max() > 1e-2
     model.config.use_cache = True
-    leaked, _ = document_logits(recipe, packed, model)
+    leaked, _ = document_logits(recipe.train, packed, model)
     assert (leaked[0, 50:] - alone_logits[0]).abs().max() > 1e-2
 
 
@@ -121,8 +124,8 @@ def test_resume_restores_the_fused_moe_experts_that_the_stock_trainer_path_leave
     ckpt = prepared / "runs" / "moe" / "checkpoint-1"
     recipe = load_recipe(TINY_RECIPE, ["train.args.eval_strategy='no'", "train.output_dir=runs/moe-check"])
     monkeypatch.chdir(prepared)
-    trained = load_model(recipe, model_dir=str(ckpt)).state_dict()
-    trainer = build_trainer(recipe, setup_run(recipe))
+    trained = load_model(recipe.train, str(ckpt)).state_dict()
+    trainer = build_trainer(setup_run(**recipe.stage_args("train")))
     Trainer._load_from_checkpoint(trainer, str(ckpt))  # the stock path
     stock = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     trainer._load_from_checkpoint(str(ckpt))  # ours
@@ -182,20 +185,38 @@ def test_bad_inputs_stop_with_one_line_and_exit_2(prepared):
 
 def test_bf16_on_a_device_without_it_is_an_error_naming_the_fp32_fix():
     with pytest.raises(UserError, match="train.precision=fp32"):
-        training_args.precision_args("bf16-mixed", has_bf16=False)
-    assert training_args.precision_args("fp32", has_bf16=False) == {"bf16": False, "fp16": False}
-    assert training_args.precision_args("bf16-mixed", has_bf16=True)["bf16"] is True
-    assert (
-        training_args.precision_args("bf16-pure", has_bf16=True)["bf16"] is False
-    )  # weights are bf16 already
-    assert training_args.bf16_supported() is True  # CPU autocast runs bf16
+        config.precision_args("bf16-mixed", has_bf16=False)
+    assert config.precision_args("fp32", has_bf16=False) == {"bf16": False, "fp16": False}
+    assert config.precision_args("bf16-mixed", has_bf16=True)["bf16"] is True
+    assert config.precision_args("bf16-pure", has_bf16=True)["bf16"] is False  # weights are bf16 already
+    assert config.bf16_supported() is True  # CPU autocast runs bf16
+
+
+def test_training_arguments_are_built_in_one_place_from_the_section_and_what_the_stage_derives():
+    """The load-time check and the stage build TrainingArguments with one function; the check's
+    build (on a CPU) leaves os.environ as it found it, so a GPU run never inherits its variables."""
+    before = dict(os.environ)
+    recipe = load_recipe(
+        TINY_RECIPE, ["seed=7", "train.per_device_batch_size=2", "train.args.save_total_limit=3"]
+    )
+    assert dict(os.environ) == before
+    args = config.training_arguments(recipe.train, config.RunFacts(seed=recipe.seed, grad_accum=2))
+    assert (args.output_dir, args.seed, args.per_device_train_batch_size, args.gradient_accumulation_steps) == (
+        recipe.train.output_dir, 7, 2, 2)  # fmt: skip
+    assert args.remove_unused_columns is False and args.ddp_find_unused_parameters is False
+    assert args.save_total_limit is None and recipe.train.keep == 3  # the stage rotates, after its marker
+    for key, (instead, _) in config.DERIVED_ARGS.items():
+        with pytest.raises(
+            UserError, match=f"train.args.{key} is set by the train stage; .*{re.escape(instead)}"
+        ):
+            load_recipe(TINY_RECIPE, [f"train.args.{key}=1"])
 
 
 def test_gradient_accumulation_is_derived_from_the_world_size():
-    assert training_args.gradient_accumulation(1024, 16, 4) == 16
-    assert training_args.gradient_accumulation(8, 2, 4) == 1
+    assert config.gradient_accumulation(1024, 16, 4) == 16
+    assert config.gradient_accumulation(8, 2, 4) == 1
     with pytest.raises(UserError, match="global_batch_size=1000.*world_size=16.*per_device_batch_size=4"):
-        training_args.gradient_accumulation(1000, 16, 4)
+        config.gradient_accumulation(1000, 16, 4)
 
 
 TEARDOWN_RANK = """
@@ -246,5 +267,5 @@ def test_the_checkpointing_switch_is_named_as_the_installed_transformers_names_i
     from transformers import TrainingArguments
 
     older = dataclasses.make_dataclass("Older", [("gradient_checkpointing", bool, False)])
-    assert training_args.checkpointing_arg(older) == "gradient_checkpointing"
-    assert training_args.checkpointing_arg(TrainingArguments) == "activation_checkpointing"
+    assert config.checkpointing_arg(older) == "gradient_checkpointing"
+    assert config.checkpointing_arg(TrainingArguments) == "activation_checkpointing"

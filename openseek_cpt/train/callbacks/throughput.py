@@ -52,7 +52,7 @@ def throughput_metrics(trainer) -> dict[str, float]:
     tokens_global = float(tokens.item())
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     peak, _ = flops.device_peak_flops(local_world_size=local_world)
-    seq = trainer.setup.manifest.get("max_length") or trainer.recipe.data.max_length
+    seq = trainer.setup.manifest.get("max_length") or len(trainer.train_dataset[0]["input_ids"])
     per_token = flops.training_flops_per_token(trainer.accelerator.unwrap_model(trainer.model).config, seq)
     out = {
         "tokens_per_second": tokens_global / seconds,
