@@ -102,6 +102,7 @@ def build_trainer(recipe: Recipe, setup: Setup) -> CPTTrainer:
                 "empty; set data.eval_size > 0 or train.args.eval_strategy: 'no'"
             )
     log_epoch_plan(recipe, setup, len(train_data))
+    row_length = setup.manifest.get("max_length") or recipe.data.max_length
     collator = PackedCollator(
         pad_token_id=prepared.pad_token_id(setup.manifest, model.config),
         varlen=attention.needs_varlen(recipe.train.attn_implementation),
@@ -113,7 +114,7 @@ def build_trainer(recipe: Recipe, setup: Setup) -> CPTTrainer:
         eval_dataset=eval_data,
         data_collator=collator,
         callbacks=[
-            ThroughputCallback(),
+            ThroughputCallback(model.config, row_length, setup.world_size),
             preemption.PreemptionCallback(),
             ShardingReport(),
             router_balance.RouterBalanceCallback(model, recipe.train.router_bias_update_rate),
