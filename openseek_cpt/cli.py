@@ -15,17 +15,9 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from openseek_cpt import logs
+from openseek_cpt import logs, rank_exit
 from openseek_cpt.config import Recipe, load_recipe
-from openseek_cpt.errors import (
-    EXIT_FAILURE,
-    EXIT_OK,
-    EXIT_PREEMPTED,
-    EXIT_USER_ERROR,
-    RANK_ERRORS_ENV,
-    Preempted,
-    UserError,
-)
+from openseek_cpt.errors import EXIT_FAILURE, EXIT_OK, EXIT_PREEMPTED, EXIT_USER_ERROR, Preempted, UserError
 
 
 def _recipe(args: argparse.Namespace) -> Recipe:
@@ -218,8 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logs.setup()
     code = _run(args)
-    if args.command == "train" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        _exit_without_finalizing(code)
+    if args.command == "train":
+        rank_exit.end_distributed_rank(code)
     return code
 
 
@@ -259,10 +251,7 @@ def _fail(args: argparse.Namespace, code: int, message: str) -> int:
     """Print the one line; a rank under `launch` also leaves it for the launcher to print last."""
     line = f"openseek-cpt {args.command}: {message}"
     print(line, file=sys.stderr)
-    if folder := os.environ.get(RANK_ERRORS_ENV):
-        rank = os.environ.get("RANK", "0")
-        with contextlib.suppress(OSError):
-            Path(folder, f"rank-{rank}.txt").write_text(f"{code}\t{line}\n")
+    rank_exit.leave_error(code, line)
     return code
 
 
@@ -288,7 +277,7 @@ PEER_LOST_TEXT = ("Connection closed by peer", "Connection reset by peer", "remo
 
 def peer_lost(exc: BaseException) -> str | None:
     """The words by which `exc` (or its cause) says another rank of this distributed run is gone."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if logs.rank_and_world()[1] <= 1:
         return None
     while exc is not None:
         if found := next((text for text in PEER_LOST_TEXT if text in str(exc)), None):
@@ -323,21 +312,6 @@ def disk_full_message(exc: BaseException, args: argparse.Namespace) -> str:
         f"no space left on the device (or the quota) writing {path} ({free / 2**20:.0f} MiB free there "
         "now); free space or point the output elsewhere, then rerun (the stage sweeps its leftovers)"
     )
-
-
-def _exit_without_finalizing(code: int) -> None:
-    """A distributed training rank ends here, skipping the interpreter's finalization.
-
-    Tearing down gloo's worker threads there aborted (SIGABRT) or hung a rank now and then, after
-    its outputs were complete, and a rank that does so fails or holds the whole job. Everything the
-    stage wrote is closed and fsynced by now; only the standard streams need flushing.
-    """
-    import logging
-
-    logging.shutdown()
-    for stream in (sys.stdout, sys.stderr):
-        stream.flush()
-    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -34,8 +34,3 @@ def first_line(exc: BaseException) -> str:
     """The first non-empty line of an exception's message, or its type name (for one-line errors)."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
-
-
-# Where a training rank under `launch` leaves its one-line error (rank-N.txt: "CODE<TAB>line"), so
-# the launcher prints it last, after torch's own report, and exits with the code the rank earned.
-RANK_ERRORS_ENV = "OPENSEEK_CPT_RANK_ERRORS"

@@ -29,44 +29,31 @@ per node, e.g. `srun -N$NODES --ntasks-per-node=1 openseek-cpt launch --recipe R
   forwarded the signal — resuming from the newest complete checkpoint is right either way);
   otherwise the child's exit code. The last line of a failed launch is the rank's own one-line
   error, or one naming the rank, the signal (or exit code) and the log to read; no torch traceback
-  for a rank that was killed by a signal or chose its code. Killing the launcher (even with -9)
-  ends its ranks: accelerate launch gets a parent-death SIGKILL and each rank watches the
-  launcher's PID (OPENSEEK_LAUNCHER_PID), so no orphan trains on in the background.
+  for a rank that was killed by a signal or chose its code (how the ranks tell it: `rank_exit`).
+  Killing the launcher (even with -9) ends its ranks: accelerate launch gets a parent-death
+  SIGKILL and each rank watches the launcher's PID (`rank_exit.exit_with_launcher`), so no orphan
+  trains on in the background.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
-import threading
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from openseek_cpt.artifacts.temps import pid_alive
-from openseek_cpt.errors import (
-    EXIT_FAILURE,
-    EXIT_OK,
-    EXIT_PREEMPTED,
-    EXIT_USER_ERROR,
-    RANK_ERRORS_ENV,
-    UserError,
-)
-from openseek_cpt.launch_agent import FAILURES_FILE
+from openseek_cpt import rank_exit
+from openseek_cpt.errors import EXIT_OK, EXIT_PREEMPTED, UserError
 from openseek_cpt.logs import get_logger
 from openseek_cpt.shipped import find_shipped
 
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-# The ranks read it (`exit_with_launcher`) and end themselves when this PID is gone.
-LAUNCHER_PID_ENV = "OPENSEEK_LAUNCHER_PID"
 log = get_logger("launch")
 
 
@@ -98,10 +85,25 @@ def launch_train(recipe_path: str | Path, overrides: Sequence[str] = (), nproc: 
     cmd = accelerate_command(recipe_path, overrides, world, config_file)
     log.info(f"{world}")
     log.info(" ".join(cmd))
+    with rank_exit.rank_errors_folder() as errors:
+        code, forwarded = _run_ranks(cmd, errors)
+        earned, failures = rank_exit.read_rank_error(errors), rank_exit.read_failures(errors)
+    if code == EXIT_OK:
+        return code
+    if earned:
+        rank_code, line = earned
+        print(line, file=sys.stderr, flush=True)  # last: the rank's own one line
+        return rank_code
+    if failures:
+        print(rank_exit.failure_line(failures, _log_of_this_process()), file=sys.stderr, flush=True)
+    return EXIT_PREEMPTED if forwarded else code
+
+
+def _run_ranks(cmd: list[str], errors: Path) -> tuple[int, list[int]]:
+    """Run `cmd` to its end, forwarding preemption signals to the ranks: (exit code, signals forwarded)."""
     # Own session: we decide who gets signals. The ranks learn our PID and exit when we are gone
     # (kill -9 forwards nothing); `accelerate launch` itself gets SIGKILL when we die.
-    errors = Path(tempfile.mkdtemp(prefix="openseek-rank-errors-"))
-    env = {**os.environ, LAUNCHER_PID_ENV: str(os.getpid()), RANK_ERRORS_ENV: str(errors)}
+    env = {**os.environ, **rank_exit.launcher_env(errors)}
     child = subprocess.Popen(cmd, start_new_session=True, env=env, preexec_fn=_die_with_parent)
     forwarded: list[int] = []
 
@@ -123,59 +125,7 @@ def launch_train(recipe_path: str | Path, overrides: Sequence[str] = (), nproc: 
             os.killpg(child.pid, signal.SIGINT)
     for sig in FORWARDED_SIGNALS:  # until exit: a late signal must not replace the code the run earned
         signal.signal(sig, signal.SIG_IGN)  # (a Python handler is reset to the default at finalization)
-    earned, failures = rank_error(errors), rank_failures(errors)
-    shutil.rmtree(errors, ignore_errors=True)
-    if code == EXIT_OK:
-        return code
-    if earned:
-        rank_code, line = earned
-        print(line, file=sys.stderr, flush=True)  # last: the rank's own one line
-        return rank_code
-    if failures:
-        print(failure_line(failures, _log_of_this_process()), file=sys.stderr, flush=True)
-    return EXIT_PREEMPTED if forwarded else code
-
-
-def rank_error(folder: Path) -> tuple[int, str] | None:
-    """(code, one line) a rank left in `folder`: a user error (2) before a preemption (3), then the
-    lowest rank; None when no rank left one (a crash: the traceback above says what happened)."""
-    found = []
-    for path in folder.glob("rank-*.txt"):
-        with contextlib.suppress(OSError, ValueError):
-            code, line = path.read_text().rstrip("\n").split("\t", 1)
-            found.append((int(code) != EXIT_USER_ERROR, int(path.stem.split("-")[1]), int(code), line))
-    if not found:
-        return None
-    _, rank, code, line = min(found)
-    return code, f"{line} (rank {rank})"
-
-
-def rank_failures(folder: Path) -> list[dict[str, int]]:
-    """The failed ranks launch_agent recorded (rank, exitcode, pid, time); [] when none did."""
-    try:
-        return list(json.loads((folder / FAILURES_FILE).read_text()))
-    except (OSError, ValueError):
-        return []
-
-
-def failure_line(failures: list[dict[str, int]], log: str) -> str:
-    """One line for a rank that failed without a line of its own: killed by a signal (the first
-    such, the others followed it) or a crash, with the log that holds what it printed."""
-    killed = sorted((f for f in failures if f["exitcode"] < 0), key=lambda f: (f["time"], f["rank"]))
-    first = killed[0] if killed else min(failures, key=lambda f: (f["time"], f["rank"]))
-    rank, code = first["rank"], first["exitcode"]
-    if code >= 0:
-        return f"openseek-cpt launch: rank {rank} failed with exit code {code}; its traceback is in {log}"
-    signum = -code
-    try:
-        name = signal.Signals(signum).name
-    except ValueError:
-        name = f"signal {signum}"
-    hint = " (a SIGKILL nobody sent is usually the out-of-memory killer: see `dmesg`)" if signum == 9 else ""
-    return (
-        f"openseek-cpt launch: rank {rank} (pid {first['pid']}) was killed by signal {signum} ({name})"
-        f"{hint}; what it printed last is in {log}; rerun to resume from the newest complete checkpoint"
-    )
+    return code, forwarded
 
 
 def _log_of_this_process() -> str:
@@ -256,27 +206,6 @@ def accelerate_command(
     for item in overrides:
         cmd += ["--set", item]
     return cmd
-
-
-def exit_with_launcher(interval: float = 0.1) -> None:
-    """Under `openseek-cpt launch`: exit when the launcher is gone (killed with -9, no forwarding).
-
-    `accelerate launch` dies with the launcher (parent-death signal), but its workers would be
-    orphans training on; each rank checks the launcher's PID and ends itself. The check is cheap
-    (a signal-0 kill and a /proc read), so it runs often: a tiny model trains several steps a second.
-    """
-    pid = int(os.environ.get(LAUNCHER_PID_ENV, "0") or 0)
-    if pid <= 0:
-        return
-
-    def watch() -> None:
-        while pid_alive(pid):
-            time.sleep(interval)
-        # os.write, not logging: os._exit next flushes no buffer, and another thread may hold the log lock
-        os.write(2, f"[train] launcher {pid} is gone; this rank exits\n".encode())
-        os._exit(EXIT_FAILURE)
-
-    threading.Thread(target=watch, name="launcher-watchdog", daemon=True).start()
 
 
 def config_distributed_type(config_file: str | Path) -> str:

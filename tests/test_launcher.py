@@ -38,16 +38,3 @@ def test_launcher_derives_the_world_from_slurm_or_this_machine():
     # --multi_gpu would make accelerate ignore the config's distributed_type: never with FSDP
     fsdp = launcher.accelerate_command("r.yaml", [], local, configs / "fsdp.yaml")
     assert "--multi_gpu" not in fsdp and "--num_processes" in fsdp
-
-
-def test_the_last_line_of_a_failed_launch_names_the_rank_killed_first_its_signal_and_the_log():
-    killed = {"rank": 1, "exitcode": -9, "pid": 42, "time": 10}
-    collateral = {"rank": 0, "exitcode": 1, "pid": 41, "time": 10}  # its collective lost the peer
-    line = launcher.failure_line([collateral, killed], "/logs/train-7.out")
-    assert line.startswith("openseek-cpt launch: rank 1 (pid 42) was killed by signal 9 (SIGKILL)"), line
-    assert "out-of-memory killer" in line and "is in /logs/train-7.out" in line, line
-    assert "\n" not in line
-    crash = launcher.failure_line([collateral], "the output above")
-    assert (
-        crash == "openseek-cpt launch: rank 0 failed with exit code 1; its traceback is in the output above"
-    )

@@ -18,8 +18,9 @@ import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from openseek_cpt.artifacts.fileio import fsync_dir, fsync_tree, read_json
+from openseek_cpt.artifacts.fileio import fsync_dir, fsync_tree
 from openseek_cpt.artifacts.provenance import read_provenance
+from openseek_cpt.artifacts.sidecar import written_by as sidecar_writer
 from openseek_cpt.artifacts.temps import sweep_leftovers, temp_path
 from openseek_cpt.errors import UserError
 
@@ -116,7 +117,7 @@ def check_output_files(
             raise UserError(
                 f"{field}: {str(path)!r} is a directory; {stage} writes a file there; choose another path"
             )
-    written_by = (read_json(sidecar) or {}).get("stage")
+    written_by = sidecar_writer(sidecar)
     existing = [p for p in outputs if p.exists() or p.is_symlink()]
     if existing and written_by != stage:
         what = (

@@ -37,6 +37,7 @@ import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import datasets
 import numpy as np
@@ -116,8 +117,9 @@ def fingerprint(prefix: str | Path, sample_blocks: int = 64, block: int = 1 << 1
     return digest.hexdigest()
 
 
-def export_dataset(dataset: datasets.Dataset, prefix: str | Path, vocab_size: int) -> None:
-    """Stream a prepared split (`input_ids`, `seq_lengths`) into PREFIX.bin/.idx.
+def export_dataset(dataset: datasets.Dataset, prefix: str | Path, vocab_size: int) -> dict[str, Any]:
+    """Stream a prepared split (`input_ids`, `seq_lengths`) into PREFIX.bin/.idx; returns the
+    format's parameters for its sidecar (format, vocab_size, dtype).
 
     One Megatron sequence (and document) per document segment; a dataset without `seq_lengths`
     gives one per row. Memory holds one Arrow batch plus the per-sequence lengths, as in
@@ -140,6 +142,7 @@ def export_dataset(dataset: datasets.Dataset, prefix: str | Path, vocab_size: in
                     lengths = row_lengths
                 writer.add(ids.flatten().to_numpy(zero_copy_only=False), lengths)
                 row += batch.num_rows
+    return {"format": "megatron", "vocab_size": vocab_size, "dtype": token_dtype(vocab_size).__name__}
 
 
 def write_documents(prefix: str | Path, documents: Iterable[np.ndarray], vocab_size: int) -> None:

@@ -25,8 +25,8 @@ from openseek_cpt.artifacts.atomic import (
     check_output_files,
     check_output_prefix,
 )
-from openseek_cpt.artifacts.fileio import write_json_atomic
 from openseek_cpt.artifacts.provenance import directory_fingerprint, write_provenance
+from openseek_cpt.artifacts.sidecar import sidecar_path, write_sidecar
 from openseek_cpt.artifacts.temps import sweep_leftovers, temp_path
 from openseek_cpt.data import STAGE
 from openseek_cpt.data.config import DataConfig
@@ -106,20 +106,24 @@ def run(
                 tokenizer_path_note=encoder.path_note,
             )
             (tmp / prepared.MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-            if d.megatron_prefix:
+            prov = write_provenance(tmp, stage=STAGE, recipe=record, inputs=inputs)
+            if d.megatron_prefix:  # beside the directory, not in it: its provenance is the sidecar's
                 from datasets import load_from_disk
 
                 from openseek_cpt.artifacts import megatron_format
 
-                megatron_format.export_dataset(
+                fields = megatron_format.export_dataset(
                     load_from_disk(str(tmp / "train")), d.megatron_prefix, len(tokenizer)
                 )
-                write_json_atomic(
-                    megatron_sidecar(d.megatron_prefix),
-                    {"stage": STAGE, "dataset_dir": str(out), "split": "train", "recipe_hash": record.hash()},
+                write_sidecar(
+                    d.megatron_prefix,
+                    stage=STAGE,
+                    dataset_dir=out,
+                    split="train",
+                    fields=fields,
+                    dataset_provenance=prov,
                 )
                 log.info(f"Megatron copy of train written to {d.megatron_prefix}.bin/.idx")
-            write_provenance(tmp, stage=STAGE, recipe=record, inputs=inputs)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print_summary(manifest)
@@ -136,16 +140,11 @@ def check_outputs(d: DataConfig, out: Path, read: list[str]) -> None:
         megatron_inputs = [*read, *(f"{path}.{ext}" for path in read for ext in ("bin", "idx"))]
         check_output_files(
             [f"{prefix}.bin", f"{prefix}.idx"],
-            sidecar=megatron_sidecar(prefix),
+            sidecar=sidecar_path(prefix),
             stage=STAGE,
             inputs=[*megatron_inputs, out],
             field="data.megatron_prefix",
         )
-
-
-def megatron_sidecar(prefix: str) -> Path:
-    """Where the data stage records that it wrote PREFIX.bin/.idx (so a rerun may replace them)."""
-    return Path(f"{prefix}.provenance.json")
 
 
 def print_summary(manifest: dict[str, Any]) -> None:

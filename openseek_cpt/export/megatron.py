@@ -13,8 +13,8 @@ import datasets
 
 from openseek_cpt.artifacts import megatron_format, prepared
 from openseek_cpt.artifacts.atomic import check_output_files, check_output_prefix
+from openseek_cpt.artifacts.sidecar import sidecar_path, write_sidecar
 from openseek_cpt.export import STAGE
-from openseek_cpt.export.sidecar import write_sidecar
 from openseek_cpt.logs import get_logger
 
 log = get_logger(STAGE)
@@ -34,7 +34,7 @@ def export_megatron(dataset_dir: str | Path, prefix: str | Path, split: str = "t
     bin_path, idx_path = Path(f"{prefix}.bin"), Path(f"{prefix}.idx")
     check_output_files(
         [bin_path, idx_path],
-        sidecar=Path(f"{prefix}.provenance.json"),
+        sidecar=sidecar_path(prefix),
         stage=STAGE,
         inputs=[dataset_dir],
         field="export-megatron: PREFIX",
@@ -42,17 +42,8 @@ def export_megatron(dataset_dir: str | Path, prefix: str | Path, split: str = "t
     dataset = prepared.load_split(dataset_dir, split, "DATASET_DIR")
     manifest = prepared.read_manifest(dataset_dir)
     vocab_size = _vocab_size(manifest, dataset, dataset_dir)
-    megatron_format.export_dataset(dataset, prefix, vocab_size)
-    write_sidecar(
-        Path(f"{prefix}.provenance.json"),
-        dataset_dir,
-        split,
-        {
-            "format": "megatron",
-            "vocab_size": vocab_size,
-            "dtype": megatron_format.token_dtype(vocab_size).__name__,
-        },
-    )
+    fields = megatron_format.export_dataset(dataset, prefix, vocab_size)
+    write_sidecar(prefix, stage=STAGE, dataset_dir=dataset_dir, split=split, fields=fields)
     log.info(f"export-megatron: {len(dataset)} rows of {dataset_dir}[{split}] -> {prefix}.bin/.idx")
     return Path(prefix)
 

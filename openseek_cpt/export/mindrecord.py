@@ -19,10 +19,10 @@ import pyarrow.compute as pc
 from openseek_cpt.artifacts import prepared, provenance
 from openseek_cpt.artifacts.atomic import check_output_files
 from openseek_cpt.artifacts.fileio import fsync_dir, fsync_tree
+from openseek_cpt.artifacts.sidecar import sidecar_path, write_sidecar
 from openseek_cpt.artifacts.temps import sweep_leftovers, temp_path
 from openseek_cpt.errors import UserError
 from openseek_cpt.export import STAGE
-from openseek_cpt.export.sidecar import write_sidecar
 from openseek_cpt.logs import get_logger
 
 log = get_logger(STAGE)
@@ -48,7 +48,7 @@ def export_mindrecord(dataset_dir: str | Path, path: str | Path, split: str = "t
         )
     check_output_files(
         [path, Path(f"{path}.db")],
-        sidecar=Path(f"{path}.provenance.json"),
+        sidecar=sidecar_path(path),
         stage=STAGE,
         inputs=[dataset_dir],
         field="export-mindrecord: PATH",
@@ -93,12 +93,8 @@ def export_mindrecord(dataset_dir: str | Path, path: str | Path, split: str = "t
         fsync_dir(path.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    write_sidecar(
-        Path(f"{path}.provenance.json"),
-        dataset_dir,
-        split,
-        {"format": "mindrecord", "max_length": max_length, "pad_token_id": pad_id, "rows": len(dataset)},
-    )
+    fields = {"format": "mindrecord", "max_length": max_length, "pad_token_id": pad_id, "rows": len(dataset)}
+    write_sidecar(path, stage=STAGE, dataset_dir=dataset_dir, split=split, fields=fields)
     log.info(f"export-mindrecord: {len(dataset)} rows of {dataset_dir}[{split}] -> {path}")
     return path
 

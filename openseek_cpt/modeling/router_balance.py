@@ -19,8 +19,9 @@ Guarantees:
 - the bias is a model buffer, so checkpoints, resume (bit-identical), the final model and the
   soup carry it like any tensor; the counters are per step and hold nothing to save;
 - rate 0 freezes the bias (loads are still measured and logged).
-Logged (TensorBoard via Trainer.log): per MoE layer `moe/layer{i}_load_imbalance` (max load /
-mean load, averaged over the steps since the last log; 1.0 = balanced) and `moe/layer{i}_bias_norm`.
+Logged with the loss (the callback records them itself: `record_metrics`, the train stage's metric
+callback event): per MoE layer `moe/layer{i}_load_imbalance` (max load / mean load, averaged over
+the steps since the last log; 1.0 = balanced) and `moe/layer{i}_bias_norm`.
 """
 
 from __future__ import annotations
@@ -118,14 +119,10 @@ class RouterBalanceCallback(TrainerCallback):
         self._steps = 0
         return out
 
+    def record_metrics(self, args: Any, logs: dict[str, float]) -> None:
+        """Add the metrics since the previous training log line to this one."""
+        logs.update(self.take_metrics())
+
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
-
-
-def take_metrics(callbacks: list[Any]) -> dict[str, float]:
-    """The metrics of the RouterBalanceCallback among `callbacks` ({} if there is none)."""
-    for cb in callbacks:
-        if isinstance(cb, RouterBalanceCallback):
-            return cb.take_metrics()
-    return {}

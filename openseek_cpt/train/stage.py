@@ -3,7 +3,8 @@
 Reads top-down: `run` (setup: train section -> TrainingArguments, world size, resume point) ->
 `build_trainer` (model, data, trainer) -> `train_or_preempt` (train, final save, or the preemption
 checkpoint). The pieces, one concern each: `config`, `setup`, `model`, `trainer`, `sampler`,
-`fsdp`, `preemption`, `callbacks/`, `teardown`; the checkpoint lifecycle is `artifacts.checkpoints`.
+`fsdp`, `preemption`, `callbacks/`; the checkpoint lifecycle is `artifacts.checkpoints`, how a rank
+ends (its one line, its code, the bounded teardown) is `rank_exit`.
 
 What it guarantees, and where the HF stack needed help (each marked where it is done):
 - documents never attend to each other: `PackedCollator` resets `position_ids` per document and
@@ -47,10 +48,10 @@ from openseek_cpt.artifacts import prepared
 from openseek_cpt.artifacts.atomic import atomic_output_dir
 from openseek_cpt.artifacts.provenance import write_provenance
 from openseek_cpt.errors import EXIT_OK, EXIT_PREEMPTED, Preempted, UserError
-from openseek_cpt.launcher import exit_with_launcher
 from openseek_cpt.logs import get_logger
 from openseek_cpt.modeling import attention, router_balance
 from openseek_cpt.modeling.collator import PackedCollator
+from openseek_cpt.rank_exit import exit_with_launcher, leave_process_group
 from openseek_cpt.recipe.schema import RunRecord
 from openseek_cpt.train import fsdp, preemption
 from openseek_cpt.train.callbacks.sharding import ShardingReport
@@ -59,7 +60,6 @@ from openseek_cpt.train.config import TrainConfig
 from openseek_cpt.train.full_disk import named_when_full
 from openseek_cpt.train.model import check_vocab, load_model
 from openseek_cpt.train.setup import Setup, log_epoch_plan, setup_run
-from openseek_cpt.train.teardown import leave_process_group
 from openseek_cpt.train.trainer import CPTTrainer
 
 TENSORBOARD_SUBDIR = "tensorboard"
@@ -121,6 +121,7 @@ def build_trainer(setup: Setup) -> CPTTrainer:
                 "empty; set data.eval_size > 0 or train.args.eval_strategy: 'no'"
             )
     log_epoch_plan(setup, len(train_data))
+    row_length = setup.manifest.get("max_length") or len(train_data[0]["input_ids"])
     collator = PackedCollator(
         pad_token_id=prepared.pad_token_id(setup.manifest, model.config),
         varlen=attention.needs_varlen(t.attn_implementation),
@@ -132,7 +133,7 @@ def build_trainer(setup: Setup) -> CPTTrainer:
         eval_dataset=eval_data,
         data_collator=collator,
         callbacks=[
-            ThroughputCallback(),
+            ThroughputCallback(model.config, row_length, setup.world_size),
             preemption.PreemptionCallback(),
             ShardingReport(),
             router_balance.RouterBalanceCallback(model, t.router_bias_update_rate),

@@ -1,5 +1,5 @@
 """The stage's Trainer: deterministic data order, completion markers and rotation after them,
-MoE-safe resume, FSDP handled as `train.fsdp` says, throughput and router metrics in the logs,
+MoE-safe resume, FSDP2 saves and loads (`fsdp`), the metric callbacks' events (`callbacks/metrics`),
 non-finite steps and weights stopped (`finite`)."""
 
 from __future__ import annotations
@@ -11,9 +11,8 @@ from transformers import Trainer
 
 from openseek_cpt.artifacts import checkpoints
 from openseek_cpt.logs import get_logger
-from openseek_cpt.modeling import router_balance
 from openseek_cpt.train import STAGE, finite, fsdp
-from openseek_cpt.train.callbacks.throughput import throughput_metrics
+from openseek_cpt.train.callbacks import metrics
 from openseek_cpt.train.full_disk import named_when_full
 from openseek_cpt.train.model import load_model
 from openseek_cpt.train.sampler import EpochPermutationSampler
@@ -23,12 +22,11 @@ log = get_logger(STAGE)
 
 
 class CPTTrainer(Trainer):
-    """Trainer with: deterministic data order, completion markers, MoE-safe resume, throughput logs."""
+    """Trainer with: deterministic data order, completion markers, MoE-safe resume, metric callbacks."""
 
     def __init__(self, *a, setup: Setup, **kw):
         self.setup = setup  # before Trainer.__init__: create_accelerator_and_postprocess reads it
         super().__init__(*a, **kw)
-        self.tokens_local = 0
         self.nonfinite = finite.NonfiniteGuard(
             setup.train.max_nonfinite_steps, setup.output_dir, self.is_world_process_zero()
         )
@@ -51,7 +49,7 @@ class CPTTrainer(Trainer):
         return super()._run_epoch(*args, epoch=epoch, **kwargs)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        self.tokens_local += int(inputs["input_ids"].numel())
+        metrics.see_batch(self.callback_handler.callbacks, inputs)
         loss = super().training_step(model, inputs, num_items_in_batch)
         self.nonfinite.see_loss(loss)
         return loss
@@ -111,8 +109,7 @@ class CPTTrainer(Trainer):
 
     def log(self, logs, start_time=None):
         if "loss" in logs:
-            logs.update(throughput_metrics(self))
-            logs.update(router_balance.take_metrics(self.callback_handler.callbacks))
+            metrics.record_metrics(self.callback_handler.callbacks, self.args, logs)
         if "eval_loss" in logs:
             logs["eval_perplexity"] = math.exp(min(logs["eval_loss"], 50.0))
         super().log(logs, start_time)

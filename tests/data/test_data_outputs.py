@@ -6,6 +6,8 @@ the user's files and the stage's own Megatron sources are byte-identical afterwa
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from conftest import TINY_RECIPE, run_cli
@@ -13,6 +15,7 @@ from conftest import TINY_RECIPE, run_cli
 from openseek_cpt.artifacts import megatron_format
 from openseek_cpt.data import stage as data
 from openseek_cpt.errors import UserError
+from tests.artifacts.test_sidecar import SIDECAR_KEYS
 from tests.data.test_data import _recipe
 
 
@@ -96,7 +99,12 @@ def test_megatron_prefix_refusal_through_the_cli_is_one_line_and_a_rerun_replace
             cwd=tiny_workdir,
         )
         assert r.returncode == 0, r.stderr[-2000:]
-    assert (tiny_workdir / "datasets" / "own.provenance.json").is_file()
+    sidecar = json.loads((tiny_workdir / "datasets" / "own.provenance.json").read_text())
+    dataset = json.loads((tiny_workdir / "datasets" / "tiny-mix" / "provenance.json").read_text())
+    assert set(sidecar) == SIDECAR_KEYS | {"vocab_size", "dtype"}  # the format export-megatron writes
+    assert (sidecar["stage"], sidecar["format"], sidecar["inputs"]["split"]) == ("data", "megatron", "train")
+    assert sidecar["inputs"]["fingerprint"] == dataset["fingerprint"]
+    assert sidecar["recipe_hash"] == dataset["recipe_hash"]
 
 
 def test_a_megatron_prefix_that_is_a_directory_is_refused_before_any_work(tiny_workdir, monkeypatch):

@@ -55,7 +55,11 @@ def test_export_then_read_gives_each_document_segment_with_its_tokens(tmp_path):
     index = megatron_format.read_index(prefix)
     assert index.dtype is np.uint16  # vocab 64 < 65500, as Megatron chooses
     assert list(index.document_indices) == list(range(len(docs) + 1))  # one document per segment
-    assert json.loads(Path(f"{prefix}.provenance.json").read_text())["vocab_size"] == 64
+    sidecar = json.loads(Path(f"{prefix}.provenance.json").read_text())
+    assert (sidecar["stage"], sidecar["format"], sidecar["vocab_size"], sidecar["dtype"]) == (
+        "export", "megatron", 64, "uint16",
+    )  # fmt: skip
+    assert sidecar["inputs"]["dataset_dir"] == str(prepared) and sidecar["inputs"]["split"] == "train"
 
 
 def test_export_of_the_eval_split_and_of_a_large_vocab_uses_int32(tmp_path):

@@ -221,7 +221,7 @@ def test_gradient_accumulation_is_derived_from_the_world_size():
 
 TEARDOWN_RANK = """
 import os, sys, time, torch
-from openseek_cpt.train.teardown import leave_process_group
+from openseek_cpt.rank_exit import leave_process_group
 torch.distributed.init_process_group("gloo")
 if torch.distributed.get_rank() == 1 and sys.argv[1] == "hang":
     time.sleep(120)  # never reaches the barrier: rank 0's teardown cannot complete

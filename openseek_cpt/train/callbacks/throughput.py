@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from transformers import TrainerCallback
@@ -12,15 +14,24 @@ from openseek_cpt.modeling import flops
 
 
 class ThroughputCallback(TrainerCallback):
-    """Training wall time between logs, excluding evaluation and checkpoint writes."""
+    """Tokens per second and MFU since the previous training log line (a metric callback: metrics.py).
 
-    def __init__(self):
-        self.mark = None
+    It owns its counters: the tokens of each micro-batch this rank trains on, and the training wall
+    time, which leaves out evaluation and checkpoint writes (the clock restarts after them).
+    """
+
+    def __init__(self, model_config: Any, sequence_length: int, world_size: int):
+        self.flops_per_token = flops.training_flops_per_token(model_config, sequence_length)
+        self.world_size = world_size
+        self.mark: float | None = None
         self.seconds = 0.0
-        self.tokens_at_last_take = 0
+        self.tokens = 0
 
     def on_train_begin(self, args, state, control, **kw):
         self.mark = time.perf_counter()
+
+    def on_batch(self, inputs: Mapping[str, Any]) -> None:
+        self.tokens += int(inputs["input_ids"].numel())
 
     def on_step_end(self, args, state, control, **kw):
         now = time.perf_counter()
@@ -33,31 +44,26 @@ class ThroughputCallback(TrainerCallback):
     def on_save(self, args, state, control, **kw):
         self.mark = time.perf_counter()
 
-    def take(self, tokens_total: int) -> tuple[float, int]:
-        """(seconds, tokens) since the previous take."""
+    def record_metrics(self, args: Any, logs: dict[str, float]) -> None:
+        logs.update(self.take(args.device))
+
+    def take(self, device: Any) -> dict[str, float]:
+        """The metrics since the previous take, and the counters reset. The token count is summed over
+        ranks (a collective: every rank takes); MFU only where the device's peak is known."""
         seconds, self.seconds = self.seconds, 0.0
-        tokens, self.tokens_at_last_take = tokens_total - self.tokens_at_last_take, tokens_total
-        return seconds, tokens
-
-
-def throughput_metrics(trainer) -> dict[str, float]:
-    """Tokens/s since the previous log (summed over ranks: a collective) and MFU where the peak is known."""
-    timer = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, ThroughputCallback))
-    seconds, tokens_local = timer.take(trainer.tokens_local)
-    tokens = torch.tensor([float(tokens_local)], device=trainer.args.device)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(tokens)
-    if seconds <= 0:
-        return {}
-    tokens_global = float(tokens.item())
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    peak, _ = flops.device_peak_flops(local_world_size=local_world)
-    seq = trainer.setup.manifest.get("max_length") or len(trainer.train_dataset[0]["input_ids"])
-    per_token = flops.training_flops_per_token(trainer.accelerator.unwrap_model(trainer.model).config, seq)
-    out = {
-        "tokens_per_second": tokens_global / seconds,
-        "tokens_per_second_per_device": tokens_local / seconds,
-    }
-    if peak:
-        out["mfu"] = per_token * tokens_global / seconds / (trainer.setup.world_size * peak)
-    return out
+        tokens_local, self.tokens = self.tokens, 0
+        tokens = torch.tensor([float(tokens_local)], device=device)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(tokens)
+        if seconds <= 0:
+            return {}
+        tokens_global = float(tokens.item())
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        peak, _ = flops.device_peak_flops(local_world_size=local_world)
+        out = {
+            "tokens_per_second": tokens_global / seconds,
+            "tokens_per_second_per_device": tokens_local / seconds,
+        }
+        if peak:
+            out["mfu"] = self.flops_per_token * tokens_global / seconds / (self.world_size * peak)
+        return out
