@@ -136,6 +136,7 @@ def spawn_run(world: int, where) -> list[list[torch.Tensor]]:
     return [torch.load(where / f"bias_{r}.pt") for r in range(world)]
 
 
+@pytest.mark.slow  # two real gloo ranks: ~1-2 min on 2 cores, the end-to-end tier
 def test_bias_after_3_steps_is_bitwise_the_same_on_1_rank_and_on_2_gloo_ranks(tmp_path):
     """1 rank x 2 micro-batches vs 2 ranks x 1: loads all-reduced, so the same update everywhere."""
     (single,) = spawn_run(1, tmp_path / "one")
