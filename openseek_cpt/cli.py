@@ -260,7 +260,7 @@ def _fail(args: argparse.Namespace, code: int, message: str) -> int:
 DISK_FULL_TEXT = ("No space left on device", "os error 28", "Disk quota exceeded", "os error 122")
 
 
-def is_disk_full(exc: BaseException) -> bool:
+def is_disk_full(exc: BaseException | None) -> bool:
     """True when `exc` (or what it was raised from) says the disk or the quota is full."""
     while exc is not None:
         if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -275,7 +275,7 @@ def is_disk_full(exc: BaseException) -> bool:
 PEER_LOST_TEXT = ("Connection closed by peer", "Connection reset by peer", "remote process exited")
 
 
-def peer_lost(exc: BaseException) -> str | None:
+def peer_lost(exc: BaseException | None) -> str | None:
     """The words by which `exc` (or its cause) says another rank of this distributed run is gone."""
     if logs.rank_and_world()[1] <= 1:
         return None

@@ -36,7 +36,7 @@ BIAS_NAME = "e_score_correction_bias"
 
 def find_routers(model: Any) -> list[tuple[int, torch.nn.Module]]:
     """(layer index, router) for every module holding an expert score-correction bias, in layer order."""
-    found = []
+    found: list[tuple[int, torch.nn.Module]] = []
     for name, module in model.named_modules():
         if isinstance(getattr(module, BIAS_NAME, None), torch.Tensor):
             parts = name.split(".")

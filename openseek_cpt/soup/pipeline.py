@@ -259,7 +259,7 @@ def _run_step(
     if not allow_non_finite and not math.isfinite(np.add.reduce(a, dtype=np.float64)):
         raise NonFiniteKey(step.key)
     code = "F32" if step.key in plan.fp32_keys else out_code
-    return memoryview(from_fp32(a, code, out, ws.bits(step.n), split).view(np.uint8))
+    return memoryview(from_fp32(a, code, out, ws.bits(step.n), split).view(np.uint8))  # type: ignore[arg-type]
 
 
 def _finish_readers(readers: list[Reader]) -> list[dict[str, str]]:

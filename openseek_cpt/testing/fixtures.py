@@ -262,7 +262,7 @@ def build_real_shape_hub(out_dir: str | Path, seed: int = 233, num_layers: int =
     from transformers import DeepseekV3ForCausalLM
 
     torch.manual_seed(seed)
-    model = DeepseekV3ForCausalLM(real_shape_config(num_layers)).to(torch.bfloat16)
+    model = DeepseekV3ForCausalLM(real_shape_config(num_layers)).to(torch.bfloat16)  # type: ignore[arg-type]
     with atomic_output_dir(out_dir) as tmp:
         write_qwen_tokenizer(tmp)
         model.save_pretrained(tmp)

@@ -41,7 +41,8 @@ def load_model(t: TrainConfig, model_dir: str, trust_remote_code: bool = False):
     if experts_implementation:
         kwargs["experts_implementation"] = experts_implementation
     attention.prepare(t.attn_implementation)  # flex: q/k/v in one dtype under autocast
-    model, info = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    loaded: Any = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)  # (model, loading info)
+    model, info = loaded
     problems = {k: sorted(info.get(k) or []) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
     problems = {k: v for k, v in problems.items() if v}
     if problems:

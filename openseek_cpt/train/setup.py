@@ -8,7 +8,7 @@ import dataclasses
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from openseek_cpt.artifacts import checkpoints, prepared
 from openseek_cpt.artifacts.atomic import check_output_dir
@@ -25,6 +25,9 @@ from openseek_cpt.train.config import (
     gradient_accumulation,
     training_arguments,
 )
+
+if TYPE_CHECKING:
+    from transformers import TrainingArguments
 
 log = get_logger(STAGE)
 
@@ -49,7 +52,7 @@ class Setup:
     world_size: int
     rank: int
     grad_accum: int
-    args: Any  # transformers.TrainingArguments
+    args: TrainingArguments
     resume_from: Path | None
     manifest: dict[str, Any]
     keep: int | None = None  # train.args.save_total_limit: rotation is the stage's (after the marker)
@@ -73,7 +76,7 @@ def setup_run(
     train: TrainConfig,
     record: RunRecord,
     *,
-    dataset_dir: str,
+    dataset_dir: str | Path,
     model_dir: str,
     model_trust_remote_code: bool = False,
     tokenizer_trust_remote_code: bool = True,

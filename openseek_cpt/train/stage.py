@@ -171,7 +171,7 @@ def save_final(setup: Setup, trainer: CPTTrainer) -> None:
     state_dict = fsdp.full_state_dict(trainer)
     if trainer.is_world_process_zero():
         model = trainer.accelerator.unwrap_model(trainer.model)
-        inputs = [setup.dataset_dir, setup.model_dir]
+        inputs: list[str | Path] = [setup.dataset_dir, setup.model_dir]
         with (
             atomic_output_dir(
                 setup.output_dir / FINAL_SUBDIR, stage="train", inputs=inputs, field="train.output_dir"

@@ -33,10 +33,11 @@ class CPTTrainer(Trainer):
 
     def _get_train_sampler(self, train_dataset=None):
         # Deviation: a permutation per epoch from (seed, epoch) only, so resume replays it exactly.
-        self.epoch_sampler = EpochPermutationSampler(len(train_dataset or self.train_dataset), self.args.seed)
+        dataset = train_dataset or self.train_dataset
+        self.epoch_sampler = EpochPermutationSampler(len(dataset), self.args.seed)
         return self.epoch_sampler
 
-    def _run_epoch(self, *args, epoch, **kwargs):
+    def _run_epoch(self, *args, **kwargs):
         if 0 < self.state.max_steps <= self.state.global_step:
             # Deviation: Trainer checks max_steps only after a step, so a run resumed from its last
             # checkpoint (0 steps left) trained one step more (checkpoint-13, a different final/).
@@ -45,8 +46,8 @@ class CPTTrainer(Trainer):
         # Deviation: under DDP a resumed epoch's loader is SkipBatchSampler(BatchSamplerShard(...)),
         # which hides the sampler from every set_epoch path, so a run resumed after its first epoch
         # would replay epoch 0's order; set the epoch on the sampler itself.
-        self.epoch_sampler.set_epoch(epoch)
-        return super()._run_epoch(*args, epoch=epoch, **kwargs)
+        self.epoch_sampler.set_epoch(kwargs["epoch"])
+        return super()._run_epoch(*args, **kwargs)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         metrics.see_batch(self.callback_handler.callbacks, inputs)
@@ -64,9 +65,11 @@ class CPTTrainer(Trainer):
 
     def check_weights_finite(self, target: str) -> None:
         """UserError (every rank) if a weight is not finite: `target` is then not written."""
+        assert self.model is not None
         finite.check_weights(self.model, self.state.global_step, target, self.setup.output_dir)
 
     def _save_checkpoint(self, model, trial):
+        assert self.args.output_dir is not None  # set from train.output_dir
         ckpt = Path(self.args.output_dir) / checkpoints.name_for(self.state.global_step)
         self.check_weights_finite(str(ckpt))  # before any file: no marker can make it complete
         with named_when_full(ckpt):
