@@ -70,7 +70,7 @@ class RouterBalanceCallback(TrainerCallback):
         bias = getattr(self.routers[0][1], BIAS_NAME) if self.routers else torch.zeros(0)
         return torch.zeros(len(self.routers), bias.numel(), dtype=torch.int64, device=bias.device)
 
-    def on_train_begin(self, args, state, control, **kwargs):
+    def on_train_begin(self, args, state, control, **kwargs) -> None:
         # The Trainer has moved the model by now: the counters live on its device from the first
         # step on, so the hook never moves them (a tensor swap inside a hook recompiles under compile).
         self.counts = self._zero_counts()
@@ -85,7 +85,7 @@ class RouterBalanceCallback(TrainerCallback):
 
         return count
 
-    def on_optimizer_step(self, args, state, control, **kwargs):
+    def on_optimizer_step(self, args, state, control, **kwargs) -> None:
         if not self.routers:
             return
         loads = self.step_loads()

@@ -4,7 +4,7 @@ cache, and the stage's levers installed (attention, experts kernel, loss); the v
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -18,10 +18,13 @@ from openseek_cpt.train import STAGE
 from openseek_cpt.train.config import TrainConfig
 from openseek_cpt.train.setup import process_rank
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
 log = get_logger(STAGE)
 
 
-def load_model(t: TrainConfig, model_dir: str, trust_remote_code: bool = False):
+def load_model(t: TrainConfig, model_dir: str, trust_remote_code: bool = False) -> PreTrainedModel:
     """The base (or a checkpoint) in `model_dir` with native classes, strictly, in the training
     dtype, no KV cache."""
     from transformers import AutoModelForCausalLM

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import torch
 from transformers import Trainer
 
 from openseek_cpt.artifacts import checkpoints
@@ -49,7 +50,7 @@ class CPTTrainer(Trainer):
         self.epoch_sampler.set_epoch(kwargs["epoch"])
         return super()._run_epoch(*args, **kwargs)
 
-    def training_step(self, model, inputs, num_items_in_batch=None):
+    def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
         metrics.see_batch(self.callback_handler.callbacks, inputs)
         loss = super().training_step(model, inputs, num_items_in_batch)
         self.nonfinite.see_loss(loss)
@@ -96,7 +97,7 @@ class CPTTrainer(Trainer):
         if self.is_world_process_zero():
             log.info(f"model weights restored from {resume_from_checkpoint} ({result})")
 
-    def create_accelerator_and_postprocess(self):
+    def create_accelerator_and_postprocess(self) -> None:
         super().create_accelerator_and_postprocess()
         fsdp.configure_accelerator(self, self.setup.fsdp)
 
@@ -105,12 +106,12 @@ class CPTTrainer(Trainer):
             return super()._save_optimizer_and_scheduler(output_dir)
         fsdp.save_optimizer_and_scheduler(self, output_dir)
 
-    def save_model(self, output_dir=None, _internal_call=False):
+    def save_model(self, output_dir=None, _internal_call=False) -> None:
         if not fsdp.is_fsdp(self):
             return super().save_model(output_dir, _internal_call)
         fsdp.save_model(self, output_dir)
 
-    def log(self, logs, start_time=None):
+    def log(self, logs, start_time=None) -> None:
         if "loss" in logs:
             metrics.record_metrics(self.callback_handler.callbacks, self.args, logs)
         if "eval_loss" in logs:
