@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -92,8 +91,7 @@ def setup_run(
             "run `openseek-cpt data` first or point train.dataset_dir at its output"
         )
     manifest = prepared.read_manifest(dataset_dir)
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = process_rank()
+    rank, world_size = rank_and_world()
     grad_accum = gradient_accumulation(t.global_batch_size, world_size, t.per_device_batch_size)
     output_dir = Path(t.output_dir)
     check_output_dir(output_dir, stage=None, inputs=[dataset_dir, model_dir], field="train.output_dir")

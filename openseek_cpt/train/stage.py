@@ -53,7 +53,7 @@ from openseek_cpt.modeling import attention, router_balance
 from openseek_cpt.modeling.collator import PackedCollator
 from openseek_cpt.rank_exit import exit_with_launcher, leave_process_group
 from openseek_cpt.recipe.schema import RunRecord
-from openseek_cpt.train import fsdp, preemption
+from openseek_cpt.train import STAGE, fsdp, preemption
 from openseek_cpt.train.callbacks.sharding import ShardingReport
 from openseek_cpt.train.callbacks.throughput import ThroughputCallback
 from openseek_cpt.train.config import TrainConfig
@@ -65,7 +65,7 @@ from openseek_cpt.train.trainer import CPTTrainer
 TENSORBOARD_SUBDIR = "tensorboard"
 FINAL_SUBDIR = "final"
 
-log = get_logger("train")
+log = get_logger(STAGE)
 
 
 def run(

@@ -41,7 +41,7 @@ class CPTTrainer(Trainer):
     def _run_epoch(self, *args, **kwargs):
         if 0 < self.state.max_steps <= self.state.global_step:
             # Deviation: Trainer checks max_steps only after a step, so a run resumed from its last
-            # checkpoint (0 steps left) trained one step more (checkpoint-13, a different final/).
+            # checkpoint (0 steps left) would train one step more than max_steps.
             self.control.should_training_stop = True
             return None
         # Deviation: under DDP a resumed epoch's loader is SkipBatchSampler(BatchSamplerShard(...)),
