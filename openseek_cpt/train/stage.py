@@ -9,7 +9,7 @@ ends (its one line, its code, the bounded teardown) is `rank_exit`.
 What it guarantees, and where the HF stack needed help (each marked where it is done):
 - documents never attend to each other: `PackedCollator` resets `position_ids` per document and
   the model runs with `use_cache=False` (with a cache, transformers' mask builder ignores the
-  position resets); `model.document_logits` exposes exactly that path for tests;
+  position resets); tests/train/test_train_units.py runs exactly that path;
 - `bf16-mixed` (default) keeps fp32 master weights and optimizer state under bf16 autocast;
   `bf16-pure` loads bf16 weights (about half the memory of the weights+Adam state, but Adam
   updates below half a bf16 ulp are lost: see tests/train/test_train_units.py); on CPU, torch's
