@@ -29,7 +29,7 @@ def cmd_download(args: argparse.Namespace) -> int:
     from openseek_cpt import download
 
     download.run(**recipe.stage_args("download"))
-    return 0
+    return EXIT_OK
 
 
 def cmd_tiny_assets(args: argparse.Namespace) -> int:
@@ -40,7 +40,7 @@ def cmd_tiny_assets(args: argparse.Namespace) -> int:
     log = logs.get_logger("tiny-assets")
     log.info(f"model + tokenizer: {hub}")
     log.info(f"sources: {sources}")
-    return 0
+    return EXIT_OK
 
 
 def cmd_data(args: argparse.Namespace) -> int:
@@ -48,7 +48,7 @@ def cmd_data(args: argparse.Namespace) -> int:
     from openseek_cpt.data import stage as data
 
     data.run(**recipe.stage_args("data"))
-    return 0
+    return EXIT_OK
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -73,14 +73,14 @@ def cmd_soup(args: argparse.Namespace) -> int:
     from openseek_cpt.soup import stage as soup
 
     soup.run(**recipe.stage_args("soup"))
-    return 0
+    return EXIT_OK
 
 
 def cmd_tiny(args: argparse.Namespace) -> int:
     from openseek_cpt import tiny
 
     tiny.run(args.recipe, args.overrides, workdir=args.workdir)
-    return 0
+    return EXIT_OK
 
 
 def cmd_recipe(args: argparse.Namespace) -> int:
@@ -121,14 +121,14 @@ def cmd_export_megatron(args: argparse.Namespace) -> int:
     from openseek_cpt.export.megatron import export_megatron
 
     export_megatron(args.dataset_dir, args.prefix, split=args.split)
-    return 0
+    return EXIT_OK
 
 
 def cmd_export_mindrecord(args: argparse.Namespace) -> int:
     from openseek_cpt.export.mindrecord import export_mindrecord
 
     export_mindrecord(args.dataset_dir, args.path, split=args.split)
-    return 0
+    return EXIT_OK
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
@@ -260,7 +260,7 @@ def _fail(args: argparse.Namespace, code: int, message: str) -> int:
 DISK_FULL_TEXT = ("No space left on device", "os error 28", "Disk quota exceeded", "os error 122")
 
 
-def is_disk_full(exc: BaseException) -> bool:
+def is_disk_full(exc: BaseException | None) -> bool:
     """True when `exc` (or what it was raised from) says the disk or the quota is full."""
     while exc is not None:
         if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -275,7 +275,7 @@ def is_disk_full(exc: BaseException) -> bool:
 PEER_LOST_TEXT = ("Connection closed by peer", "Connection reset by peer", "remote process exited")
 
 
-def peer_lost(exc: BaseException) -> str | None:
+def peer_lost(exc: BaseException | None) -> str | None:
     """The words by which `exc` (or its cause) says another rank of this distributed run is gone."""
     if logs.rank_and_world()[1] <= 1:
         return None

@@ -11,6 +11,7 @@ they resolve against the current directory, as in the original scripts.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -78,7 +79,7 @@ class Recipe:
         """Keyword arguments of `stage`'s `run`: its section, the run record, and what it takes from
         the other sections (resolved paths, how the saved model and tokenizer load)."""
         a = self.assets
-        args = {
+        sections: dict[str, dict[str, Any]] = {
             "download": {"assets": a},
             "data": {
                 "data": self.data,
@@ -99,10 +100,10 @@ class Recipe:
                 "eval_dataset_dir": self.soup_eval_dataset_dir,
                 "trust_remote_code": a.model_trust_remote_code,
             },
-        }[stage]
-        return {**args, "record": self.record()}
+        }
+        return {**sections[stage], "record": self.record()}
 
 
-def load_recipe(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+def load_recipe(path: str | Path | None, overrides: Sequence[str] = ()) -> Recipe:
     """Read a recipe YAML (or the defaults when path is None), apply KEY=VALUE overrides, validate."""
     return loader.load(Recipe, path, overrides)

@@ -144,7 +144,7 @@ def smoke_step(attn: str, loss: str, device: str = "cuda") -> Check:
         config.use_cache = False
         config._attn_implementation = attn
         config._experts_implementation = experts.resolve(None, "bf16-mixed")
-        model = DeepseekV3ForCausalLM(config).to(device).train()
+        model = DeepseekV3ForCausalLM(config).to(device).train()  # type: ignore[arg-type]
         router_precision.keep_routers_fp32(model)
         lm_loss.install(model, loss)
         ids = torch.randint(3, 512, (2, 256), device=device)
@@ -206,7 +206,9 @@ def kernel_checks(attn: str, loss: str, compile_asked: bool, gpu: bool) -> list[
             Check(
                 "ok" if compiler else status,
                 "c compiler",
-                shutil.which(compiler) if compiler else "none on PATH; Triton cannot build its launcher",
+                (shutil.which(compiler) or compiler)
+                if compiler
+                else "none on PATH; Triton cannot build its launcher",
             )
         )
         header = Path(sysconfig.get_paths()["include"]) / "Python.h"

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from openseek_cpt.artifacts.atomic import atomic_output_dir, check_output_dir
 from openseek_cpt.artifacts.fileio import load_json
@@ -72,13 +73,14 @@ def run(assets: AssetsConfig, record: RunRecord) -> Path:
         tokenizer = AutoTokenizer.from_pretrained(
             source, revision=revision, trust_remote_code=a.tokenizer_trust_remote_code
         )
-        model, info = AutoModelForCausalLM.from_pretrained(
+        loaded: Any = AutoModelForCausalLM.from_pretrained(
             source,
             revision=revision,
             trust_remote_code=a.model_trust_remote_code,
             dtype="auto",
             output_loading_info=True,
         )
+        model, info = loaded
     except (OSError, ValueError) as exc:  # ValueError: transformers' "unrecognized model", bad JSON
         raise UserError(
             f"assets.base_model={source!r} could not be loaded ({first_line(exc)}); check the id/revision, "

@@ -52,7 +52,7 @@ def eval_loss(
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(
         str(model_dir), dtype=dtype, trust_remote_code=trust_remote_code
-    ).to(device)
+    ).to(device)  # type: ignore[arg-type]
     model.eval()
     # The loss as training computes it (loss.py: chunks from the hidden states, no full-vocab logits).
     lm_loss.install(model, "chunked")

@@ -18,7 +18,9 @@ EVERY_RANK = {"every_rank": True}
 
 
 def rank_and_world() -> tuple[int, int]:
-    """(rank, world size) of this process as the launcher set them; (0, 1) outside a launcher."""
+    """(rank, world size) of this process as the launcher set them; (0, 1) outside a launcher.
+
+    The package's one reader of RANK/WORLD_SIZE."""
     return int(os.environ.get("RANK", "0") or 0), int(os.environ.get("WORLD_SIZE", "1") or 1)
 
 

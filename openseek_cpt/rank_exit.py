@@ -80,8 +80,8 @@ def read_rank_error(folder: Path) -> tuple[int, str] | None:
     found = []
     for path in folder.glob("rank-*.txt"):
         with contextlib.suppress(OSError, ValueError):
-            code, line = path.read_text().rstrip("\n").split("\t", 1)
-            found.append((int(code) != EXIT_USER_ERROR, int(path.stem.split("-")[1]), int(code), line))
+            text, line = path.read_text().rstrip("\n").split("\t", 1)
+            found.append((int(text) != EXIT_USER_ERROR, int(path.stem.split("-")[1]), int(text), line))
     if not found:
         return None
     _, rank, code, line = min(found)

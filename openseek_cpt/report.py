@@ -61,8 +61,8 @@ def plot_losses(
     if "train/loss" in scalars:
         ax.plot(*zip(*scalars["train/loss"], strict=True), label="train loss")
     eval_points = list(scalars.get("eval/loss", []))
-    if evals.get("base") is not None:
-        eval_points = [(0, evals["base"]), *eval_points]
+    if (base := evals.get("base")) is not None:
+        eval_points = [(0, base), *eval_points]
     if eval_points:
         ax.plot(*zip(*eval_points, strict=True), marker="o", markersize=4, label="eval loss")
     if evals.get("soup") is not None:

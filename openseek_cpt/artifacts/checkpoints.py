@@ -17,6 +17,7 @@ import dataclasses
 import logging
 import re
 import shutil
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -205,7 +206,7 @@ def newest_verified(
 
     Every rank may call it: the outcome depends only on the files, so all ranks pick the same one.
     """
-    rejected = []
+    rejected: list[tuple[Path, str]] = []
     for ckpt in reversed([c for c in list_checkpoints(output_dir) if status(c).complete]):
         st = verify(ckpt)
         if st.complete:
@@ -253,7 +254,7 @@ def remove_all(output_dir: str | Path) -> None:
         shutil.rmtree(ckpt, ignore_errors=True)
 
 
-def rotate(output_dir: Path, keep: int | None, protect: list[Path] = ()) -> list[Path]:
+def rotate(output_dir: Path, keep: int | None, protect: Sequence[Path] = ()) -> list[Path]:
     """Delete complete checkpoints older than the newest `keep` complete ones (never `protect`).
 
     Runs after the new checkpoint's marker, so the newest complete checkpoint always survives; a

@@ -67,16 +67,6 @@ _WRITE_BLOCK_TOKENS = 1 << 16  # 256 KiB of int32: stays in cache between check,
 _FIX = "re-create it with Megatron's tools/preprocess_data.py or `openseek-cpt export-megatron`"
 
 
-def read_documents(prefix: str | Path) -> datasets.Dataset:
-    """Every Megatron sequence of PREFIX as an in-memory `datasets.Dataset` (column `input_ids`, int32).
-
-    For tests and small files: the data stage reads sources in place with `read_rows` instead.
-    """
-    index = read_index(prefix)
-    table = read_rows(index, _bin_path(prefix), np.arange(len(index.sequence_lengths)))
-    return datasets.Dataset(datasets.table.InMemoryTable(table), fingerprint=fingerprint(prefix))
-
-
 def read_rows(index: MegatronIndex, bin_path: str | Path, rows: np.ndarray) -> pa.Table:
     """The sequences `rows` (in that order) read in place from a memory map of `.bin`: only their
     bytes are touched, so the work follows the rows asked for, not the size of the file."""
@@ -143,14 +133,6 @@ def export_dataset(dataset: datasets.Dataset, prefix: str | Path, vocab_size: in
                 writer.add(ids.flatten().to_numpy(zero_copy_only=False), lengths)
                 row += batch.num_rows
     return {"format": "megatron", "vocab_size": vocab_size, "dtype": token_dtype(vocab_size).__name__}
-
-
-def write_documents(prefix: str | Path, documents: Iterable[np.ndarray], vocab_size: int) -> None:
-    """Write each array of token ids as one Megatron sequence and document into PREFIX.bin/.idx."""
-    with _Writer(prefix, vocab_size) as writer:
-        for doc in documents:
-            doc = np.asarray(doc).reshape(-1)
-            writer.add(doc, np.array([doc.size], dtype=np.int64))
 
 
 def write_sequences(

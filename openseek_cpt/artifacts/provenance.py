@@ -179,7 +179,8 @@ def verify_status(directory: str | Path) -> tuple[str, list[str]]:
         raise UserError(
             f"verify: {directory} has no readable {PROVENANCE_FILE}; it was not made by openseek-cpt"
         )
-    recorded = prov.get("files") if isinstance(prov.get("files"), dict) else {}
+    files = prov.get("files")
+    recorded: dict[str, str] = files if isinstance(files, dict) else {}
     actual = file_hashes(directory)
     sealed = SEAL in prov
     problems = seal_problems(prov) if sealed else []

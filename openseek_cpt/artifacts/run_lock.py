@@ -37,10 +37,10 @@ class RunLock:
                 f"train.output_dir: {str(output_dir)!r} is in use by another training run ({holder}); "
                 "wait for it to end, stop it, or choose another train.output_dir"
             ) from None
-        holder = {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job": os.environ.get("SLURM_JOB_ID"),
+        record = {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job": os.environ.get("SLURM_JOB_ID"),
                   "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}  # fmt: skip
         os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(holder).encode(), 0)
+        os.pwrite(fd, json.dumps(record).encode(), 0)
         return cls(path, fd)
 
     def release(self) -> None:

@@ -86,6 +86,7 @@ class ShardWriter:
             return
         self._done = 0
         if entry + 1 == len(self.shards[shard]):
+            assert self._fd is not None
             self._synced.append(self._syncer.submit(_fsync_close, self._fd))
             self._fd = None
             self.hashes[self.names[shard]] = self._sha.hexdigest()
@@ -116,13 +117,15 @@ class ShardWriter:
         self._syncer.shutdown(wait=True)
 
     def _write(self, data: memoryview) -> None:
+        fd = self._fd
+        assert fd is not None, "_write outside a shard"
         self._sha.update(data)
         done = 0
         while done < len(data):
-            done += os.write(self._fd, data[done:])
+            done += os.write(fd, data[done:])
         self._unsynced += len(data)
         if self._unsynced >= SYNC_EVERY:  # start the disk writes now, not all at the end
-            self._synced.append(self._syncer.submit(os.fdatasync, self._fd))
+            self._synced.append(self._syncer.submit(os.fdatasync, fd))
             self._unsynced = 0
 
     @staticmethod

@@ -35,7 +35,7 @@ def sweep_leftovers(directory: str | Path, name: str | None = None) -> list[Path
     They are what a killed writer leaves (atomic dirs, atomic files, scratch); a live PID's are kept.
     """
     directory = Path(directory)
-    removed = []
+    removed: list[Path] = []
     if not directory.is_dir():
         return removed
     for entry in directory.iterdir():

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from itertools import chain
 from typing import Any
@@ -52,13 +53,13 @@ class Encoder:
         specials |= set(getattr(tokenizer, "added_tokens_encoder", {}) or {})
         if self.encoding is not None:
             specials |= set(self.encoding.special_tokens_set)
-        specials = sorted((s for s in specials if s), key=len, reverse=True)
-        self.special_pattern = re.compile("|".join(map(re.escape, specials))) if specials else None
+        ordered = sorted((s for s in specials if s), key=len, reverse=True)
+        self.special_pattern = re.compile("|".join(map(re.escape, ordered))) if ordered else None
         # Cheap prefilter before the regex: every special string starts with one of these.
-        self.special_heads = tuple(sorted({s[:2] for s in specials}))
+        self.special_heads = tuple(sorted({s[:2] for s in ordered}))
         # Does `tokenizer(..., split_special_tokens=True)` really encode specials as text? Remote
         # code that overrides `tokenize` (OpenSeek's, Qwen's) ignores the flag.
-        self.splits_specials = self._probe_split_specials(specials)
+        self.splits_specials = self._probe_split_specials(ordered)
         # tiktoken path: does the tokenizer NFC-normalize before tiktoken (Qwen's does)?
         self.nfc = self.encoding is not None and self._probe_nfc()
         self.path = "tokenizer"
@@ -69,18 +70,18 @@ class Encoder:
 
     # ------------------------------------------------------------------ choosing the path
 
-    def choose_path(self, texts: list[str | None]) -> list[list[int]]:
+    def choose_path(self, texts: Sequence[str | None]) -> list[list[int]]:
         """Reference ids of `texts`; turns on the first fast path that gives the same ids on them.
 
         Documents containing special-token strings are left out of the comparison when the
         tokenizer cannot encode them as text by itself (its reference is then assembled by us).
         """
-        texts = [t or "" for t in texts]
-        reference = self.reference_ids(texts)
-        compare = [i for i, t in enumerate(texts) if self.splits_specials or not self.has_special_text(t)]
+        docs = [t or "" for t in texts]
+        reference = self.reference_ids(docs)
+        compare = [i for i, t in enumerate(docs) if self.splits_specials or not self.has_special_text(t)]
         notes: list[str] = []
         for path in self._candidates(notes):
-            got = self._fast_ids(path, [texts[i] for i in compare])
+            got = self._fast_ids(path, [docs[i] for i in compare])
             bad = [i for i, ids in zip(compare, got, strict=True) if ids != reference[i]]
             if not bad:
                 self.path = path
@@ -111,6 +112,7 @@ class Encoder:
         backend = getattr(self.tokenizer, "_tokenizer", None)
         if (
             getattr(self.tokenizer, "is_fast", False)
+            and backend is not None
             and hasattr(backend, "encode_batch_fast")
             and backend.truncation is None
             and backend.padding is None
@@ -140,10 +142,10 @@ class Encoder:
             return [formatting(row) for row in table.to_pylist()]
         return table.column(text_field).to_pylist()
 
-    def encode(self, texts: list[str | None]) -> list[list[int]]:
+    def encode(self, texts: Sequence[str | None]) -> list[list[int]]:
         """Token ids per text (specials in text as text), ending with exactly one eos."""
-        texts = [t or "" for t in texts]
-        ids = self.reference_ids(texts) if self.path == "tokenizer" else self._fast_ids(self.path, texts)
+        docs = [t or "" for t in texts]
+        ids = self.reference_ids(docs) if self.path == "tokenizer" else self._fast_ids(self.path, docs)
         return self.end_with_eos(ids)
 
     def reference_ids(self, texts: list[str]) -> list[list[int]]:
@@ -159,6 +161,7 @@ class Encoder:
         """Ids of `text` whose special strings are encoded as text: each is cut after its first
         character, so no piece matches a special (a valid encoding of the same text)."""
         pieces, last = [], 0
+        assert self.special_pattern is not None, "called only for a text with specials"
         for m in self.special_pattern.finditer(text):
             pieces += [text[last : m.start()], m.group()[:1], m.group()[1:]]
             last = m.end()
@@ -189,6 +192,7 @@ class Encoder:
         if path == "gigatoken":
             if self.nfc:
                 texts = _nfc(texts)
+            assert self.giga is not None, "the gigatoken path is chosen only when it loaded"
             return self.giga.encode(
                 texts if isinstance(texts, pa.Array) else pa.array(texts, pa.large_string())
             )
@@ -251,14 +255,14 @@ class Encoder:
         return documents_table(*self._ids_arrays(column))
 
     def _texts_arrays(self, texts: list[str | None]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        texts = [t or "" for t in texts]
-        if not texts:  # a batch of empty texts only (tokenizer([]) is not an empty batch everywhere)
+        clean = [t or "" for t in texts]
+        if not clean:  # a batch of empty texts only (tokenizer([]) is not an empty batch everywhere)
             return np.empty(0, np.int32), np.empty(0, np.int64), np.empty(0, np.uint8)
-        special = np.fromiter((self.has_special_text(t) for t in texts), dtype=np.uint8, count=len(texts))
+        special = np.fromiter((self.has_special_text(t) for t in clean), dtype=np.uint8, count=len(clean))
         if self.path in ("gigatoken", "tiktoken"):  # ids stay in numpy from the encoder to Arrow
-            values, lengths = self.arrays(texts)
+            values, lengths = self.arrays(clean)
             return (*with_one_eos(values, lengths, self.eos), special)
-        docs = self.encode(texts)
+        docs = self.encode(clean)
         lengths = np.fromiter((len(x) for x in docs), dtype=np.int64, count=len(docs))
         values = np.fromiter(chain.from_iterable(docs), dtype=np.int32, count=int(lengths.sum()))
         return values, lengths, special

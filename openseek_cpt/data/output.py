@@ -106,7 +106,7 @@ class SplitWriter:
             if self._shard < len(self.sizes) - 1 or self._left:
                 raise ValueError(f"{self.path}: fewer rows written than the {sum(self.sizes)} announced")
             self._next()
-        state = {
+        state: dict[str, Any] = {
             "_data_files": [{"filename": name} for name in self.names],
             "_fingerprint": self.fingerprint,
             "_format_columns": None,

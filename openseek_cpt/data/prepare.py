@@ -145,9 +145,9 @@ def estimate_tokens_per_doc(
 
     table = src.rows.take(sample, src.columns)
     if src.content != "tokens":
-        texts = encoder.texts(table, src.content, src.config.text_field, src.formatting)
-        kept = np.array([not is_empty(t) for t in texts], dtype=bool)
-        texts = [t for t, k in zip(texts, kept, strict=True) if k]  # empty texts: 0 tokens, skipped
+        raw = encoder.texts(table, src.content, src.config.text_field, src.formatting)
+        kept = np.array([not is_empty(t) for t in raw], dtype=bool)
+        texts = [t for t, k in zip(raw, kept, strict=True) if k and t]  # empty texts: 0 tokens, skipped
         chars = [len(t) for t in texts]
         texts = [t[:SAMPLE_CHARS] for t in texts]  # a bounded prefix: memory does not follow the longest
         if not texts:
@@ -184,7 +184,7 @@ def check_token_ids(src: OpenSource, column: Any, vocab: int) -> None:
         chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
         bounds = pc.min_max(pa.chunked_array([c.flatten() for c in chunks], type=pa.int32())).as_py()
         low, top = bounds["min"], bounds["max"]
-    if top is not None and (top >= vocab or low < 0):
+    if top is not None and low is not None and (top >= vocab or low < 0):
         bad = top if top >= vocab else low
         raise UserError(
             f"{src.where}.path={src.config.path!r} holds token id {bad}, outside the tokenizer's vocabulary "
@@ -239,11 +239,11 @@ def tokenize_and_pack(
                 # the first whole packing batch at which the file reaches PART_TOKENS, if in this batch
                 k = np.arange(1, len(lengths) + 1)
                 at = k[((docs + k) % packing.PACK_BATCH == 0) & (tokens + np.cumsum(lengths) >= PART_TOKENS)]
-                k = int(at[0]) if len(at) else len(lengths)
-                cut = int(lengths[:k].sum())
-                store.append(values[:cut], lengths[:k])
-                docs, tokens = docs + k, tokens + cut
-                values, lengths = values[cut:], lengths[k:]
+                n = int(at[0]) if len(at) else len(lengths)
+                cut = int(lengths[:n].sum())
+                store.append(values[:cut], lengths[:n])
+                docs, tokens = docs + n, tokens + cut
+                values, lengths = values[cut:], lengths[n:]
                 if len(at):
                     close()
                     store = TokenStore(work / f"{tag}-{len(parts)}-tokens.bin")
@@ -290,6 +290,7 @@ _WORK: tuple[OpenSource, Encoder] | None = None
 
 
 def _encode_in_worker(indices: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    assert _WORK is not None, "set before the pool forks"
     src, encoder = _WORK
     return _encode(src, encoder, indices)
 

@@ -103,6 +103,7 @@ class StreamedRows(Rows):
                 break
             self._check_text(batch)
             table = pa.Table.from_pydict(batch)
+            assert self._dir is not None
             path = self._dir / f"rows-{len(self._tables):06d}.arrow"
             with pa.ipc.new_file(str(path), table.schema) as writer:
                 writer.write_table(table)

@@ -81,7 +81,8 @@ def sample_and_save(
     `evaluation.eval_loss`, is shuffled with the seed.
     """
     n_train, n_eval = d.total_sample_size, d.eval_size
-    per_source, draws = [], []
+    per_source: list[dict[str, Any]] = []
+    draws = []
     for p, t, e in zip(packed, train_counts, eval_counts, strict=True):
         src = p.source
         lengths, n_docs, available = p.row_tokens(), p.row_documents(), len(p.row_tokens())

@@ -46,6 +46,8 @@ class TokenStore:
         total = int(length.sum())
         if not total:
             return np.empty(0, np.int32)
+        if self.tokens is None:
+            raise RuntimeError(f"{self.path}: gather before the token store is opened")
         begin = self.doc_offsets[doc] + start
         before = np.cumsum(length) - length
         positions = np.repeat(begin - before, length) + np.arange(total, dtype=np.int64)

@@ -34,7 +34,7 @@ class PackedCollator:
     # Emit cu_seq_lens/max_length for varlen attention kernels (attention.needs_varlen).
     varlen: bool = False
 
-    def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
         width = max(len(r["input_ids"]) for r in rows)
         input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
         position_ids = torch.zeros((len(rows), width), dtype=torch.long)
@@ -54,7 +54,11 @@ class PackedCollator:
                 start += length
             if n < width:
                 position_ids[i, n:] = torch.arange(width - n)
-        batch = {"input_ids": input_ids, "position_ids": position_ids, "labels": labels}
+        batch: dict[str, Any] = {
+            "input_ids": input_ids,
+            "position_ids": position_ids,
+            "labels": labels,
+        }
         if self.varlen:
             from openseek_cpt.modeling.attention import varlen_fields
 

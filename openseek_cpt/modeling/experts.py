@@ -62,7 +62,10 @@ def grouped_mm_autocast_forward(
         return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
     dtype = torch.get_autocast_dtype(device_type)
     out = grouped_mm_experts_forward(
-        _CastExperts(self, dtype), hidden_states.to(dtype), top_k_index, top_k_weights
+        _CastExperts(self, dtype),  # type: ignore[arg-type]  # a stand-in with the module's attributes
+        hidden_states.to(dtype),
+        top_k_index,
+        top_k_weights,
     )
     return out.to(hidden_states.dtype) if hidden_states.dtype != dtype else out
 

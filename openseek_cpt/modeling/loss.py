@@ -117,6 +117,7 @@ def causal_lm_loss(
 ) -> torch.Tensor:
     """HF `ForCausalLMLoss` of `hidden @ weight.T` (shift, ignore -100, sum/num_items or mean)."""
     if shift_labels is None:
+        assert labels is not None, "labels or shift_labels"
         shift_labels = torch.nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
     targets = shift_labels.reshape(-1).to(hidden.device)
     flat = hidden.reshape(-1, hidden.shape[-1])

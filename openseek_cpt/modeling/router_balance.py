@@ -36,7 +36,7 @@ BIAS_NAME = "e_score_correction_bias"
 
 def find_routers(model: Any) -> list[tuple[int, torch.nn.Module]]:
     """(layer index, router) for every module holding an expert score-correction bias, in layer order."""
-    found = []
+    found: list[tuple[int, torch.nn.Module]] = []
     for name, module in model.named_modules():
         if isinstance(getattr(module, BIAS_NAME, None), torch.Tensor):
             parts = name.split(".")
@@ -70,7 +70,7 @@ class RouterBalanceCallback(TrainerCallback):
         bias = getattr(self.routers[0][1], BIAS_NAME) if self.routers else torch.zeros(0)
         return torch.zeros(len(self.routers), bias.numel(), dtype=torch.int64, device=bias.device)
 
-    def on_train_begin(self, args, state, control, **kwargs):
+    def on_train_begin(self, args, state, control, **kwargs) -> None:
         # The Trainer has moved the model by now: the counters live on its device from the first
         # step on, so the hook never moves them (a tensor swap inside a hook recompiles under compile).
         self.counts = self._zero_counts()
@@ -85,7 +85,7 @@ class RouterBalanceCallback(TrainerCallback):
 
         return count
 
-    def on_optimizer_step(self, args, state, control, **kwargs):
+    def on_optimizer_step(self, args, state, control, **kwargs) -> None:
         if not self.routers:
             return
         loads = self.step_loads()

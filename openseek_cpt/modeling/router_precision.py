@@ -19,7 +19,7 @@ ROUTER_BIAS = "e_score_correction_bias"
 _FP32_CLASSES: dict[type, type] = {}
 
 
-def _fp32_class(cls: type) -> type:
+def _fp32_class(cls: type[torch.nn.Module]) -> type:
     """A subclass of the router class `cls` whose forward runs outside autocast (cached per class)."""
     if cls not in _FP32_CLASSES:
 

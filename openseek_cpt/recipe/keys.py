@@ -41,11 +41,11 @@ def _keys(cls: type, obj: Any, prefix: str, out: list[Key]) -> None:
         if f.metadata.get("choices"):
             doc += f" One of: {', '.join(f.metadata['choices'])}."
         value = getattr(obj, f.name) if obj is not None else _default(f)
-        if dataclasses.is_dataclass(tp):
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
             _keys(tp, value if obj is not None else None, where + ".", out)
             continue
         item = typing.get_args(tp)[0] if typing.get_origin(tp) is list else None
-        if item is not None and dataclasses.is_dataclass(item):
+        if isinstance(item, type) and dataclasses.is_dataclass(item):
             shown = f"{len(value)} items" if value else []
             out.append(Key(where, f"list[{item.__name__}]", shown, doc))
             if obj is None:
@@ -65,7 +65,9 @@ def _keys(cls: type, obj: Any, prefix: str, out: list[Key]) -> None:
 def _default(f: dataclasses.Field) -> Any:
     if f.default is not dataclasses.MISSING:
         return f.default
-    return f.default_factory()
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    raise TypeError(f"{f.name} has no default")
 
 
 def _type_name(tp: Any) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import typing
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -25,7 +26,7 @@ T = TypeVar("T")
 ANCHOR_PREFIX = "x-"
 
 
-def load(schema: type[T], path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> T:
+def load(schema: type[T], path: str | Path | None, overrides: Sequence[str] = ()) -> T:
     """Read a recipe YAML (or the defaults when path is None) as `schema`, apply KEY=VALUE
     overrides, validate."""
     raw: dict[str, Any] = {}

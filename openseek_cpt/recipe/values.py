@@ -124,7 +124,7 @@ def coerce(tp: Any, value: Any, where: str) -> Any:
             except UserError as exc:
                 errors.append(exc)
         raise errors[0]
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return build(tp, value, where)
     if origin is list or tp is list:
         if not isinstance(value, list):

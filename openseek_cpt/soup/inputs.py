@@ -177,7 +177,7 @@ def non_finite_count(inp: SoupInput, key: str) -> int:
     with open(inp.files.path / info.file, "rb") as f:
         f.seek(info.start)
         raw = f.read(info.end - info.start)
-    values = to_fp32(raw, info.dtype, info.numel, np.empty(info.numel, np.float32))
+    values = to_fp32(memoryview(raw), info.dtype, info.numel, np.empty(info.numel, np.float32))
     return int(info.numel - np.isfinite(values).sum())
 
 

@@ -108,7 +108,7 @@ def keep_in_fp32(base: SoupInput, non_float: list[str], out_code: str) -> list[s
     floats = {k: dtype for k, (dtype, _) in base.meta.items() if k not in non_float}
     if not floats or ITEMSIZE[out_code] >= 4:
         return []
-    weight = Counter()
+    weight: Counter[str] = Counter()
     for k, dtype in floats.items():
         weight[dtype] += math.prod(base.meta[k][1]) * ITEMSIZE[dtype]
     dominant = max(weight, key=lambda d: (weight[d], d))

@@ -1,7 +1,7 @@
 """Stage 3: the soup, a parameter-wise combination (by default the weighted mean) of the base and its checkpoints.
 
-The original merge script listed one checkpoint twice, held three whole models in RAM and let
-a layout mismatch fall back to base weights without a word. Here a run goes:
+No checkpoint counts twice, no whole model is held in RAM, and a layout mismatch is an error, never
+a silent fall back to base weights. A run goes:
 - inputs.py: checkpoint globs expanded and sorted by step, every model directory's safetensors
   headers read and checked (a path given twice, an unfinished checkpoint: errors), and after the
   merge every checkpoint's weight files checked against its marker's content hashes;

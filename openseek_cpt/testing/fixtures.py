@@ -13,10 +13,14 @@ import ast
 import json
 import sysconfig
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from openseek_cpt.artifacts.atomic import atomic_output_dir
 from openseek_cpt.artifacts.provenance import write_provenance
 from openseek_cpt.artifacts.temps import sweep_leftovers, temp_path
+
+if TYPE_CHECKING:
+    from transformers import DeepseekV3Config, PreTrainedTokenizerFast
 
 EOS = "<|endoftext|>"
 TINY_VOCAB = 1024
@@ -41,7 +45,7 @@ def stdlib_docstrings(max_files: int = 400) -> list[str]:
     return docs
 
 
-def build_tokenizer(corpus: list[str]):
+def build_tokenizer(corpus: list[str]) -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer with a single special token (eos) and, on purpose, no pad token."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -59,7 +63,7 @@ def build_tokenizer(corpus: list[str]):
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, model_max_length=TINY_MAX_POSITIONS)
 
 
-def tiny_config(vocab_size: int, eos_token_id: int):
+def tiny_config(vocab_size: int, eos_token_id: int) -> DeepseekV3Config:
     """OpenSeek-Small-v1's architecture, shrunk (the real sizes: `real_shape_config` below)."""
     return openseek_config(
         vocab_size=vocab_size,
@@ -82,7 +86,7 @@ def tiny_config(vocab_size: int, eos_token_id: int):
     )
 
 
-def openseek_config(**sizes):
+def openseek_config(**sizes: Any) -> DeepseekV3Config:
     """A DeepseekV3Config of OpenSeek-Small-v1's family: what every size shares (one dense first
     layer, sigmoid router over one group, no q LoRA, rope theta 1e6, tied embeddings, no KV cache)."""
     from transformers import DeepseekV3Config
@@ -232,7 +236,7 @@ def write_qwen_tokenizer(out_dir: str | Path) -> Path:
     return out
 
 
-def real_shape_config(num_layers: int = REAL_LAYERS):
+def real_shape_config(num_layers: int = REAL_LAYERS) -> DeepseekV3Config:
     """BAAI/OpenSeek-Small-v1's config.json with `num_layers` layers: every tensor keeps its real shape."""
     return openseek_config(
         vocab_size=REAL_VOCAB,
@@ -262,7 +266,7 @@ def build_real_shape_hub(out_dir: str | Path, seed: int = 233, num_layers: int =
     from transformers import DeepseekV3ForCausalLM
 
     torch.manual_seed(seed)
-    model = DeepseekV3ForCausalLM(real_shape_config(num_layers)).to(torch.bfloat16)
+    model = DeepseekV3ForCausalLM(real_shape_config(num_layers)).to(torch.bfloat16)  # type: ignore[arg-type]
     with atomic_output_dir(out_dir) as tmp:
         write_qwen_tokenizer(tmp)
         model.save_pretrained(tmp)

@@ -50,7 +50,7 @@ class QWenTiktokenTokenizer(PreTrainedTokenizer):
         self.tokenizer = tiktoken.Encoding(
             "Qwen", pat_str=PAT_STR, mergeable_ranks=self.mergeable_ranks, special_tokens=self.special_tokens
         )
-        self.decoder = {v: k for k, v in self.mergeable_ranks.items()}
+        self.decoder: dict[int, bytes | str] = {v: k for k, v in self.mergeable_ranks.items()}
         self.decoder.update({v: k for k, v in self.special_tokens.items()})
         kwargs.setdefault("eos_token", "<|extra_204|>")
         kwargs.setdefault("pad_token", "<|endoftext|>")
@@ -66,7 +66,7 @@ class QWenTiktokenTokenizer(PreTrainedTokenizer):
     def get_vocab(self) -> dict:
         return {**self.mergeable_ranks, **self.special_tokens}
 
-    def tokenize(self, text: str, allowed_special="all", disallowed_special=(), **kwargs) -> list:
+    def tokenize(self, text: str, allowed_special="all", disallowed_special=(), **kwargs) -> list:  # type: ignore[override]  # Qwen's signature
         text = unicodedata.normalize("NFC", text)
         return [
             self.decoder[t]
@@ -97,7 +97,7 @@ class QWenTiktokenTokenizer(PreTrainedTokenizer):
                 buffer = b""
         return out + buffer.decode("utf-8", errors=self.errors)
 
-    def _decode(self, token_ids, skip_special_tokens: bool = False, **kwargs) -> str:
+    def _decode(self, token_ids, skip_special_tokens: bool = False, **kwargs) -> str:  # type: ignore[override]  # Qwen's signature
         if isinstance(token_ids, int):
             token_ids = [token_ids]
         if skip_special_tokens:

@@ -62,7 +62,7 @@ def configure_accelerator(trainer, fsdp_requested: bool) -> None:
             model.forward = convert_outputs_to_fp32(autocast(model.forward))
 
 
-def full_state_dict(trainer) -> dict[str, torch.Tensor] | None:
+def full_state_dict(trainer) -> dict[str, Any] | None:
     """The model's full state dict, as `save_pretrained` writes it (tied copies dropped).
 
     FSDP: gathered by every rank (a collective), held on rank 0 only. DDP/single: None (the
@@ -85,7 +85,7 @@ def full_state_dict(trainer) -> dict[str, torch.Tensor] | None:
     return state
 
 
-def load_full_state_dict(model, state_dict: dict[str, torch.Tensor]) -> Any:
+def load_full_state_dict(model, state_dict: dict[str, Any]) -> Any:
     """Load full tensors into an FSDP2 model: each rank keeps its shard (parameters are DTensors)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 

@@ -4,24 +4,25 @@ cache, and the stage's levers installed (attention, experts kernel, loss); the v
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from openseek_cpt.artifacts import prepared
 from openseek_cpt.errors import UserError
 from openseek_cpt.logs import get_logger
 from openseek_cpt.modeling import attention, experts, router_precision
 from openseek_cpt.modeling import loss as lm_loss
-from openseek_cpt.modeling.collator import PackedCollator
 from openseek_cpt.train import STAGE
 from openseek_cpt.train.config import TrainConfig
 from openseek_cpt.train.setup import process_rank
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
 log = get_logger(STAGE)
 
 
-def load_model(t: TrainConfig, model_dir: str, trust_remote_code: bool = False):
+def load_model(t: TrainConfig, model_dir: str, trust_remote_code: bool = False) -> PreTrainedModel:
     """The base (or a checkpoint) in `model_dir` with native classes, strictly, in the training
     dtype, no KV cache."""
     from transformers import AutoModelForCausalLM
@@ -41,7 +42,8 @@ def load_model(t: TrainConfig, model_dir: str, trust_remote_code: bool = False):
     if experts_implementation:
         kwargs["experts_implementation"] = experts_implementation
     attention.prepare(t.attn_implementation)  # flex: q/k/v in one dtype under autocast
-    model, info = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    loaded: Any = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)  # (model, loading info)
+    model, info = loaded
     problems = {k: sorted(info.get(k) or []) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
     problems = {k: v for k, v in problems.items() if v}
     if problems:
@@ -90,32 +92,3 @@ def check_vocab(
             f"model {model_dir} uses {expected} (embeddings {model_vocab}); rebuild the dataset "
             "with the model's tokenizer (data.tokenizer_dir)"
         )
-
-
-def document_logits(t: TrainConfig, rows: list[dict[str, Any]], model) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits, per-token loss) of packed rows, with the model, collator and mode training uses.
-
-    The model comes from `load_model` (config as trained: use_cache=False, training dtype), is kept
-    in train mode, and runs under the same autocast the Trainer uses for `t.precision`.
-    """
-    model.train()
-    batch = PackedCollator(
-        pad_token_id=prepared.pad_token_id({}, model.config),
-        varlen=attention.needs_varlen(t.attn_implementation),
-    )(rows)
-    device_type = "cuda" if torch.cuda.is_available() else "cpu"
-    model.to(device_type)
-    batch = {k: v.to(device_type) if torch.is_tensor(v) else v for k, v in batch.items()}
-    autocast = t.precision == "bf16-mixed"
-    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast):
-        out = model(**{k: v for k, v in batch.items() if k != "labels"})  # + varlen fields if any
-    logits = out.logits.float()
-    shift_logits = logits[:, :-1]
-    shift_labels = batch["labels"][:, 1:]
-    loss = torch.nn.functional.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.shape[-1]),
-        shift_labels.reshape(-1),
-        reduction="none",
-        ignore_index=-100,
-    ).view(shift_labels.shape)
-    return logits, loss

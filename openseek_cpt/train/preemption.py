@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import TrainerCallback
+from transformers import TrainerCallback, TrainerControl
 
 from openseek_cpt.artifacts import checkpoints
 from openseek_cpt.logs import get_logger
@@ -57,18 +57,18 @@ class PreemptionCallback(TrainerCallback):
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         return flag.item() > 0
 
-    def on_step_end(self, args, state, control, **kw):
+    def on_step_end(self, args, state, control, **kw) -> TrainerControl:
         if not self.triggered and self._agreed(args):
             self.triggered = True
             control.should_save = True
             control.should_training_stop = True
         return control
 
-    def on_evaluate(self, args, state, control, **kw):
+    def on_evaluate(self, args, state, control, **kw) -> TrainerControl:
         # A signal during a (long) evaluation: save right after it, before another step.
         return self.on_step_end(args, state, control)
 
-    def on_save(self, args, state, control, **kw):
+    def on_save(self, args, state, control, **kw) -> TrainerControl:
         # A signal while a checkpoint was written: that checkpoint is the preemption save; stop.
         if not self.triggered and self._agreed(args):
             self.triggered = True

@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from openseek_cpt.artifacts import checkpoints, prepared
 from openseek_cpt.artifacts.atomic import check_output_dir
@@ -25,6 +24,9 @@ from openseek_cpt.train.config import (
     gradient_accumulation,
     training_arguments,
 )
+
+if TYPE_CHECKING:
+    from transformers import TrainingArguments
 
 log = get_logger(STAGE)
 
@@ -49,7 +51,7 @@ class Setup:
     world_size: int
     rank: int
     grad_accum: int
-    args: Any  # transformers.TrainingArguments
+    args: TrainingArguments
     resume_from: Path | None
     manifest: dict[str, Any]
     keep: int | None = None  # train.args.save_total_limit: rotation is the stage's (after the marker)
@@ -73,7 +75,7 @@ def setup_run(
     train: TrainConfig,
     record: RunRecord,
     *,
-    dataset_dir: str,
+    dataset_dir: str | Path,
     model_dir: str,
     model_trust_remote_code: bool = False,
     tokenizer_trust_remote_code: bool = True,
@@ -89,8 +91,7 @@ def setup_run(
             "run `openseek-cpt data` first or point train.dataset_dir at its output"
         )
     manifest = prepared.read_manifest(dataset_dir)
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = process_rank()
+    rank, world_size = rank_and_world()
     grad_accum = gradient_accumulation(t.global_batch_size, world_size, t.per_device_batch_size)
     output_dir = Path(t.output_dir)
     check_output_dir(output_dir, stage=None, inputs=[dataset_dir, model_dir], field="train.output_dir")

@@ -9,7 +9,7 @@ ends (its one line, its code, the bounded teardown) is `rank_exit`.
 What it guarantees, and where the HF stack needed help (each marked where it is done):
 - documents never attend to each other: `PackedCollator` resets `position_ids` per document and
   the model runs with `use_cache=False` (with a cache, transformers' mask builder ignores the
-  position resets); `model.document_logits` exposes exactly that path for tests;
+  position resets); tests/train/test_train_units.py runs exactly that path;
 - `bf16-mixed` (default) keeps fp32 master weights and optimizer state under bf16 autocast;
   `bf16-pure` loads bf16 weights (about half the memory of the weights+Adam state, but Adam
   updates below half a bf16 ulp are lost: see tests/train/test_train_units.py); on CPU, torch's
@@ -53,7 +53,7 @@ from openseek_cpt.modeling import attention, router_balance
 from openseek_cpt.modeling.collator import PackedCollator
 from openseek_cpt.rank_exit import exit_with_launcher, leave_process_group
 from openseek_cpt.recipe.schema import RunRecord
-from openseek_cpt.train import fsdp, preemption
+from openseek_cpt.train import STAGE, fsdp, preemption
 from openseek_cpt.train.callbacks.sharding import ShardingReport
 from openseek_cpt.train.callbacks.throughput import ThroughputCallback
 from openseek_cpt.train.config import TrainConfig
@@ -65,7 +65,7 @@ from openseek_cpt.train.trainer import CPTTrainer
 TENSORBOARD_SUBDIR = "tensorboard"
 FINAL_SUBDIR = "final"
 
-log = get_logger("train")
+log = get_logger(STAGE)
 
 
 def run(
@@ -171,7 +171,7 @@ def save_final(setup: Setup, trainer: CPTTrainer) -> None:
     state_dict = fsdp.full_state_dict(trainer)
     if trainer.is_world_process_zero():
         model = trainer.accelerator.unwrap_model(trainer.model)
-        inputs = [setup.dataset_dir, setup.model_dir]
+        inputs: list[str | Path] = [setup.dataset_dir, setup.model_dir]
         with (
             atomic_output_dir(
                 setup.output_dir / FINAL_SUBDIR, stage="train", inputs=inputs, field="train.output_dir"

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import torch
 from transformers import Trainer
 
 from openseek_cpt.artifacts import checkpoints
@@ -33,22 +34,23 @@ class CPTTrainer(Trainer):
 
     def _get_train_sampler(self, train_dataset=None):
         # Deviation: a permutation per epoch from (seed, epoch) only, so resume replays it exactly.
-        self.epoch_sampler = EpochPermutationSampler(len(train_dataset or self.train_dataset), self.args.seed)
+        dataset = train_dataset or self.train_dataset
+        self.epoch_sampler = EpochPermutationSampler(len(dataset), self.args.seed)
         return self.epoch_sampler
 
-    def _run_epoch(self, *args, epoch, **kwargs):
+    def _run_epoch(self, *args, **kwargs):
         if 0 < self.state.max_steps <= self.state.global_step:
             # Deviation: Trainer checks max_steps only after a step, so a run resumed from its last
-            # checkpoint (0 steps left) trained one step more (checkpoint-13, a different final/).
+            # checkpoint (0 steps left) would train one step more than max_steps.
             self.control.should_training_stop = True
             return None
         # Deviation: under DDP a resumed epoch's loader is SkipBatchSampler(BatchSamplerShard(...)),
         # which hides the sampler from every set_epoch path, so a run resumed after its first epoch
         # would replay epoch 0's order; set the epoch on the sampler itself.
-        self.epoch_sampler.set_epoch(epoch)
-        return super()._run_epoch(*args, epoch=epoch, **kwargs)
+        self.epoch_sampler.set_epoch(kwargs["epoch"])
+        return super()._run_epoch(*args, **kwargs)
 
-    def training_step(self, model, inputs, num_items_in_batch=None):
+    def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
         metrics.see_batch(self.callback_handler.callbacks, inputs)
         loss = super().training_step(model, inputs, num_items_in_batch)
         self.nonfinite.see_loss(loss)
@@ -64,9 +66,11 @@ class CPTTrainer(Trainer):
 
     def check_weights_finite(self, target: str) -> None:
         """UserError (every rank) if a weight is not finite: `target` is then not written."""
+        assert self.model is not None
         finite.check_weights(self.model, self.state.global_step, target, self.setup.output_dir)
 
     def _save_checkpoint(self, model, trial):
+        assert self.args.output_dir is not None  # set from train.output_dir
         ckpt = Path(self.args.output_dir) / checkpoints.name_for(self.state.global_step)
         self.check_weights_finite(str(ckpt))  # before any file: no marker can make it complete
         with named_when_full(ckpt):
@@ -93,7 +97,7 @@ class CPTTrainer(Trainer):
         if self.is_world_process_zero():
             log.info(f"model weights restored from {resume_from_checkpoint} ({result})")
 
-    def create_accelerator_and_postprocess(self):
+    def create_accelerator_and_postprocess(self) -> None:
         super().create_accelerator_and_postprocess()
         fsdp.configure_accelerator(self, self.setup.fsdp)
 
@@ -102,12 +106,12 @@ class CPTTrainer(Trainer):
             return super()._save_optimizer_and_scheduler(output_dir)
         fsdp.save_optimizer_and_scheduler(self, output_dir)
 
-    def save_model(self, output_dir=None, _internal_call=False):
+    def save_model(self, output_dir=None, _internal_call=False) -> None:
         if not fsdp.is_fsdp(self):
             return super().save_model(output_dir, _internal_call)
         fsdp.save_model(self, output_dir)
 
-    def log(self, logs, start_time=None):
+    def log(self, logs, start_time=None) -> None:
         if "loss" in logs:
             metrics.record_metrics(self.callback_handler.callbacks, self.args, logs)
         if "eval_loss" in logs:

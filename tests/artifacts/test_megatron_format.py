@@ -12,32 +12,33 @@ import pytest
 
 from openseek_cpt.artifacts import megatron_format
 from openseek_cpt.errors import UserError
+from openseek_cpt.testing import megatron_files
 from tests.export.test_megatron_export import segments_of
 
 
 def test_read_is_deterministic_and_content_addressed(tmp_path):
     rng = np.random.default_rng(0)
     docs = [rng.integers(0, 70000, size=int(n)) for n in rng.integers(1, 50, size=40)]
-    megatron_format.write_documents(tmp_path / "a" / "p", docs, vocab_size=70000)
+    megatron_files.write_documents(tmp_path / "a" / "p", docs, vocab_size=70000)
     shutil.copytree(tmp_path / "a", tmp_path / "b")
-    first = megatron_format.read_documents(tmp_path / "a" / "p")
-    again = megatron_format.read_documents(tmp_path / "a" / "p")
-    copy = megatron_format.read_documents(tmp_path / "b" / "p")
+    first = megatron_files.read_documents(tmp_path / "a" / "p")
+    again = megatron_files.read_documents(tmp_path / "a" / "p")
+    copy = megatron_files.read_documents(tmp_path / "b" / "p")
     assert first._fingerprint == again._fingerprint == copy._fingerprint
     assert [list(x) for x in first["input_ids"][:]] == [d.tolist() for d in docs]
-    megatron_format.write_documents(tmp_path / "a" / "p", docs[:-1], vocab_size=70000)
-    changed = megatron_format.read_documents(tmp_path / "a" / "p")
+    megatron_files.write_documents(tmp_path / "a" / "p", docs[:-1], vocab_size=70000)
+    changed = megatron_files.read_documents(tmp_path / "a" / "p")
     assert changed._fingerprint != first._fingerprint and len(changed) == len(docs) - 1
 
 
 def test_read_rows_takes_only_the_asked_rows_in_order_and_follows_pointers(tmp_path):
     docs = [np.arange(i, i + 7) for i in range(30)]
-    megatron_format.write_documents(tmp_path / "p", docs, vocab_size=100)
+    megatron_files.write_documents(tmp_path / "p", docs, vocab_size=100)
     index = megatron_format.read_index(tmp_path / "p")
     table = megatron_format.read_rows(index, f"{tmp_path / 'p'}.bin", np.array([29, 3, 3, 0]))
     assert table.column("input_ids").to_pylist() == [docs[i].tolist() for i in (29, 3, 3, 0)]
     assert table.schema.field("input_ids").type.value_type == "int32"
-    ds = megatron_format.read_documents(tmp_path / "p")
+    ds = megatron_files.read_documents(tmp_path / "p")
     assert [list(x) for x in ds["input_ids"][:]] == [d.tolist() for d in docs]
     # A valid file need not store sequences in order: reverse them in .bin, point the index there.
     index = megatron_format.read_index(tmp_path / "p")
@@ -48,7 +49,7 @@ def test_read_rows_takes_only_the_asked_rows_in_order_and_follows_pointers(tmp_p
     start = megatron_format.HEADER_SIZE + 4 * len(docs)
     idx[start : start + 8 * len(docs)] = pointers.tobytes()
     Path(f"{rev}.idx").write_bytes(bytes(idx))
-    ds = megatron_format.read_documents(rev)
+    ds = megatron_files.read_documents(rev)
     assert [list(x) for x in ds["input_ids"][:]] == [d.tolist() for d in docs]
 
 
@@ -63,12 +64,12 @@ def test_export_streams_batches_in_the_dataset_order(tmp_path, monkeypatch):
     ds = datasets.Dataset.from_dict({"input_ids": rows, "seq_lengths": segs, "source": ["x"] * 9})
     ds = ds.select([8, 0, 3, 1, 2, 4, 5, 7, 6])  # an indices mapping, as after shuffle/select
     megatron_format.export_dataset(ds, tmp_path / "p", vocab_size=50)
-    out = megatron_format.read_documents(tmp_path / "p")
+    out = megatron_files.read_documents(tmp_path / "p")
     assert out["input_ids"][:] == segments_of(ds["input_ids"][:], ds["seq_lengths"][:])
 
 
 def test_export_is_atomic_and_rejects_inconsistent_rows(tmp_path):
-    megatron_format.write_documents(tmp_path / "p", [np.array([1, 2, 3])], vocab_size=10)
+    megatron_files.write_documents(tmp_path / "p", [np.array([1, 2, 3])], vocab_size=10)
     before = Path(f"{tmp_path / 'p'}.bin").read_bytes()
     bad = datasets.Dataset.from_dict({"input_ids": [[1, 2], [3, 4, 5]], "seq_lengths": [[2], [2]]})
     with pytest.raises(UserError, match=r"row 1: seq_lengths \[2\] do not split its 3 tokens"):
@@ -88,7 +89,7 @@ def test_export_checks_every_token_across_write_blocks(tmp_path, monkeypatch):
         megatron_format.export_dataset(ds, tmp_path / "p", vocab_size=10)
     ok = datasets.Dataset.from_dict({"input_ids": rows[:1] + [[8, 9, 0]], "seq_lengths": [[7], [3]]})
     megatron_format.export_dataset(ok, tmp_path / "p", vocab_size=10)
-    assert megatron_format.read_documents(tmp_path / "p")["input_ids"][:] == [
+    assert megatron_files.read_documents(tmp_path / "p")["input_ids"][:] == [
         rows[0],
         [8, 9, 0],
     ]
@@ -99,7 +100,7 @@ def test_export_checks_every_token_across_write_blocks(tmp_path, monkeypatch):
 
 def _good(tmp_path: Path) -> Path:
     prefix = tmp_path / "corpus_text_document"
-    megatron_format.write_documents(prefix, [np.array([1, 2, 3]), np.array([4, 5])], vocab_size=100)
+    megatron_files.write_documents(prefix, [np.array([1, 2, 3]), np.array([4, 5])], vocab_size=100)
     return prefix
 
 
@@ -148,5 +149,5 @@ def test_damaged_megatron_files_are_one_line_errors(tmp_path, damage):
     corrupt, message = CORRUPTIONS[damage]
     corrupt(prefix)
     with pytest.raises(UserError, match=message) as info:
-        megatron_format.read_documents(prefix)
+        megatron_files.read_documents(prefix)
     assert "\n" not in str(info.value) and str(prefix) in str(info.value)

@@ -18,11 +18,10 @@ import pytest
 import yaml
 from conftest import TINY_RECIPE
 
-from openseek_cpt.artifacts import megatron_format
 from openseek_cpt.artifacts.atomic import atomic_output_dir
 from openseek_cpt.artifacts.fileio import read_json, write_json_atomic
 from openseek_cpt.artifacts.temps import KINDS, sweep_leftovers, temp_path
-from openseek_cpt.testing import fixtures
+from openseek_cpt.testing import fixtures, megatron_files
 
 REPO = Path(__file__).resolve().parents[2]
 # What a child prints once its temp entry exists; then it waits to be killed.
@@ -136,16 +135,16 @@ def _json_file(root: Path) -> tuple[str, Callable[[int], list[str]], Callable[[]
 def _megatron(root: Path) -> tuple[str, Callable[[int], list[str]], Callable[[], None]]:
     code = f"""
     import numpy as np
-    from openseek_cpt.artifacts import megatron_format
+    from openseek_cpt.testing import megatron_files
     def documents():
         yield np.arange(1, 50)
         ready()
-    megatron_format.write_documents({str(root / "mix")!r}, documents(), vocab_size=100)
+    megatron_files.write_documents({str(root / "mix")!r}, documents(), vocab_size=100)
     """
 
     def again() -> None:
-        megatron_format.write_documents(root / "mix", [[1, 2, 3]], vocab_size=100)
-        assert megatron_format.read_documents(root / "mix")["input_ids"][:] == [[1, 2, 3]]
+        megatron_files.write_documents(root / "mix", [[1, 2, 3]], vocab_size=100)
+        assert megatron_files.read_documents(root / "mix")["input_ids"][:] == [[1, 2, 3]]
 
     return code, lambda pid: [f".mix.bin.tmp-{pid}"], again
 
@@ -216,5 +215,5 @@ def test_a_finished_writer_leaves_no_temp(tmp_path):
     with atomic_output_dir(tmp_path / "d") as tmp:
         (tmp / "f").write_bytes(b"x")
     write_json_atomic(tmp_path / "m.json", {"a": 1})
-    megatron_format.write_documents(tmp_path / "p", [[1, 2]], vocab_size=10)
+    megatron_files.write_documents(tmp_path / "p", [[1, 2]], vocab_size=10)
     assert _hidden(tmp_path) == [] and read_json(tmp_path / "m.json") == {"a": 1}

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from conftest import TINY_RECIPE, run_cli
 
-from openseek_cpt.artifacts import megatron_format
 from openseek_cpt.data import stage as data
 from openseek_cpt.errors import UserError
+from openseek_cpt.testing import megatron_files
 from tests.artifacts.test_sidecar import SIDECAR_KEYS
 from tests.data.test_data import _recipe
 
@@ -55,7 +55,7 @@ def test_megatron_prefix_onto_one_of_the_stages_megatron_sources_is_refused(
 
     monkeypatch.chdir(tiny_workdir)
     code = load_from_disk("models/tiny/sources/code")
-    megatron_format.write_documents("meg/code", (np.asarray(x) for x in code["input_ids"]), 1024)
+    megatron_files.write_documents("meg/code", (np.asarray(x) for x in code["input_ids"]), 1024)
     before = {ext: (tiny_workdir / f"meg/code.{ext}").read_bytes() for ext in ("bin", "idx")}
     # A sidecar claiming the data stage wrote it does not make an input replaceable.
     (tiny_workdir / "meg/code.provenance.json").write_text('{"stage": "data"}\n')

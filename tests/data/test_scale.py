@@ -47,9 +47,10 @@ def test_the_real_jobs_output_is_sharded_as_save_to_disk_would(tmp_path):
 
 def test_megatron_rows_use_64_bit_offsets(tmp_path):
     from openseek_cpt.artifacts import megatron_format
+    from openseek_cpt.testing import megatron_files
 
     prefix = tmp_path / "m"
-    megatron_format.write_documents(str(prefix), [[1, 2, 3], [4]], vocab_size=100)
+    megatron_files.write_documents(str(prefix), [[1, 2, 3], [4]], vocab_size=100)
     index = megatron_format.read_index(str(prefix))
     table = megatron_format.read_rows(index, f"{prefix}.bin", np.array([1, 0]))
     assert str(table.schema.field("input_ids").type).startswith("large_list")

@@ -35,15 +35,15 @@ def test_the_recipe_accepts_every_selectable_source_kind_of_the_table_and_no_oth
 def test_megatron_prefix_is_a_source_and_an_export(tiny_workdir, monkeypatch):
     from datasets import load_from_disk
 
-    from openseek_cpt.artifacts import megatron_format
+    from openseek_cpt.testing import megatron_files
 
     monkeypatch.chdir(tiny_workdir)
     code = load_from_disk("models/tiny/sources/code")
-    megatron_format.write_documents("meg/code", (np.asarray(x) for x in code["input_ids"]), 1024)
+    megatron_files.write_documents("meg/code", (np.asarray(x) for x in code["input_ids"]), 1024)
     recipe = _recipe(tiny_workdir, "data.sources.1.path=meg/code", "data.megatron_prefix=meg/out")
     manifest = json.loads((data.run(**recipe.stage_args("data")) / "manifest.json").read_text())
     assert manifest["sources"][1]["kind"] == "megatron"
-    back = megatron_format.read_documents("meg/out")
+    back = megatron_files.read_documents("meg/out")
     train = load_from_disk("datasets/tiny-mix")["train"]
     assert sum(len(x) for x in back["input_ids"]) == sum(len(x) for x in train["input_ids"])
 
@@ -54,11 +54,12 @@ def test_megatron_source_is_read_in_place_and_the_same_recipe_is_byte_identical(
     from datasets import load_from_disk
 
     from openseek_cpt.artifacts import megatron_format
+    from openseek_cpt.testing import megatron_files
 
     monkeypatch.chdir(tiny_workdir)
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tiny_workdir / "hf-cache")
     code = load_from_disk("models/tiny/sources/code")
-    megatron_format.write_documents("meg/code", (np.asarray(x) for x in code["input_ids"]), 1024)
+    megatron_files.write_documents("meg/code", (np.asarray(x) for x in code["input_ids"]), 1024)
     outs = [
         data.run(
             **_recipe(

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import yaml
 
-from openseek_cpt.artifacts import megatron_format
 from openseek_cpt.config import load_recipe
 from openseek_cpt.data import stage as data
 from openseek_cpt.data.encoder import Encoder, with_one_eos
 from openseek_cpt.errors import UserError
+from openseek_cpt.testing import megatron_files
 from openseek_cpt.testing.fixtures import REAL_VOCAB, stdlib_docstrings, write_qwen_tokenizer
 
 SPECIAL_DOC = "A web page that quotes <|endoftext|> and <|extra_204|> and <|im_start|>user in its text."
@@ -211,7 +211,7 @@ def test_megatron_source_with_ids_beyond_the_vocab_is_refused(tokenizer_dir, tmp
     rng = np.random.default_rng(0)
     docs = [rng.integers(0, 150000, size=50) for _ in range(200)]
     docs[137][7] = REAL_VOCAB + 48  # one bad id in one document
-    megatron_format.write_documents(tmp_path / "shard_text_document", docs, vocab_size=200000)
+    megatron_files.write_documents(tmp_path / "shard_text_document", docs, vocab_size=200000)
     recipe = _recipe(tmp_path, tokenizer_dir, [{"path": str(tmp_path / "shard_text_document"), "ratio": 1.0}])
     with pytest.raises(UserError) as info:
         data.run(**recipe.stage_args("data"))

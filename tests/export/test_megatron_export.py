@@ -15,6 +15,7 @@ from conftest import TINY_RECIPE, run_cli
 
 from openseek_cpt.artifacts import megatron_format
 from openseek_cpt.export.megatron import export_megatron
+from openseek_cpt.testing import megatron_files
 
 ROWS = [[5, 6, 7, 1, 8, 9, 1], [10, 11, 12, 13, 1], [2, 1, 3, 3, 1, 4, 1, 0]]
 SEGMENTS = [[4, 3], [5], [2, 3, 2, 1]]
@@ -49,7 +50,7 @@ def make_prepared(root: Path, rows=ROWS, segments=SEGMENTS, manifest=None) -> Pa
 def test_export_then_read_gives_each_document_segment_with_its_tokens(tmp_path):
     prepared = make_prepared(tmp_path)
     prefix = export_megatron(prepared, tmp_path / "out" / "mix_text_document")
-    docs = megatron_format.read_documents(prefix)
+    docs = megatron_files.read_documents(prefix)
     assert docs["input_ids"][:] == segments_of(ROWS, SEGMENTS)
     assert docs.features["input_ids"].feature.dtype == "int32"
     index = megatron_format.read_index(prefix)
@@ -67,7 +68,7 @@ def test_export_of_the_eval_split_and_of_a_large_vocab_uses_int32(tmp_path):
     prefix = export_megatron(prepared, tmp_path / "ev", split="eval")
     assert megatron_format.read_index(prefix).dtype is np.int32
     assert Path(f"{prefix}.bin").stat().st_size == 4 * len(ROWS[0])
-    docs = megatron_format.read_documents(prefix)
+    docs = megatron_files.read_documents(prefix)
     assert docs["input_ids"][:] == segments_of(ROWS[:1], SEGMENTS[:1])
 
 
@@ -87,7 +88,7 @@ def test_cli_export_megatron_writes_files_and_bad_input_exits_2(tmp_path):
     prepared = make_prepared(tmp_path)
     r = run_cli("export-megatron", str(prepared), "out/mix", cwd=tmp_path, timeout=300)
     assert r.returncode == 0, r.stderr
-    docs = megatron_format.read_documents(tmp_path / "out" / "mix")
+    docs = megatron_files.read_documents(tmp_path / "out" / "mix")
     assert docs["input_ids"][:] == segments_of(ROWS, SEGMENTS)
 
     r = run_cli(
@@ -139,7 +140,7 @@ def test_prepared_mix_round_trips_through_megatron_files(tiny_workdir):
 
     train = datasets.load_from_disk(str(tiny_workdir / "datasets" / "tiny-mix"))["train"]
     expected = segments_of(train["input_ids"], train["seq_lengths"])
-    exported = megatron_format.read_documents(prefix)["input_ids"][:]
+    exported = megatron_files.read_documents(prefix)["input_ids"][:]
     assert exported == expected
 
     recipe = _recipe_reading(tiny_workdir, str(prefix), "datasets/roundtrip", len(expected))
@@ -152,7 +153,7 @@ def test_prepared_mix_round_trips_through_megatron_files(tiny_workdir):
 
 def test_data_stage_rejects_a_truncated_megatron_source_in_one_line(tiny_workdir):
     prefix = tiny_workdir / "corpus_text_document"
-    megatron_format.write_documents(prefix, [list(range(1, 20)), list(range(3, 9))], vocab_size=512)
+    megatron_files.write_documents(prefix, [list(range(1, 20)), list(range(3, 9))], vocab_size=512)
     bin_path = Path(f"{prefix}.bin")
     bin_path.write_bytes(bin_path.read_bytes()[:-4])
     recipe = _recipe_reading(tiny_workdir, str(prefix), "datasets/broken", 2)

@@ -14,6 +14,7 @@ import torch
 
 from openseek_cpt.artifacts import megatron_format
 from openseek_cpt.export.megatron import export_megatron
+from openseek_cpt.testing import megatron_files
 from tests.export.test_megatron_export import ROWS, SEGMENTS, make_prepared, segments_of
 
 pytestmark = pytest.mark.megatron
@@ -49,7 +50,7 @@ def test_our_reader_reads_megatron_builder_output_exactly(tmp_path):
         builder.add_item(torch.from_numpy(doc))
         builder.end_document()
     builder.finalize(f"{prefix}.idx")
-    ours = megatron_format.read_documents(prefix)
+    ours = megatron_files.read_documents(prefix)
     assert [list(x) for x in ours["input_ids"][:]] == [d.tolist() for d in docs]
     assert ours.features["input_ids"].feature.dtype == "int32"
 
@@ -70,7 +71,7 @@ def test_our_reader_handles_multi_sequence_documents_and_merged_indexes(tmp_path
     for prefix, _ in parts:
         builder.add_index(prefix)
     builder.finalize(f"{merged}.idx")
-    ours = megatron_format.read_documents(merged)
+    ours = megatron_files.read_documents(merged)
     expected = [d.tolist() for _, docs in parts for d in docs]
     assert [list(x) for x in ours["input_ids"][:]] == expected  # one row per Megatron sequence
     assert megatron_format.read_index(merged).document_indices.tolist() == list(range(0, 25, 2))
@@ -78,7 +79,7 @@ def test_our_reader_handles_multi_sequence_documents_and_merged_indexes(tmp_path
 
 def test_our_writer_output_equals_megatron_builder_output_byte_for_byte(tmp_path):
     docs = _random_documents(3, 60000)
-    megatron_format.write_documents(tmp_path / "ours", docs, vocab_size=60000)
+    megatron_files.write_documents(tmp_path / "ours", docs, vocab_size=60000)
     builder = indexed_dataset.IndexedDatasetBuilder(str(tmp_path / "theirs.bin"), dtype=np.uint16)
     for doc in docs:
         builder.add_item(torch.from_numpy(doc))
@@ -91,8 +92,8 @@ def test_our_writer_output_equals_megatron_builder_output_byte_for_byte(tmp_path
 def test_read_documents_feeds_datasets_like_any_source(tmp_path):
     """read_documents (tests, small files) gives an in-memory Dataset that datasets can shuffle and map."""
     docs = _random_documents(4, 1000)
-    megatron_format.write_documents(tmp_path / "p", docs, vocab_size=1000)
-    ds = megatron_format.read_documents(tmp_path / "p")
+    megatron_files.write_documents(tmp_path / "p", docs, vocab_size=1000)
+    ds = megatron_files.read_documents(tmp_path / "p")
     lengths = ds.shuffle(seed=233).map(lambda b: {"n": [len(x) for x in b["input_ids"]]}, batched=True)
     assert sorted(lengths["n"]) == sorted(len(d) for d in docs)
     assert isinstance(ds, datasets.Dataset)

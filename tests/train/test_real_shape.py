@@ -22,6 +22,7 @@ import yaml
 from conftest import run_cli
 
 from openseek_cpt.artifacts import megatron_format
+from openseek_cpt.testing import megatron_files
 from openseek_cpt.testing.fixtures import REAL_VOCAB, build_real_shape_hub, stdlib_docstrings
 
 pytestmark = pytest.mark.e2e
@@ -94,7 +95,7 @@ def real_run(tmp_path_factory):
         for t in [*docs[:30], SPECIAL_DOC, *docs[30:]]:
             f.write(json.dumps({"text": t}) + "\n")
     code = [np.asarray(tok(t)["input_ids"] + [tok.eos_token_id]) for t in docs[::-1]]
-    megatron_format.write_documents(work / "sources" / "code_text_document", code, vocab_size=len(tok))
+    megatron_files.write_documents(work / "sources" / "code_text_document", code, vocab_size=len(tok))
     recipe = _recipe(work)
     logs = {}
     for stage in ("download", "data", "train", "soup"):
@@ -124,7 +125,7 @@ def test_data_uses_the_gigatoken_path_counts_special_text_and_exports_int32(real
     assert by_label["web"]["documents_with_special_text"] == 1 and by_label["code"]["kind"] == "megatron"
     index = megatron_format.read_index(work / "export/real_text_document")
     assert index.dtype is np.int32  # 151,851 ids do not fit Megatron's uint16
-    exported = megatron_format.read_documents(work / "export/real_text_document")
+    exported = megatron_files.read_documents(work / "export/real_text_document")
     ids = np.concatenate([np.asarray(x) for x in exported["input_ids"]])
     assert ids.min() >= 0 and ids.max() < REAL_VOCAB and set(ids[ids >= 151643].tolist()) == {151850}
 

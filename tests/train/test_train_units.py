@@ -17,16 +17,48 @@ from conftest import TINY_RECIPE, copy_workdir, run_cli
 from safetensors.torch import load_file
 
 from openseek_cpt import launcher
+from openseek_cpt.artifacts.prepared import pad_token_id
 from openseek_cpt.artifacts.provenance import directory_fingerprint
 from openseek_cpt.config import load_recipe
 from openseek_cpt.errors import UserError
+from openseek_cpt.modeling import attention
+from openseek_cpt.modeling.collator import PackedCollator
 from openseek_cpt.train import config
-from openseek_cpt.train.model import document_logits, load_model
+from openseek_cpt.train.model import load_model
 from openseek_cpt.train.setup import setup_run
 from openseek_cpt.train.stage import build_trainer
 
 ONE_STEP = ["--set", "train.args.max_steps=1", "--set", "train.args.eval_strategy='no'",
             "--set", "train.args.learning_rate=2.0e-5"]  # fmt: skip
+
+
+def document_logits(t, rows, model):
+    """(logits, per-token loss) of packed rows, with the model, collator and mode training uses.
+
+    The model comes from `load_model` (config as trained: use_cache=False, training dtype), is kept
+    in train mode, and runs under the same autocast the Trainer uses for `t.precision`.
+    """
+    model.train()
+    batch = PackedCollator(
+        pad_token_id=pad_token_id({}, model.config),
+        varlen=attention.needs_varlen(t.attn_implementation),
+    )(rows)
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    model.to(device_type)
+    batch = {k: v.to(device_type) if torch.is_tensor(v) else v for k, v in batch.items()}
+    autocast = t.precision == "bf16-mixed"
+    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast):
+        out = model(**{k: v for k, v in batch.items() if k != "labels"})  # + varlen fields if any
+    logits = out.logits.float()
+    shift_logits = logits[:, :-1]
+    shift_labels = batch["labels"][:, 1:]
+    loss = torch.nn.functional.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.shape[-1]),
+        shift_labels.reshape(-1),
+        reduction="none",
+        ignore_index=-100,
+    ).view(shift_labels.shape)
+    return logits, loss
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ log = get_logger(STAGE)
 class ShardingReport(TrainerCallback):
     """Each rank says, once the model is prepared, how its parameters are distributed (FSDP: DTensors)."""
 
-    def on_train_begin(self, args, state, control, model=None, **kw):
+    def on_train_begin(self, args, state, control, model=None, **kw) -> None:
         from torch.distributed.tensor import DTensor
 
         params = list(model.parameters()) if model is not None else []

@@ -27,21 +27,21 @@ class ThroughputCallback(TrainerCallback):
         self.seconds = 0.0
         self.tokens = 0
 
-    def on_train_begin(self, args, state, control, **kw):
+    def on_train_begin(self, args, state, control, **kw) -> None:
         self.mark = time.perf_counter()
 
     def on_batch(self, inputs: Mapping[str, Any]) -> None:
         self.tokens += int(inputs["input_ids"].numel())
 
-    def on_step_end(self, args, state, control, **kw):
+    def on_step_end(self, args, state, control, **kw) -> None:
         now = time.perf_counter()
         self.seconds += now - (self.mark or now)
         self.mark = now
 
-    def on_evaluate(self, args, state, control, **kw):
+    def on_evaluate(self, args, state, control, **kw) -> None:
         self.mark = time.perf_counter()
 
-    def on_save(self, args, state, control, **kw):
+    def on_save(self, args, state, control, **kw) -> None:
         self.mark = time.perf_counter()
 
     def record_metrics(self, args: Any, logs: dict[str, float]) -> None:
