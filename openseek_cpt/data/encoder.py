@@ -121,12 +121,18 @@ class Encoder:
     # ------------------------------------------------------------------ encoding
 
     def __call__(self, table: Any, content: str, text_field: str, formatting: Any) -> Any:
-        return documents_table(*self.documents(table, content, text_field, formatting))
+        return self._table(self.documents(table, content, text_field, formatting))
 
     def documents(
         self, table: Any, content: str, text_field: str, formatting: Any
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(all ids int32, ids per document, special-token text per document) of an Arrow batch of rows."""
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(ids int32, ids per document with its eos, ids of each document held in `ids`, special-token
+        text per document) of an Arrow batch of rows.
+
+        Where a document's held count is one less than its length, its final eos is not in `ids`: the
+        array paths leave it out (inserting it would copy every id); the stage's token store supplies it
+        when rows are gathered (token_store.py), `with_eos` where the ids are needed whole.
+        """
         if content == "tokens":
             return self._ids_arrays(table.column("input_ids"))
         if content == "text" and self.path == "gigatoken":
@@ -239,32 +245,38 @@ class Encoder:
         return ids
 
     def from_texts(self, texts: list[str | None]) -> Any:
-        return documents_table(*self._texts_arrays(texts))
+        return self._table(self._texts_arrays(texts))
 
     def from_text_column(self, column: Any) -> Any:
         """`from_texts` of an Arrow text column without a Python object per text (the gigatoken path):
         empty texts dropped, special-token strings counted, ids from the Arrow buffers."""
-        return documents_table(*self._text_column_arrays(column))
+        return self._table(self._text_column_arrays(column))
 
     def from_ids(self, column: Any) -> Any:
         """Pre-tokenized documents: append eos only to those that do not already end with it."""
-        return documents_table(*self._ids_arrays(column))
+        return self._table(self._ids_arrays(column))
 
-    def _texts_arrays(self, texts: list[str | None]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _table(self, docs: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]) -> Any:
+        values, lengths, stored, special = docs
+        return documents_table(with_eos(values, lengths, stored, self.eos), lengths, special)
+
+    def _texts_arrays(self, texts: list[str | None]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         texts = [t or "" for t in texts]
         if not texts:  # a batch of empty texts only (tokenizer([]) is not an empty batch everywhere)
-            return np.empty(0, np.int32), np.empty(0, np.int64), np.empty(0, np.uint8)
+            return np.empty(0, np.int32), np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.uint8)
         special = np.fromiter((self.has_special_text(t) for t in texts), dtype=np.uint8, count=len(texts))
         if self.path in ("gigatoken", "tiktoken"):  # ids stay in numpy from the encoder to Arrow
-            values, lengths = self.arrays(texts)
-            return (*with_one_eos(values, lengths, self.eos), special)
+            values, kept = drop_trailing_eos(*self.arrays(texts), self.eos)
+            return values, kept + 1, kept, special
         docs = self.encode(texts)
         lengths = np.fromiter((len(x) for x in docs), dtype=np.int64, count=len(docs))
         values = np.fromiter(chain.from_iterable(docs), dtype=np.int32, count=int(lengths.sum()))
-        return values, lengths, special
+        return values, lengths, lengths, special
 
-    def _text_column_arrays(self, column: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _text_column_arrays(self, column: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         import pyarrow.compute as pc
+
+        from openseek_cpt.data.rows import one_chunk
 
         column = one_chunk(column)
         # empty: no bytes (read from the offsets), or whitespace only (a check that stops at the first other character)
@@ -277,20 +289,21 @@ class Encoder:
         else:
             found = pc.match_substring_regex(column, self.special_pattern.pattern)
             special = found.to_numpy(zero_copy_only=False).astype(np.uint8)
-        values, lengths = self.arrays(column)
-        return (*with_one_eos(values, lengths, self.eos), special)
+        values, kept = drop_trailing_eos(*self.arrays(column), self.eos)
+        return values, kept + 1, kept, special
 
-    def _ids_arrays(self, column: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _ids_arrays(self, column: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         import pyarrow.compute as pc
+
+        from openseek_cpt.data.rows import one_chunk
 
         column = one_chunk(column)
         lengths = pc.fill_null(pc.list_value_length(column), 0).to_numpy().astype(np.int64)
         values = column.flatten().to_numpy(zero_copy_only=False).astype(np.int32)
         ends = np.cumsum(lengths)
         last = np.where(lengths > 0, values[np.maximum(ends - 1, 0)] if len(values) else -1, -1)
-        needs_eos = last != self.eos
-        values = np.insert(values, ends[needs_eos], self.eos).astype(np.int32)
-        return values, lengths + needs_eos, np.zeros(len(lengths), dtype=np.uint8)
+        needs_eos = last != self.eos  # its eos is supplied, not inserted (see `documents`)
+        return values, lengths + needs_eos, lengths, np.zeros(len(lengths), dtype=np.uint8)
 
     # ------------------------------------------------------------------ probes
 
@@ -324,6 +337,8 @@ def _nfc(texts: Any) -> Any:
 
     if not isinstance(texts, pa.Array | pa.ChunkedArray):
         return [t if unicodedata.is_normalized("NFC", t) else unicodedata.normalize("NFC", t) for t in texts]
+    from openseek_cpt.data.rows import one_chunk
+
     texts = one_chunk(texts)
     other = np.flatnonzero(~ascii_texts(texts))
     if not len(other):
@@ -338,15 +353,6 @@ def _nfc(texts: Any) -> Any:
     mask = np.zeros(len(texts), dtype=bool)
     mask[list(changed)] = True
     return pc.replace_with_mask(texts, pa.array(mask), pa.array(list(changed.values()), texts.type))
-
-
-def one_chunk(column: Any) -> Any:
-    """An Arrow array of a column: its one chunk as it is (`combine_chunks` would copy it), else combined."""
-    import pyarrow as pa
-
-    if not isinstance(column, pa.ChunkedArray):
-        return column
-    return column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
 
 
 def ascii_texts(texts: Any) -> np.ndarray:
@@ -381,10 +387,25 @@ def _tiktoken_encoding(tokenizer: Any) -> Any:
 def with_one_eos(values: np.ndarray, lengths: np.ndarray, eos: int) -> tuple[np.ndarray, np.ndarray]:
     """Flat documents (ids, lengths) with trailing eos ids dropped and exactly one eos appended to
     each: `Encoder.end_with_eos` on arrays."""
+    values, kept = drop_trailing_eos(values, lengths, eos)
+    return with_eos(values, kept + 1, kept, eos), kept + 1
+
+
+def with_eos(values: np.ndarray, lengths: np.ndarray, stored: np.ndarray, eos: int) -> np.ndarray:
+    """All ids of documents with every eos in place: inserted after those whose `stored` ids are one
+    fewer than their `lengths` (see `Encoder.documents`)."""
+    missing = lengths > stored
+    if not missing.any():
+        return values
+    return np.insert(values, np.cumsum(stored)[missing], eos).astype(np.int32, copy=False)
+
+
+def drop_trailing_eos(values: np.ndarray, lengths: np.ndarray, eos: int) -> tuple[np.ndarray, np.ndarray]:
+    """Flat documents (ids, lengths) with the eos ids each ends with dropped (a copy only where one does)."""
     lengths = lengths.astype(np.int64)
     ends = np.cumsum(lengths)
     if not len(values) or not (values[ends[lengths > 0] - 1] == eos).any():  # no trailing eos to drop
-        return np.insert(values, ends, eos).astype(np.int32, copy=False), lengths + 1
+        return values, lengths
     starts = ends - lengths
     kept = lengths.copy()
     while len(values):
@@ -395,7 +416,7 @@ def with_one_eos(values: np.ndarray, lengths: np.ndarray, eos: int) -> tuple[np.
     if (kept != lengths).any():
         doc = np.repeat(np.arange(len(lengths)), lengths)
         values = values[np.arange(len(values)) - starts[doc] < kept[doc]]
-    return np.insert(values, np.cumsum(kept), eos).astype(np.int32), kept + 1
+    return values, kept
 
 
 def documents_table(values: np.ndarray, lengths: np.ndarray, special: np.ndarray) -> Any:
