@@ -10,8 +10,8 @@ Builds once (cached under --workdir, default /tmp/bench-data-scale):
 - OpenSeek's kind of tokenizer (remote code over tiktoken, the Qwen ranks, 151,851 ids:
   `fixtures.write_qwen_tokenizer`) and, for Megatron, a `tokenizer.json` of the SAME ids made by
   transformers' `TikTokenConverter` from the Qwen ranks with the tokenizer's split pattern, its 208
-  special tokens and an NFC normalizer. Its ids are checked against tiktoken's on a sample of the
-  corpus and on a few hard strings: the bench stops if one differs.
+  special tokens and an NFC normalizer (`fixtures.write_qwen_tokenizer_json`). Its ids are checked
+  against tiktoken's on a sample of the corpus and on a few hard strings: the bench stops if one differs.
 
 Then runs, one after another, each in a child with HOME (and TMPDIR) set to an empty directory of its
 own and no HF_HOME / HF_DATASETS_CACHE, so every cache a tool writes by default is counted and seen:
@@ -57,7 +57,6 @@ import resource
 import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import unicodedata
@@ -164,34 +163,6 @@ def build_corpus(path: Path, n_tokens: float, encoding, fresh: bool = False) -> 
         f"{meta['bytes'] / 2**30:.2f} GiB in {time.perf_counter() - t0:.0f} s"
     )
     return meta
-
-
-def convert_tokenizer(tokenizer, out: Path) -> Path:
-    """A tokenizer.json directory with the remote-code tokenizer's ids (TikTokenConverter + NFC)."""
-    from tokenizers import normalizers
-    from transformers import PreTrainedTokenizerFast
-    from transformers.convert_slow_tokenizer import TikTokenConverter
-
-    if (out / "tokenizer.json").is_file():
-        return out
-    encoding = tokenizer.tokenizer
-    specials = sorted(encoding._special_tokens, key=encoding._special_tokens.get)
-    backend = TikTokenConverter(
-        vocab_file=str(Path(tokenizer.vocab_file)),
-        pattern=encoding._pat_str,
-        extra_special_tokens=specials,
-    ).converted()
-    backend.normalizer = normalizers.NFC()
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        eos_token=tokenizer.eos_token,
-        pad_token=tokenizer.pad_token,
-        model_max_length=tokenizer.model_max_length,
-    )
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=out.name + ".tmp"))
-    fast.save_pretrained(str(tmp))
-    tmp.replace(out)
-    return out
 
 
 def check_ids(tokenizer, hf_dir: Path, jsonl: Path, n_docs: int, n_sample: int = 2000) -> int:
@@ -448,7 +419,7 @@ def main() -> None:
 
     from transformers import AutoTokenizer
 
-    from openseek_cpt.testing.fixtures import write_qwen_tokenizer
+    from openseek_cpt.testing.fixtures import write_qwen_tokenizer, write_qwen_tokenizer_json
 
     workdir = Path(args.workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -460,7 +431,7 @@ def main() -> None:
     encoding, eod = tokenizer.tokenizer, tokenizer.eos_token_id
     jsonl = workdir / f"corpus-{'fresh-' if args.fresh else ''}{args.tokens:.0e}.jsonl"
     meta = build_corpus(jsonl, args.tokens, tokenizer.tokenizer, fresh=args.fresh)
-    hf_dir = convert_tokenizer(tokenizer, workdir / "qwen-hf")
+    hf_dir = write_qwen_tokenizer_json(tokenizer, workdir / "qwen-hf")
     checked = check_ids(tokenizer, hf_dir, jsonl, meta["documents"])
     print(f"tokenizer.json ({hf_dir}) ids == tiktoken's on {checked} texts (corpus sample + hard strings)")
     del tokenizer

@@ -1,29 +1,39 @@
-"""Throughput of `openseek-cpt data` against the tokenizer's own ceiling, and its work scaling.
+"""Throughput of `openseek-cpt data` against GigaToken's own batch encoder, and its work scaling.
 
-    python bench/data_throughput.py [--case tiny|tiktoken|megatron] [--tokens 40e6] [--scale-tokens 8e6]
-                                    [--num-proc N] [--repeats 3] [--workdir DIR]
+    python bench/data_throughput.py [--case tiny|tiktoken|tokenizer-json|qwen|megatron] [--tokens T]
+                                    [--scale-tokens 8e6] [--num-proc N] [--repeats 3] [--workdir DIR]
 
---case tiktoken: the same end-to-end measurement with OpenSeek's kind of tokenizer (remote code
-over tiktoken, 151,851 ids; fixtures.write_qwen_tokenizer); the ceiling is the tiktoken
-`Encoding.encode_ordinary_batch` of the same texts on all cores (its threads), and the stage's ids
-are checked against `tokenizer(texts)` on a sample of the corpus.
+The ceiling is the tokenizer the stage runs once it has checked the ids: GigaToken's `encode_batch`
+(PyPI `gigatoken`, Rust BPE) over exactly the texts the stage reads, in batches of the stage's size
+(`prepare.IN_PROCESS_BATCH` documents), on GigaToken's own thread pool, which the stage uses as it
+is: every core (`RAYON_NUM_THREADS`, if set, sizes it in both). Tokens are counted without the eos
+the stage appends, in every figure.
+
+--case tiktoken / tokenizer-json / qwen (both, interleaved): a corpus of about --tokens (default
+3e8) Qwen tokens of real text (the standard library's sources; built once under --workdir as a
+`save_to_disk` directory), tokenized by OpenSeek's kind of tokenizer (remote code over tiktoken,
+151,851 ids: `fixtures.write_qwen_tokenizer`) or by an HF `tokenizer.json` byte-level BPE of the same
+ids (`fixtures.write_qwen_tokenizer_json`). For each, interleaved, best of --repeats:
+1. ceiling: GigaToken's `encode_batch` of the same texts (`Tokenizer.from_tiktoken(ranks,
+   pretokenizer="qwen2")`, resp. `Tokenizer(tokenizer.json)`: as a user of GigaToken loads them);
+2. encode step: the stage's in-process encode call, `Encoder.documents` (text checks, NFC where the
+   tokenizer normalizes, GigaToken, eos), on the same batches of rows as the stage takes them
+   (`DatasetRows.take` of randomly chosen documents, joined into one buffer: that reading is left
+   out, as the ceiling's texts are Python strings made beforehand);
+3. end-to-end: `openseek-cpt data` in a fresh interpreter on a one-source mix whose share needs the
+   whole corpus (max_length 4096, bfd_split), tokens/s of its wall time, its CPU-s, and "excluding
+   start-up" (the stage's own time inside the child, after its imports);
+and the ratios encode step / ceiling and end-to-end / ceiling (target >= 0.8), from the best times
+and as the median of each repeat's own ratio; the path the stage took (its manifest) and its ids
+against `tokenizer(texts)` on a sample.
+--case tiny: the same ceiling and end-to-end on the tiny tokenizer (--tokens default 4e7), then the
+work scaling: a mix over --scale-tokens, then the same mix with a source 10x larger than its share;
+the time ratio must stay < 1.5 (the stage tokenizes only what the share needs).
 --case megatron: a Megatron `.bin/.idx` shard of --shard-tokens (default 1e9) and one 10x smaller;
 the mix takes --shares (default 50e6,200e6) tokens from the big one and the first share from the
 small one. Prints time, peak RSS of the process tree and extra disk (work dir, datasets cache and
 output, peak while running) for each: work and disk must follow the share, not the shard.
-
-Builds the tiny assets (no download) and a text corpus from the standard library's sources, then:
-1. raw ceiling: the tokenizer's batch encoding of exactly the text the stage will read, Rust threads
-   on every core, in tokens/s: `tokenizer(texts)` (the ceiling the stage is held to) and, stricter, the Rust
-   backend's `encode_batch_fast` (what the stage calls once it has checked that the ids are equal);
-2. end-to-end: `openseek-cpt data` in a fresh interpreter (start, imports, tokenize, pack, sample,
-   save, exit) on a one-source mix whose share needs the whole corpus, in tokens/s, and its ratio to
-   the ceilings; "excluding start-up" divides by the stage's own time, measured inside that child
-   after its imports (interpreter + imports + exit are the start-up, amortized by real mixes of
-   billions of tokens);
-3. work scaling: a mix over --scale-tokens, then the same mix with a source 10x larger than its
-   share; the time ratio must stay < 1.5 (the stage tokenizes only what the share needs).
-All figures are measured in the same run on the same machine, interleaved, best of --repeats.
+CPU seconds are the stable figure on a shared machine; the load average is printed.
 """
 
 from __future__ import annotations
@@ -32,7 +42,9 @@ import argparse
 import contextlib
 import json
 import os
+import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import sysconfig
@@ -43,26 +55,50 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-# The tiktoken case's default size: the stage's fixed start-up (~4.5 s: interpreter, datasets +
-# transformers + trl imports, exit) is then ~5% of the run, as it is (far less) in a real mix of
-# billions of tokens; the ratio "excluding start-up" is printed for any size.
-TIKTOKEN_TOKENS = 300e6
-# Texts per call of the ceiling's batch encoder (the stage's own in-process batch size).
-CEILING_BATCH = 8192
+sys.path.insert(0, str(REPO))  # `python bench/data_throughput.py` from a checkout, nothing installed
+# The Qwen cases' default size: the stage's fixed start-up (~5 s: interpreter, datasets +
+# transformers imports, loading the tokenizer and GigaToken's twin of it, exit) is then a few % of
+# the run, as it is (far less) in a real mix of billions of tokens; "excluding start-up" is printed too.
+QWEN_TOKENS = 300e6
+CHARS_PER_QWEN_TOKEN = 4.1  # on Python source; only sizes the corpus
 # A fresh interpreter that runs `openseek-cpt data` and reports its start-up and stage times.
 CHILD = """
 import json, sys, time
-t0 = time.perf_counter()
+t0, c0 = time.perf_counter(), time.process_time()
 import datasets  # what the stage imports before its first token (transformers pulls torch)
 from transformers import AutoTokenizer
 from trl import pack_dataset
 from openseek_cpt.data import stage as data
 from openseek_cpt.cli import main
-t1 = time.perf_counter()
+t1, c1 = time.perf_counter(), time.process_time()
 rc = main(["data", "--recipe", sys.argv[1]])
-print(json.dumps({"imports": t1 - t0, "stage": time.perf_counter() - t1}), file=sys.stderr)
+timing = {"imports": t1 - t0, "stage": time.perf_counter() - t1, "stage_cpu": time.process_time() - c1}
+print(json.dumps(timing), file=sys.stderr)
 sys.exit(rc)
 """
+
+
+def threads() -> str:
+    """GigaToken's thread pool (rayon's global pool) in this process and in the stage's."""
+    cores = len(os.sched_getaffinity(0))
+    return os.environ.get("RAYON_NUM_THREADS") or f"{cores} (every core)"
+
+
+def ceiling(giga_tokenizer, batches: list[list[str]]) -> tuple[int, float, float]:
+    """(tokens, wall s, CPU s of this process) of GigaToken's encode_batch over `batches`."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    n = sum(len(giga_tokenizer.encode_batch(batch).layout.content) for batch in batches)
+    return n, time.perf_counter() - t0, time.process_time() - c0
+
+
+def encode_step(encoder, tables: list) -> tuple[int, float, float]:
+    """(tokens without eos, wall s, CPU s) of the stage's in-process encode call over `tables`."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    n = 0
+    for table in tables:
+        _, lengths, _, _ = encoder.documents(table, "text", "text", None)
+        n += int(lengths.sum()) - len(lengths)  # one eos a document
+    return n, time.perf_counter() - t0, time.process_time() - c0
 
 
 def tiny_assets(workdir: Path) -> Path:
@@ -97,22 +133,31 @@ def corpus(n_chars: int) -> list[str]:
     return docs
 
 
-def run_data(workdir: Path, recipe: dict, name: str) -> tuple[float, float, dict]:
-    """(wall seconds of the child, seconds of the stage inside it, manifest)."""
+def run_data(workdir: Path, recipe: dict, name: str) -> tuple[float, float, dict, float]:
+    """(wall seconds of the child, seconds of the stage inside it, manifest, CPU seconds of the child)."""
     path = workdir / f"{name}.yaml"
     path.write_text(yaml.safe_dump(recipe))
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    env.pop("TOKENIZERS_PARALLELISM", None)  # the stage's own default, not the ceiling's setting
+    env.pop("TOKENIZERS_PARALLELISM", None)  # the stage's own default
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     r = subprocess.run(
         [sys.executable, "-c", CHILD, str(path)], cwd=workdir, env=env, capture_output=True, text=True
     )
     wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
     if r.returncode != 0:
         sys.exit(f"openseek-cpt data failed:\n{r.stderr[-3000:]}")
     timing = json.loads(r.stderr.strip().splitlines()[-1])
     manifest = json.loads((workdir / recipe["data"]["output_dir"] / "manifest.json").read_text())
-    return wall, timing["stage"], manifest
+    return wall, timing["stage"], manifest, cpu
+
+
+def text_tokens(manifest: dict) -> int:
+    """Tokens the stage read, without the eos it appended to each (non-empty) document."""
+    t = manifest["totals"]
+    return t["tokens_read"] - (t["documents_read"] - t["documents_empty"])
 
 
 def mix(path: str, out: str, n_tokens: int, n_docs: int, args: argparse.Namespace, tiny: Path) -> dict:
@@ -132,14 +177,14 @@ def mix(path: str, out: str, n_tokens: int, n_docs: int, args: argparse.Namespac
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--case", choices=("tiny", "tiktoken", "megatron"), default="tiny")
+    ap.add_argument("--case", choices=("tiny", *QWEN_CASES, "megatron"), default="tiny")
     ap.add_argument("--shard-tokens", type=float, default=1e9, help="megatron case: tokens of the big shard")
     ap.add_argument("--shares", default="50e6,200e6", help="megatron case: tokens the mix takes")
     ap.add_argument(
         "--tokens",
         type=float,
         default=None,
-        help=f"approximate tokens in the throughput corpus (default 40e6; tiktoken case {TIKTOKEN_TOKENS:.0e})",
+        help=f"approximate tokens in the throughput corpus (default 40e6; Qwen cases {QWEN_TOKENS:.0e})",
     )
     ap.add_argument("--scale-tokens", type=float, default=8e6, help="tokens in the work-scaling share")
     ap.add_argument("--num-proc", type=int, default=os.cpu_count(), help="data.num_proc (default: cores)")
@@ -147,47 +192,33 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="interleaved repeats; the best time counts")
     ap.add_argument("--workdir", default=None, help="keep files here (default: a temp dir)")
     args = ap.parse_args()
-    load_before = os.getloadavg()[0]  # the machine may be shared: say how busy it was
+    load_before = os.getloadavg()  # the machine may be shared: say how busy it was
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench-data-")).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     print(f"uptime: {subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()}")
-    if args.case == "tiktoken":
-        return tiktoken_case(args, workdir, load_before)
+    if args.case in QWEN_CASES:
+        return qwen_case(args, workdir, load_before, QWEN_CASES[args.case])
     if args.case == "megatron":
-        return megatron_case(args, workdir, load_before)
+        return megatron_case(args, workdir, load_before[0])
     tiny = tiny_assets(workdir)
 
     import datasets
+    import gigatoken
     from datasets import Dataset
-    from transformers import AutoTokenizer
+
+    from openseek_cpt.data.prepare import IN_PROCESS_BATCH
 
     datasets.disable_progress_bars()
-    tokenizer = AutoTokenizer.from_pretrained(str(workdir / "models/tiny-openseek"))
-    tokenizer.model_max_length = int(1e30)
+    giga_tokenizer = gigatoken.Tokenizer(str(workdir / "models/tiny-openseek/tokenizer.json"))
     chars_per_token = 2.5  # about right for the tiny tokenizer on this text; only sizes the corpora
     texts = corpus(int((args.tokens or 40e6) * chars_per_token))
     small = corpus(int(args.scale_tokens * chars_per_token))
     Dataset.from_dict({"text": texts}).save_to_disk(str(workdir / "corpus"))
     Dataset.from_dict({"text": small}).save_to_disk(str(workdir / "small"))
     Dataset.from_dict({"text": small * 10}).save_to_disk(str(workdir / "small10x"))
-
-    # 1. raw ceilings: batch encoding of the same text, all cores (Rust threads)
-    os.environ["TOKENIZERS_PARALLELISM"] = "true"
-    backend = tokenizer._tokenizer
-
-    def encode_call(batch: list[str]) -> int:
-        return sum(len(x) for x in tokenizer(batch)["input_ids"])
-
-    def encode_fast(batch: list[str]) -> int:
-        return sum(len(e.ids) for e in backend.encode_batch_fast(batch))
-
-    def raw(encode) -> tuple[int, float]:
-        t0 = time.perf_counter()
-        n = sum(encode(texts[i : i + 1000]) for i in range(0, len(texts), 1000))
-        return n, time.perf_counter() - t0
-
-    n_tokens, first = raw(encode_call)
-    n_small = sum(len(e.ids) for e in backend.encode_batch_fast(small))
+    batches = [texts[i : i + IN_PROCESS_BATCH] for i in range(0, len(texts), IN_PROCESS_BATCH)]
+    n_tokens, first, first_cpu = ceiling(giga_tokenizer, batches)
+    n_small = ceiling(giga_tokenizer, [small])[0]
     base = mix("corpus", "datasets/bench", n_tokens, len(texts), args, tiny)
     # 3. work scaling: the same small mix, then its source 10x larger than its share
     scale = mix("small", "datasets/bench-small", n_small, len(small), args, tiny)
@@ -195,39 +226,31 @@ def main() -> None:
     big["data"]["total_sample_size"] = scale["data"]["total_sample_size"]
 
     # Interleaved repeats, best time of each: the machine may be shared (min is the least noisy estimate).
-    call_times, fast_times, walls, stages, walls_s, walls10 = [first], [], [], [], [], []
+    ceilings, walls, stages, walls_s, walls10 = [first], [], [], [], []
     for k in range(args.repeats):
         if k:
-            call_times.append(raw(encode_call)[1])
-        fast_times.append(raw(encode_fast)[1])
-        wall, stage, manifest = run_data(workdir, base, "e2e")
+            ceilings.append(ceiling(giga_tokenizer, batches)[1])
+        wall, stage, manifest, _ = run_data(workdir, base, "e2e")
         walls.append(wall)
         stages.append(stage)
         walls_s.append(run_data(workdir, scale, "small")[0])
-        wall10, _, manifest10 = run_data(workdir, big, "x10")
+        wall10, _, manifest10, _ = run_data(workdir, big, "x10")
         walls10.append(wall10)
-    raw_call, raw_fast = n_tokens / min(call_times), n_tokens / min(fast_times)
+    raw = n_tokens / min(ceilings)
     wall, stage, wall_s, wall10 = min(walls), min(stages), min(walls_s), min(walls10)
     startup = walls[walls.index(wall)] - stages[walls.index(wall)]  # of the same (best) run
-    read = manifest["totals"]["tokens_read"]
+    read = text_tokens(manifest)
     e2e, inner = read / wall, read / stage
     s10 = manifest10["sources"][0]
-
-    def fmt(times: list[float]) -> str:
-        return "/".join(f"{t:.1f}" for t in times)
-
     print(
         f"corpus: {len(texts)} documents, {n_tokens / 1e6:.2f} M tokens, {os.cpu_count()} cores, "
-        f"num_proc {args.num_proc}, max_length {args.max_length}, load (1 min) before {load_before:.2f}, after {os.getloadavg()[0]:.2f}"
+        f"num_proc {args.num_proc}, max_length {args.max_length}, GigaToken threads {threads()}, load "
+        f"(1 min) before {load_before[0]:.2f}, after {os.getloadavg()[0]:.2f}"
     )
+    print(f"tokenizer path taken by the stage: {manifest['tokenizer_path']}")
+    print(f"ceiling, GigaToken encode_batch: {raw / 1e6:.3f} M tokens/s (best of {fmt(ceilings)} s)")
     print(
-        f"raw ceiling, tokenizer(texts):        {raw_call / 1e6:.3f} M tokens/s (best of {fmt(call_times)} s)"
-    )
-    print(
-        f"raw ceiling, backend encode_batch_fast: {raw_fast / 1e6:.3f} M tokens/s (best of {fmt(fast_times)} s)"
-    )
-    print(
-        f"openseek-cpt data end-to-end:         {e2e / 1e6:.3f} M tokens/s (best of {fmt(walls)} s for "
+        f"openseek-cpt data end-to-end:     {e2e / 1e6:.3f} M tokens/s (best of {fmt(walls)} s for "
         f"{read / 1e6:.2f} M tokens read, {manifest['totals']['train_rows']} rows, "
         f"padding {manifest['padding_fraction']:.2%}; start-up (interpreter, imports, exit) {startup:.1f} s)"
     )
@@ -235,12 +258,7 @@ def main() -> None:
         f"openseek-cpt data excluding start-up: {inner / 1e6:.3f} M tokens/s (stage alone, best of {fmt(stages)} s)"
     )
     print(
-        f"ratio end-to-end / tokenizer(texts): {e2e / raw_call:.2f} (target >= 0.8); "
-        f"/ encode_batch_fast: {e2e / raw_fast:.2f}"
-    )
-    print(
-        f"ratio excluding start-up / tokenizer(texts): {inner / raw_call:.2f}; "
-        f"/ encode_batch_fast: {inner / raw_fast:.2f}"
+        f"ratio end-to-end / ceiling: {e2e / raw:.2f} (target >= 0.8); excluding start-up {inner / raw:.2f}"
     )
     print(
         f"work scaling ({n_small / 1e6:.2f} M token share): source 10x its share: {wall10:.1f} s "
@@ -249,85 +267,160 @@ def main() -> None:
     )
 
 
-def tiktoken_case(args: argparse.Namespace, workdir: Path, load_before: float) -> None:
-    """End-to-end tokens/s with the tiktoken remote-code tokenizer vs its Encoding's batch encoder."""
+def fmt(times: list[float]) -> str:
+    return "/".join(f"{t:.1f}" for t in times)
+
+
+# The Qwen cases: which tokenizers of the same ids each runs.
+QWEN_CASES = {
+    "tiktoken": ("tiktoken",),
+    "tokenizer-json": ("tokenizer-json",),
+    "qwen": ("tiktoken", "tokenizer-json"),
+}
+
+
+def qwen_case(args: argparse.Namespace, workdir: Path, load_before: tuple, kinds: tuple[str, ...]) -> None:
+    """Ceiling, encode step and end-to-end tokens/s with the Qwen ids' tokenizer(s), interleaved."""
     import datasets
+    import gigatoken
+    import numpy as np
     from datasets import Dataset
     from transformers import AutoTokenizer
 
     from openseek_cpt.data.encoder import Encoder
-    from openseek_cpt.testing.fixtures import write_qwen_tokenizer
+    from openseek_cpt.data.prepare import ESTIMATE_DOCS, IN_PROCESS_BATCH, SAMPLE_CHARS
+    from openseek_cpt.data.rows import DatasetRows
+    from openseek_cpt.testing.fixtures import write_qwen_tokenizer, write_qwen_tokenizer_json
 
     datasets.disable_progress_bars()
-    tok_dir = write_qwen_tokenizer(workdir / "qwen")
-    tokenizer = AutoTokenizer.from_pretrained(str(tok_dir), trust_remote_code=True)
-    encoding = Encoder(tokenizer).encoding
-    tokens = args.tokens or TIKTOKEN_TOKENS
-    texts = corpus(int(tokens * 4.1))  # ~4.1 characters per Qwen token on Python source
-    Dataset.from_dict({"text": texts}).save_to_disk(str(workdir / "corpus-qwen"))
-    cores = os.cpu_count() or 1
+    tok_dir = workdir / "qwen"
+    if not (tok_dir / "tokenizer_config.json").is_file():
+        write_qwen_tokenizer(tok_dir)
+    tiktoken_tokenizer = AutoTokenizer.from_pretrained(str(tok_dir), trust_remote_code=True)
+    json_dir = write_qwen_tokenizer_json(tiktoken_tokenizer, workdir / "qwen-hf")
+    tokens = args.tokens or QWEN_TOKENS
+    corpus_dir = workdir / f"corpus-qwen-{tokens:.0e}"
+    if not (corpus_dir / "state.json").is_file():  # built once
+        tmp = workdir / f"{corpus_dir.name}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        Dataset.from_dict({"text": corpus(int(tokens * CHARS_PER_QWEN_TOKEN))}).save_to_disk(str(tmp))
+        tmp.replace(corpus_dir)
+    # The batches of rows the stage's in-process encoding takes: IN_PROCESS_BATCH random documents each.
+    rows = DatasetRows(datasets.load_from_disk(str(corpus_dir)))
+    order = np.random.default_rng(0).permutation(len(rows))
+    tables = [
+        rows.take(order[i : i + IN_PROCESS_BATCH], ["text"]) for i in range(0, len(rows), IN_PROCESS_BATCH)
+    ]
+    batches = [table.column("text").to_pylist() for table in tables]
+    sample = [t for batch in batches for t in batch][:: max(1, len(rows) // 500)]
 
-    def ceiling() -> tuple[int, float]:
-        # In batches of the stage's size: one call over 10^8 tokens would hold them as Python ints (GBs).
-        t0, n = time.perf_counter(), 0
-        for i in range(0, len(texts), CEILING_BATCH):
-            batch = texts[i : i + CEILING_BATCH]
-            n += sum(len(x) for x in encoding.encode_ordinary_batch(batch, num_threads=cores))
-        return n, time.perf_counter() - t0
+    runs = {}
+    for kind in kinds:
+        if kind == "tiktoken":  # as GigaToken loads a tiktoken rank file (the scheme of the Qwen split)
+            tokenizer, tokenizer_dir = tiktoken_tokenizer, tok_dir
+            giga_tokenizer = gigatoken.Tokenizer.from_tiktoken(
+                tokenizer.vocab_file, pretokenizer="qwen2", special_tokens={}
+            )
+        else:  # as Megatron's --use-gigatoken route loads a tokenizer.json
+            tokenizer, tokenizer_dir = AutoTokenizer.from_pretrained(str(json_dir)), json_dir
+            giga_tokenizer = gigatoken.Tokenizer(str(json_dir / "tokenizer.json"))
+        encoder = Encoder(tokenizer)  # the stage's, checked on its estimate sample as the stage does
+        encoder.choose_path([t[:SAMPLE_CHARS] for t in batches[0][:ESTIMATE_DOCS]])
+        reference = tokenizer(sample)["input_ids"]
+        same = encoder.encode(sample) == [ids + [tokenizer.eos_token_id] for ids in reference]
+        runs[kind] = {
+            "tokenizer": tokenizer,
+            "dir": tokenizer_dir,
+            "giga": giga_tokenizer,
+            "encoder": encoder,
+            "same": same,
+            "ceiling": [],
+            "step": [],
+            "e2e": [],
+        }
 
-    n_tokens, first = ceiling()
-    sample = texts[:: max(1, len(texts) // 500)]
-    t0 = time.perf_counter()
-    reference = tokenizer(sample)["input_ids"]
-    call_rate = sum(len(x) for x in reference) / (time.perf_counter() - t0)
-    recipe = {
-        "assets": {"model_dir": "no-model", "tokenizer_trust_remote_code": True},
-        "data": {
-            "output_dir": "datasets/bench-qwen",
-            "tokenizer_dir": str(tok_dir),
-            "max_length": 4096,
-            "total_sample_size": int((n_tokens + len(texts)) * 0.97 / 4096),
-            "eval_size": 0,
-            "num_proc": args.num_proc,
-            "read_margin": 0.05,
-            "sources": [{"path": "corpus-qwen", "ratio": 1.0, "label": "corpus"}],
-        },
-    }
-    ceilings, walls, stages = [first], [], []
     for k in range(args.repeats):
-        if k:
-            ceilings.append(ceiling()[1])
-        wall, stage, manifest = run_data(workdir, recipe, "qwen")
-        walls.append(wall)
-        stages.append(stage)
-    # the stage's ids are the tokenizer's: each sampled text's ids + eos is a document segment of the rows
-    encoder = Encoder(tokenizer)
-    encoder.choose_path(sample)
-    same = encoder.encode(sample) == [ids + [tokenizer.eos_token_id] for ids in reference]
-    raw = n_tokens / min(ceilings)
-    read = manifest["totals"]["tokens_read"]
-    e2e, inner = read / min(walls), read / min(stages)
+        for kind, run in runs.items():
+            n, wall, cpu = ceiling(run["giga"], batches)
+            run["tokens"] = n
+            run["ceiling"].append((wall, cpu))
+            n_step, wall, cpu = encode_step(run["encoder"], tables)
+            run["step_tokens"] = n_step
+            run["step"].append((wall, cpu))
+            recipe = {
+                "assets": {"model_dir": "no-model", "tokenizer_trust_remote_code": kind == "tiktoken"},
+                "data": {
+                    "output_dir": f"datasets/bench-{kind}",
+                    "tokenizer_dir": str(run["dir"]),
+                    "max_length": 4096,
+                    "packing": "bfd_split",
+                    # the share needs the whole corpus: ~ its tokens (eos included) / 4096 rows
+                    "total_sample_size": int((n + len(rows)) * 0.97 / 4096),
+                    "eval_size": 0,
+                    "num_proc": args.num_proc,
+                    "read_margin": 0.05,
+                    "sources": [{"path": corpus_dir.name, "ratio": 1.0, "label": "corpus"}],
+                },
+            }
+            wall, stage, run["manifest"], cpu = run_data(workdir, recipe, f"bench-{kind}")
+            run["e2e"].append((wall, cpu, stage))
+            print(
+                f"repeat {k + 1}/{args.repeats} {kind}: ceiling {run['ceiling'][-1][0]:.1f} s, encode step "
+                f"{run['step'][-1][0]:.1f} s, end-to-end {wall:.1f} s",
+                flush=True,
+            )
+
+    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
+    cpu_model = next((x.split(":", 1)[1].strip() for x in cpuinfo if x.startswith("model name")), "?")
     print(
-        f"corpus: {len(texts)} documents, {n_tokens / 1e6:.2f} M Qwen tokens, {cores} cores, num_proc "
-        f"{args.num_proc}, load (1 min) before {load_before:.2f}, after {os.getloadavg()[0]:.2f}"
+        f"\ncorpus {corpus_dir}: {len(rows):,} documents; {os.cpu_count()} cores ({cpu_model}); num_proc "
+        f"{args.num_proc}; GigaToken threads {threads()} (bench process and stage alike); load 1/5/15 min "
+        f"before {'/'.join(f'{x:.2f}' for x in load_before)}, after {'/'.join(f'{x:.2f}' for x in os.getloadavg())}"
     )
-    print(
-        f"tokenizer path taken by the stage: {manifest['tokenizer_path']} ({manifest['tokenizer_path_note']})"
-    )
-    print(f"tokenizer(texts), one core (sample of {len(sample)}): {call_rate / 1e6:.3f} M tokens/s")
-    print(
-        f"ceiling, Encoding.encode_ordinary_batch, {cores} threads: {raw / 1e6:.3f} M tokens/s "
-        f"(best of {'/'.join(f'{t:.1f}' for t in ceilings)} s)"
-    )
-    print(
-        f"openseek-cpt data end-to-end: {e2e / 1e6:.3f} M tokens/s (best of "
-        f"{'/'.join(f'{t:.1f}' for t in walls)} s for {read / 1e6:.2f} M tokens read); "
-        f"excluding start-up {inner / 1e6:.3f} M tokens/s"
-    )
-    print(
-        f"ratio end-to-end / ceiling: {e2e / raw:.2f} (target >= 0.8); excluding start-up {inner / raw:.2f}"
-    )
-    print(f"ids identical to tokenizer(texts) on {len(sample)} sampled documents: {same}")
+    for kind, run in runs.items():
+        manifest, n = run["manifest"], run["tokens"]
+        read = text_tokens(manifest)
+        work = {"ceiling": n, "step": run["step_tokens"], "e2e": read}
+        best = {m: min(run[m], key=lambda x: x[0]) for m in work}
+        rate = {m: work[m] / best[m][0] for m in work}
+        per_cpu = {m: work[m] / min(x[1] for x in run[m]) for m in work}
+        inner = read / min(x[2] for x in run["e2e"])
+
+        def median_ratio(m: str, run=run, work=work) -> float:
+            """The median over repeats of each one's tokens/s over its own ceiling's."""
+            pairs = zip(run["ceiling"], run[m], strict=True)
+            return statistics.median((work[m] / x[0]) / (work["ceiling"] / c[0]) for c, x in pairs)
+
+        print(f"\n[{kind}] {run['dir']}: {n / 1e6:.2f} M tokens (without eos)")
+        print(
+            f"  stage's tokenizer path: {manifest['tokenizer_path']} ({manifest['tokenizer_path_note']})"
+            + ("" if manifest["tokenizer_path"] == "gigatoken" else "  <-- NOT GIGATOKEN")
+        )
+        print(
+            f"  tokens: ceiling {n:,}, encode step {run['step_tokens']:,}"
+            + ("" if n == run["step_tokens"] else "  <-- DIFFER")
+            + f"; end-to-end read {read:,} ({read / n:.2%}: the documents its share needed)"
+        )
+        print(f"  ids == tokenizer(texts) + eos on {len(sample)} sampled documents: {run['same']}")
+        for m, label in (
+            ("ceiling", "ceiling, GigaToken encode_batch"),
+            ("step", "encode step, Encoder.documents"),
+            ("e2e", "end-to-end, openseek-cpt data"),
+        ):
+            print(
+                f"  {label:33s} {rate[m] / 1e6:7.3f} M tokens/s, {per_cpu[m] / 1e6:7.3f} M tokens per CPU-s "
+                f"(wall {fmt([x[0] for x in run[m]])} s, CPU {fmt([x[1] for x in run[m]])} s)"
+            )
+        print(f"  end-to-end excluding start-up (the stage inside the child): {inner / 1e6:.3f} M tokens/s")
+        print(
+            f"  encode step / ceiling: {rate['step'] / rate['ceiling']:.2f} tokens/s (median of repeats "
+            f"{median_ratio('step'):.2f}), {per_cpu['step'] / per_cpu['ceiling']:.2f} per CPU-s (target >= 0.8)"
+        )
+        print(
+            f"  end-to-end / ceiling:  {rate['e2e'] / rate['ceiling']:.2f} tokens/s (median of repeats "
+            f"{median_ratio('e2e'):.2f}), {per_cpu['e2e'] / per_cpu['ceiling']:.2f} per CPU-s, excluding "
+            f"start-up {inner / rate['ceiling']:.2f} (target >= 0.8)"
+        )
 
 
 def megatron_case(args: argparse.Namespace, workdir: Path, load_before: float) -> None:

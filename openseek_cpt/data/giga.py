@@ -21,6 +21,7 @@ import base64
 import functools
 import json
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -66,8 +67,8 @@ class Giga:
         values, offsets = _flat(self.tokenizer.encode_batch(_awkward_strings(texts)))
         self.encoded += len(values)
         lengths = np.diff(offsets)
-        if not (self.prefix or self.suffix):
-            return values.astype(np.int32), lengths
+        if not (self.prefix or self.suffix):  # uint32 ids < 2**31: the same bits as int32, no copy
+            return (values.view(np.int32) if values.dtype == np.uint32 else values.astype(np.int32)), lengths
         out_lengths = lengths + len(self.prefix) + len(self.suffix)
         starts = np.cumsum(out_lengths) - out_lengths
         out = np.empty(int(out_lengths.sum()), dtype=np.int32)
@@ -124,14 +125,15 @@ def _from_tiktoken(gigatoken: Any, encoding: Any) -> tuple[Giga | None, str]:
 
 
 def _from_tokenizer_json(gigatoken: Any, tokenizer: Any) -> tuple[Giga | None, str]:
-    spec = json.loads(tokenizer.backend_tokenizer.to_str())
-    if (spec.get("model") or {}).get("type") != "BPE":
-        return None, f"a {(spec.get('model') or {}).get('type')} model, not BPE"
+    spec, model = _split_model(tokenizer.backend_tokenizer.to_str())
+    kind = re.match(r'\s*\{\s*"type"\s*:\s*"(\w+)"', model)
+    if kind is None or kind.group(1) != "BPE":
+        return None, f"a {kind.group(1) if kind else 'type-less'} model, not BPE"
     # Raw text is text: special tokens are not matched in it (HF's split_special_tokens=True).
     spec["added_tokens"] = [t for t in spec.get("added_tokens") or [] if not t.get("special")]
     spec["post_processor"] = None
     spec["truncation"] = spec["padding"] = None
-    text = json.dumps(spec)
+    text = json.dumps(spec)[:-1] + ',"model":' + model + "}"
     tok = gigatoken.Tokenizer.from_json(text)
     probe = "a"
     bare = tokenizer(probe, add_special_tokens=False)["input_ids"]
@@ -141,6 +143,26 @@ def _from_tokenizer_json(gigatoken: Any, tokenizer: Any) -> tuple[Giga | None, s
         return None, "its post-processor changes the text's own ids"
     build = functools.partial(gigatoken.Tokenizer.from_json, text)
     return Giga(build, full[:at], full[at + len(bare) :], "tokenizer.json", tokenizer=tok), ""
+
+
+def _split_model(text: str) -> tuple[dict, str]:
+    """(a tokenizer.json's top-level entries but its model, parsed; the model's JSON text).
+
+    The model (vocab and merges: nearly all of the text, ~7 MB for 151k ids) is carried as text: Python's
+    json took seconds of the stage's start-up to parse it and write it back unchanged. `to_str()` writes
+    "model" as the last top-level key; where the text before its first `"model":` is not the
+    object's other entries, the whole text is parsed instead.
+    """
+    at = text.find('"model":')
+    try:
+        head = json.loads(text[:at].rstrip().removesuffix(",") + "}") if at > 0 else None
+        tail = text[at + len('"model":') :].rstrip()
+        if isinstance(head, dict) and head and tail.endswith("}"):
+            return head, tail[:-1]  # the model object (and whatever follows it), without the closing brace
+    except ValueError:  # "model" was not a top-level key there
+        pass
+    spec = json.loads(text)
+    return spec, json.dumps(spec.pop("model", None))
 
 
 def _awkward_strings(texts: Any) -> Any:

@@ -222,7 +222,7 @@ def tokenize_and_pack(
     parts: list[Part] = []
     lengths_read: list[np.ndarray] = []
     special = 0
-    store = TokenStore(work / f"{tag}-0-tokens.bin")
+    store = TokenStore(work / f"{tag}-0-tokens.bin", encoder.eos)
     docs = tokens = 0
 
     def close() -> None:
@@ -233,20 +233,22 @@ def tokenize_and_pack(
         lengths_read.append(lengths)
 
     try:
-        for values, lengths, n_special in encode_batches(src, encoder, indices, d.num_proc):
+        for values, lengths, stored, n_special in encode_batches(src, encoder, indices, d.num_proc):
             special += n_special
             while len(lengths):
                 # the first whole packing batch at which the file reaches PART_TOKENS, if in this batch
-                k = np.arange(1, len(lengths) + 1)
-                at = k[((docs + k) % packing.PACK_BATCH == 0) & (tokens + np.cumsum(lengths) >= PART_TOKENS)]
+                ks = np.arange(1, len(lengths) + 1)
+                at = ks[
+                    ((docs + ks) % packing.PACK_BATCH == 0) & (tokens + np.cumsum(lengths) >= PART_TOKENS)
+                ]
                 n = int(at[0]) if len(at) else len(lengths)
-                cut = int(lengths[:n].sum())
-                store.append(values[:cut], lengths[:n])
-                docs, tokens = docs + n, tokens + cut
-                values, lengths = values[cut:], lengths[n:]
+                cut = int(stored[:n].sum())
+                store.append(values[:cut], lengths[:n], stored[:n])
+                docs, tokens = docs + n, tokens + int(lengths[:n].sum())
+                values, lengths, stored = values[cut:], lengths[n:], stored[n:]
                 if len(at):
                     close()
-                    store = TokenStore(work / f"{tag}-{len(parts)}-tokens.bin")
+                    store = TokenStore(work / f"{tag}-{len(parts)}-tokens.bin", encoder.eos)
                     docs = tokens = 0
         close()
     except BaseException:
@@ -258,8 +260,9 @@ def tokenize_and_pack(
 
 def encode_batches(
     src: OpenSource, encoder: Encoder, indices: np.ndarray, num_proc: int
-) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
-    """(ids, ids per document, documents with special-token text) of `indices`, batch by batch, in order.
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, int]]:
+    """(ids, ids per document, ids of each held, documents with special-token text) of `indices`, batch
+    by batch, in order (a document holding one id fewer than its length lacks its eos: `Encoder.documents`).
 
     The array paths (gigatoken on its own Rust threads, tiktoken on num_proc threads, pre-tokenized ids)
     encode in this process; the tokenizer's own `__call__` and the Rust backend run on num_proc forked
@@ -289,15 +292,19 @@ def encode_batches(
 _WORK: tuple[OpenSource, Encoder] | None = None
 
 
-def _encode_in_worker(indices: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+def _encode_in_worker(indices: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     assert _WORK is not None, "set before the pool forks"
     src, encoder = _WORK
     return _encode(src, encoder, indices)
 
 
-def _encode(src: OpenSource, encoder: Encoder, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+def _encode(
+    src: OpenSource, encoder: Encoder, indices: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     table = src.rows.take(indices, src.columns)
     if src.content == "text":
         check_document_sizes(src, table.column(src.config.text_field), indices)
-    values, lengths, special = encoder.documents(table, src.content, src.config.text_field, src.formatting)
-    return values, lengths, int(special.sum())
+    values, lengths, stored, special = encoder.documents(
+        table, src.content, src.config.text_field, src.formatting
+    )
+    return values, lengths, stored, int(special.sum())

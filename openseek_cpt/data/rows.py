@@ -54,8 +54,25 @@ class DatasetRows(Rows):
         return len(self.dataset)
 
     def take(self, indices: Any, columns: list[str] | None = None) -> Any:
+        import pyarrow as pa
+
         ds = self.dataset.select_columns(columns) if columns else self.dataset
-        return ds.with_format("arrow")[np.asarray(indices, dtype=np.int64)]
+        table = ds.with_format("arrow")[np.asarray(indices, dtype=np.int64)]  # a chunk per row
+        return pa.Table.from_arrays([one_chunk(c) for c in table.columns], schema=table.schema)
+
+
+def one_chunk(column: Any) -> Any:
+    """An Arrow array of a column: its one chunk as it is, else its chunks concatenated.
+
+    `datasets` gathers a batch of rows as a chunk per row; `concat_arrays` joins 8192 of them ~2.5x
+    faster than `ChunkedArray.combine_chunks` (pyarrow 26), which also copies a column of one chunk."""
+    import pyarrow as pa
+
+    if not isinstance(column, pa.ChunkedArray):
+        return column
+    if column.num_chunks == 1:
+        return column.chunk(0)
+    return pa.concat_arrays(column.chunks) if column.num_chunks else pa.array([], column.type)
 
 
 class StreamedRows(Rows):

@@ -236,6 +236,41 @@ def write_qwen_tokenizer(out_dir: str | Path) -> Path:
     return out
 
 
+def write_qwen_tokenizer_json(tokenizer, out_dir: str | Path) -> Path:
+    """The HF fast-tokenizer twin of `write_qwen_tokenizer`'s (loaded: `tokenizer`) into `out_dir`,
+    built once: a byte-level BPE `tokenizer.json` made by transformers' `TikTokenConverter` from the
+    same ranks, with the tokenizer's split pattern, its 208 special tokens and an NFC normalizer, so
+    its ids equal the tiktoken tokenizer's (what Megatron's HuggingFaceTokenizer route reads)."""
+    import tempfile
+
+    from tokenizers import normalizers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    out = Path(out_dir)
+    if (out / "tokenizer.json").is_file():
+        return out
+    encoding = tokenizer.tokenizer
+    specials = sorted(encoding._special_tokens, key=encoding._special_tokens.get)
+    backend = TikTokenConverter(
+        vocab_file=str(Path(tokenizer.vocab_file)),
+        pattern=encoding._pat_str,
+        extra_special_tokens=specials,
+    ).converted()
+    backend.normalizer = normalizers.NFC()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        eos_token=tokenizer.eos_token,
+        pad_token=tokenizer.pad_token,
+        model_max_length=tokenizer.model_max_length,
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=out.name + ".tmp"))
+    fast.save_pretrained(str(tmp))
+    tmp.replace(out)
+    return out
+
+
 def real_shape_config(num_layers: int = REAL_LAYERS) -> DeepseekV3Config:
     """BAAI/OpenSeek-Small-v1's config.json with `num_layers` layers: every tensor keeps its real shape."""
     return openseek_config(

@@ -238,6 +238,25 @@ def test_gigatoken_path_serves_a_tokenizer_json_with_its_post_processor(tiny_wor
     assert encoder.encode(texts) == expected == slow
 
 
+def test_gigatoken_reads_a_tokenizer_json_with_its_model_carried_as_text(tiny_workdir, monkeypatch):
+    """The tokenizer.json handed to GigaToken: its top-level entries parsed and edited, its model (vocab
+    and merges) carried as text, equal to a whole parse; a text where "model" is not the last key, or is
+    pretty-printed, gives the same entries."""
+    from openseek_cpt.data.giga import _split_model
+
+    tok = load_tokenizer(_recipe(tiny_workdir, monkeypatch=monkeypatch))
+    text = tok.backend_tokenizer.to_str()
+    whole = json.loads(text)
+    for variant in (
+        text,
+        json.dumps(whole, indent=2),
+        json.dumps({"model": whole["model"], **{k: v for k, v in whole.items() if k != "model"}}),
+    ):
+        head, model = _split_model(variant)
+        assert {**head, "model": json.loads(model)} == whole
+        assert json.loads(json.dumps(head)[:-1] + ',"model":' + model + "}") == whole
+
+
 def test_fast_backend_path_gives_the_tokenizers_own_ids(tiny_workdir, monkeypatch):
     """The Rust `encode_batch_fast` path is taken only after it matched `tokenizer(texts)`, and matches it."""
     from tokenizers.processors import TemplateProcessing

@@ -96,3 +96,40 @@ def test_packing_by_index_gives_the_rows_trl_gives(name):
         assert [[len(s) for s in r] for r in rows] == reference["seq_lengths"]
     assert plan.row_documents().tolist() == [sum(x) for x in reference["doc_start"]]
     assert plan.row_tokens().tolist() == [len(r) for r in reference["input_ids"]]
+
+
+@pytest.mark.parametrize("name", packing.NAMES)
+def test_a_token_store_supplies_the_eos_its_documents_leave_out(name, tmp_path):
+    """The encoder's array paths hand the token store each document without its final eos (no copy of
+    every id to insert it): the rows gathered from the store are those of the documents with their eos
+    in place, whatever a segment cuts, documents holding their eos themselves mixed in."""
+    import numpy as np
+
+    from openseek_cpt.data.token_store import TokenStore
+
+    eos, max_length = 99_999, 16
+    rng = np.random.default_rng(3)
+    lengths = rng.integers(1, 3 * max_length, 500)  # eos included
+    docs = [list(rng.integers(0, 1000, int(n) - 1)) + [eos] for n in lengths]
+    stored = lengths - (rng.random(len(lengths)) < 0.8)  # most leave their eos out
+    store = TokenStore(tmp_path / "tokens.bin", eos)
+    for part in np.array_split(np.arange(len(docs)), 3):  # appended batch by batch
+        held = [d[: int(stored[i])] for i, d in zip(part, (docs[i] for i in part), strict=True)]
+        store.append(np.array(sum(held, []), np.int32), lengths[part], stored[part])
+    assert store.close().tolist() == lengths.tolist()
+    plan = packing.plan(name, lengths, max_length)
+    got = store.gather(plan.seg_doc, plan.seg_start, plan.seg_len).tolist()
+    want = sum(
+        (
+            docs[d][s : s + n]
+            for d, s, n in zip(
+                plan.seg_doc.tolist(), plan.seg_start.tolist(), plan.seg_len.tolist(), strict=True
+            )
+        ),
+        [],
+    )
+    assert got == want and got.count(eos) == sum(
+        s + n == lengths[d] for d, s, n in zip(plan.seg_doc, plan.seg_start, plan.seg_len, strict=True)
+    )
+    with pytest.raises(ValueError):
+        TokenStore(tmp_path / "bad.bin", eos).append(np.zeros(3, np.int32), np.array([5]), np.array([3]))

@@ -7,6 +7,7 @@ fixtures.qwen_ranks) behind a slow `PreTrainedTokenizer` loaded with trust_remot
 from __future__ import annotations
 
 import json
+import unicodedata
 from pathlib import Path
 
 import numpy as np
@@ -15,10 +16,16 @@ import yaml
 
 from openseek_cpt.config import load_recipe
 from openseek_cpt.data import stage as data
-from openseek_cpt.data.encoder import Encoder, with_one_eos
+from openseek_cpt.data.doc_arrays import with_one_eos
+from openseek_cpt.data.encoder import Encoder, _nfc, ascii_texts
 from openseek_cpt.errors import UserError
 from openseek_cpt.testing import megatron_files
-from openseek_cpt.testing.fixtures import REAL_VOCAB, stdlib_docstrings, write_qwen_tokenizer
+from openseek_cpt.testing.fixtures import (
+    REAL_VOCAB,
+    stdlib_docstrings,
+    write_qwen_tokenizer,
+    write_qwen_tokenizer_json,
+)
 
 SPECIAL_DOC = "A web page that quotes <|endoftext|> and <|extra_204|> and <|im_start|>user in its text."
 FIRST_SPECIAL_ID = 151643  # ids from here on are control tokens (<|endoftext|> .. <|extra_204|>)
@@ -65,6 +72,61 @@ def test_gigatoken_path_is_chosen_first_and_gives_the_tokenizers_own_ids(tokeniz
     table = encoder.from_text_column(column)
     kept = [t for t in texts if t and not t.isspace()]
     assert table.column("input_ids").to_pylist() == [*encoder.encode(kept), *encoder.encode([SPECIAL_DOC])]
+    assert table.column("special_text").to_pylist() == [0] * len(kept) + [1]
+    # as a batch of rows gives it: a column of several chunks, or one chunk that is a slice of a buffer
+    for part in (pa.chunked_array([column[:100], column[100:]]), pa.chunked_array([column.slice(7)])):
+        fresh = pa.array(part.to_pylist(), pa.string())
+        assert encoder.from_text_column(part).equals(encoder.from_text_column(fresh))
+
+
+def test_nfc_of_arrow_texts_is_pythons_and_copies_only_where_a_text_changes():
+    """The tiktoken paths' NFC (the tokenizer's, before its BPE) on an Arrow array: Python's own
+    normalization, ASCII texts found from the bytes, the array returned as it is when nothing changes."""
+    import pyarrow as pa
+
+    texts = [
+        "plain ascii",
+        "caf\u00e9 composed",
+        "Cafe\u0301 decomposed",
+        "",
+        None,
+        "\u212b angstrom sign",
+        "中文 日本語 한국어",
+        "x" * 5000 + "e\u0301",
+    ]
+    for kind in (pa.string(), pa.large_string()):
+        arr = pa.array(["before", *texts, "after\u0301"], kind).slice(1, len(texts))  # an offset into buffers
+        assert ascii_texts(arr).tolist() == [True, False, False, True, True, False, False, False]
+        want = [None if t is None else unicodedata.normalize("NFC", t) for t in texts]
+        assert _nfc(arr).to_pylist() == want
+        assert _nfc(pa.chunked_array([arr[:3], arr[3:]])).to_pylist() == want
+        composed = pa.array(["ascii", "caf\u00e9", None, "", "中文"], kind)
+        assert _nfc(composed) is composed  # nothing to change: no copy
+    assert ascii_texts(pa.array(["", None], pa.string())).tolist() == [True, True]
+
+
+@pytest.mark.slow
+def test_gigatoken_path_serves_a_tokenizer_json_of_the_qwen_ids(tokenizer_dir, tmp_path):
+    """The HF fast-tokenizer route at real size: a byte-level BPE tokenizer.json of the same Qwen ids
+    (151,851 with 208 specials, an NFC normalizer) goes through GigaToken, with the tiktoken tokenizer's
+    ids, its NFC done inside GigaToken and special-token strings in text kept text."""
+    import pyarrow as pa
+    from transformers import AutoTokenizer
+
+    tiktoken_tok = _tokenizer(tokenizer_dir)
+    tok = AutoTokenizer.from_pretrained(str(write_qwen_tokenizer_json(tiktoken_tok, tmp_path / "hf")))
+    assert tok.is_fast and len(tok) == REAL_VOCAB and tok.eos_token_id == 151850
+    texts = _texts()
+    encoder = Encoder(tok)
+    encoder.choose_path([*texts, SPECIAL_DOC])
+    assert encoder.path == "gigatoken" and "tokenizer.json" in encoder.giga.about
+    assert encoder.encoding is None and not encoder.nfc  # the normalizer is the tokenizer.json's own
+    assert encoder.encode(texts) == Encoder(tiktoken_tok).encode(texts)
+    (ids,) = encoder.encode([SPECIAL_DOC])
+    assert max(ids[:-1]) < FIRST_SPECIAL_ID and tok.decode(ids[:-1]) == SPECIAL_DOC
+    table = encoder.from_text_column(pa.array([*texts, SPECIAL_DOC]))
+    kept = [t for t in texts if t and not t.isspace()]
+    assert table.column("input_ids").to_pylist() == encoder.encode([*kept, SPECIAL_DOC])
     assert table.column("special_text").to_pylist() == [0] * len(kept) + [1]
 
 
