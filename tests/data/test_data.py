@@ -149,7 +149,7 @@ def test_bfd_split_loses_no_token_and_no_segment_spans_two_documents(tiny_workdi
     work.mkdir()
     for src in open_sources(recipe.data.sources):
         everything = np.arange(len(src.rows))
-        part, lengths, _ = tokenize_and_pack(src, encoder, everything, recipe, work, f"t{src.index}")
+        part, lengths, _ = tokenize_and_pack(src, encoder, everything, recipe.data, work, f"t{src.index}")
         rows = _rows(part)
         expected = docs[src.label]
         # multiset of tokens: packed output == documents + eos
@@ -167,7 +167,7 @@ def test_wrapped_and_truncate_report_honest_segments(tiny_workdir, monkeypatch):
     src = open_sources(recipe.data.sources)[1]  # code: documents up to 4496 tokens
     docs = _documents(tiny_workdir)["code"][:300]
     (tiny_workdir / "w").mkdir()
-    part, _, _ = tokenize_and_pack(src, encoder, np.arange(300), recipe, tiny_workdir / "w", "w")
+    part, _, _ = tokenize_and_pack(src, encoder, np.arange(300), recipe.data, tiny_workdir / "w", "w")
     rows = _rows(part)
     stream = [t for d in docs for t in d]
     assert [t for r in rows for t in r["input_ids"]] == stream
@@ -177,7 +177,7 @@ def test_wrapped_and_truncate_report_honest_segments(tiny_workdir, monkeypatch):
     assert seg_bounds == doc_bounds | row_bounds
 
     recipe = _recipe(tiny_workdir, "data.max_length=64", "data.packing=truncate")
-    part, lengths, _ = tokenize_and_pack(src, encoder, np.arange(300), recipe, tiny_workdir / "w", "t")
+    part, lengths, _ = tokenize_and_pack(src, encoder, np.arange(300), recipe.data, tiny_workdir / "w", "t")
     rows = _rows(part)
     assert len(rows) == 300
     assert all(
@@ -244,7 +244,8 @@ def test_gigatoken_reads_a_tokenizer_json_with_its_model_carried_as_text(tiny_wo
     pretty-printed, gives the same entries."""
     from openseek_cpt.data.giga import _split_model
 
-    tok = load_tokenizer(_recipe(tiny_workdir, monkeypatch=monkeypatch))
+    recipe = _recipe(tiny_workdir, monkeypatch=monkeypatch)
+    tok = load_tokenizer(recipe.tokenizer_dir, recipe.assets.tokenizer_trust_remote_code)
     text = tok.backend_tokenizer.to_str()
     whole = json.loads(text)
     for variant in (
