@@ -24,6 +24,13 @@ def _recipe(args: argparse.Namespace) -> Recipe:
     return load_recipe(args.recipe, args.overrides)
 
 
+def _training_recipe(args: argparse.Namespace) -> Recipe:
+    """The recipe, its train.args also built into TrainingArguments (`TrainConfig.check_accepted`)."""
+    recipe = _recipe(args)
+    recipe.train.check_accepted()
+    return recipe
+
+
 def cmd_download(args: argparse.Namespace) -> int:
     recipe = _recipe(args)
     from openseek_cpt import download
@@ -52,7 +59,7 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    recipe = _recipe(args)
+    recipe = _training_recipe(args)
     from openseek_cpt.train import stage as train
 
     train.run(**recipe.stage_args("train"))
@@ -91,7 +98,7 @@ def cmd_recipe(args: argparse.Namespace) -> int:
     if args.markdown:
         print(keys.keys_markdown(Recipe))
         return EXIT_OK
-    loaded = _recipe(args) if args.recipe or args.overrides else None
+    loaded = _training_recipe(args) if args.recipe or args.overrides else None
     if args.keys:
         print(keys.keys_text(Recipe, loaded))
     else:

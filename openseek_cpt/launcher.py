@@ -74,6 +74,7 @@ def launch_train(recipe_path: str | Path, overrides: Sequence[str] = (), nproc: 
     from openseek_cpt.config import load_recipe
 
     recipe = load_recipe(recipe_path, overrides)  # fail fast, before any process starts
+    recipe.train.check_accepted()
     config_file = recipe.train.accelerate_config
     if not Path(config_file).is_file() and not Path(config_file).is_absolute():
         config_file = str(find_shipped(config_file) or config_file)  # recipes/accelerate_configs

@@ -42,6 +42,7 @@ def run(recipe_path: str | None, overrides: list[str], workdir: str | Path = "."
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     recipe = load_recipe(recipe_file, overrides)  # its paths stay relative: to `workdir` below
+    recipe.train.check_accepted()  # the pipeline trains: refuse its train.args before any stage runs
     log_dir = workdir / "logs" / "tiny"
     log_dir.mkdir(parents=True, exist_ok=True)
     common = ["--recipe", str(recipe_file), *[a for o in overrides for a in ("--set", o)]]

@@ -83,6 +83,17 @@ def test_cpu_lock_holds_the_cpu_torch_and_no_cuda_libraries():
     assert not [n for n in pins if n.startswith("nvidia-") or n == "triton"]
 
 
+def test_the_images_and_ci_pin_the_same_versions_of_every_package_they_share_but_torch():
+    """What the host's tests prove for the test lock holds for both images (the GPU image re-runs only
+    its lever tests, on its own torch: tests/cluster/test_image_gpu.py)."""
+    test = parse_lock(REPO / "container" / "requirements-test.lock")
+    for lock in (GPU_LOCK, CPU_LOCK):
+        pins = parse_lock(lock)
+        differ = {n: (pins[n][0], test[n][0]) for n in pins.keys() & test.keys() if pins[n][0] != test[n][0]}
+        allowed = {"torch"} if lock == GPU_LOCK else set()
+        assert set(differ) <= allowed, f"{lock.name} vs the test lock: {differ} (run `make lock`)"
+
+
 def test_dockerfile_defaults_to_the_tested_debian_base_and_the_gpu_lock_and_labels_the_revision():
     """The default base is the one `make test-image-gpu` builds: CUDA/cuDNN/NCCL come from the lock."""
     text = code_lines(REPO / "container" / "Dockerfile")

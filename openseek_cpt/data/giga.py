@@ -12,12 +12,16 @@ with the tokenizer's own on the estimate sample before it uses this path (encode
 
 GigaToken 0.10 caches every distinct pretoken it has seen, per worker thread, without a bound
 (upstream issue #36: a TB-scale job runs out of memory); `Giga` builds a fresh tokenizer after every
-CACHE_WINDOW_TOKENS, which frees the old caches, so memory follows the window, not the corpus.
+CACHE_WINDOW_TOKENS, which frees the old caches, so memory follows the window, not the corpus. The
+caches live in the C heap, where glibc keeps what they freed in its per-thread arenas (RSS crept
+~10 MiB a window at 1 B tokens): `malloc_trim` hands it back after each rebuild.
 """
 
 from __future__ import annotations
 
 import base64
+import ctypes
+import ctypes.util
 import functools
 import json
 import os
@@ -39,8 +43,9 @@ PROBE = (
     "<tag attr='v'>  </tag>\u00a0\u2003end. 'S 's 'Ll\n"
 )
 # Tokens encoded by one GigaToken tokenizer before a fresh one replaces it (its caches freed): a
-# rebuild costs ~0.4 CPU-s and re-misses of common pretokens, ~1% of encoding this many tokens.
-CACHE_WINDOW_TOKENS = 2**28
+# rebuild costs ~0.4 CPU-s and re-misses of common pretokens, a few % of encoding this many tokens;
+# at 2**28 the caches of fresh text held ~300 MiB more at their peak (docs/benchmarks.md).
+CACHE_WINDOW_TOKENS = 2**26
 
 
 @dataclass
@@ -63,6 +68,7 @@ class Giga:
         """(all ids int32, ids per text int64) of an Arrow string array (no nulls), on all cores."""
         if self.encoded >= self.window:
             self.tokenizer = None  # its caches go before the next one's are filled
+            release_freed_memory()
             self.tokenizer, self.encoded = self.build(), 0
         values, offsets = _flat(self.tokenizer.encode_batch(_awkward_strings(texts)))
         self.encoded += len(values)
@@ -80,6 +86,20 @@ class Giga:
             out[at], body[at] = token, False
         out[body] = values
         return out, out_lengths
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    name = ctypes.util.find_library("c")
+    trim = getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
+    return trim  # glibc only: elsewhere freed memory is the allocator's business
+
+
+def release_freed_memory() -> None:
+    """Return the C heap's free pages, every arena's, to the system (glibc `malloc_trim(0)`)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def load(tokenizer: Any, encoding: Any) -> tuple[Giga | None, str]:

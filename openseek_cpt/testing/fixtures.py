@@ -10,7 +10,9 @@ like the real `BAAI/OpenSeek-Small-v1`, so the same asset code runs in tests and
 from __future__ import annotations
 
 import ast
+import functools
 import json
+import re
 import sysconfig
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,6 +31,12 @@ TINY_MAX_POSITIONS = 256
 
 def stdlib_docstrings(max_files: int = 400) -> list[str]:
     """Module, class and function docstrings of the standard library, in a fixed order."""
+    return list(_stdlib_docstrings(max_files))
+
+
+@functools.cache
+def _stdlib_docstrings(max_files: int) -> tuple[str, ...]:
+    """Parsed once per process: the tokenizer's corpus and the text source both read them."""
     root = Path(sysconfig.get_paths()["stdlib"])
     files = sorted(p for p in root.glob("*.py") if not p.name.startswith("_"))[:max_files]
     docs = []
@@ -42,7 +50,7 @@ def stdlib_docstrings(max_files: int = 400) -> list[str]:
                 doc = ast.get_docstring(node)
                 if doc and len(doc) > 40:
                     docs.append(doc)
-    return docs
+    return tuple(docs)
 
 
 def build_tokenizer(corpus: list[str]) -> PreTrainedTokenizerFast:
@@ -147,6 +155,7 @@ def build_tiny_sources(out_dir: str | Path, tokenizer_dir: str | Path) -> Path:
 
 
 def _stdlib_functions(max_files: int = 120) -> list[str]:
+    """The source of every top-level function of the first `max_files` stdlib modules."""
     root = Path(sysconfig.get_paths()["stdlib"])
     files = sorted(p for p in root.glob("*.py") if not p.name.startswith("_"))[:max_files]
     out = []
@@ -156,12 +165,27 @@ def _stdlib_functions(max_files: int = 120) -> list[str]:
             tree = ast.parse(source)
         except (SyntaxError, ValueError):
             continue
+        lines = _LINE.findall(source)  # once per file: ast.get_source_segment splits it per call
         for node in tree.body:
             if isinstance(node, ast.FunctionDef):
-                segment = ast.get_source_segment(source, node)
+                segment = _source_segment(lines, node)
                 if segment and len(segment) > 80:
                     out.append(segment)
     return out
+
+
+# A line with its end, as ast.get_source_segment splits a source (\r\n, \r or \n; no form feed).
+_LINE = re.compile(r"[^\r\n]*(?:\r\n|\r|\n)|[^\r\n]+\Z")
+
+
+def _source_segment(lines: list[str], node: ast.stmt) -> str:
+    """`ast.get_source_segment(source, node)` from the source's lines."""
+    first, last = node.lineno - 1, (node.end_lineno or node.lineno) - 1
+    start, end = node.col_offset, node.end_col_offset
+    if first == last:
+        return lines[first].encode()[start:end].decode()
+    head, tail = lines[first].encode()[start:].decode(), lines[last].encode()[:end].decode()
+    return "".join([head, *lines[first + 1 : last], tail])
 
 
 def format_title_body(example: dict) -> str:

@@ -4,7 +4,7 @@
 (STAGE_ARGS, TAKEN_OVER), what it derives from the recipe (DERIVED_ARGS: refused in train.args,
 naming the key to set instead), what would undo one of its levers (CONFLICTING_ARGS) and values out
 of the ranges TrainingArguments does not check (ARG_RANGES). `training_arguments` is the one place
-TrainingArguments is built: at load, to check train.args for every command, and by the stage.
+TrainingArguments is built: at load by the commands that train (`check_accepted`), and by the stage.
 torch and transformers are imported inside functions: the recipe loads without them.
 """
 
@@ -131,20 +131,26 @@ class TrainConfig:
     )
     args: dict[str, Any] = setting(
         {},
-        "Passed to transformers.TrainingArguments (learning_rate, max_steps, save_steps, ...), checked against "
-        "it at load; overwrite_output_dir: true deletes the checkpoints in output_dir and starts from the base.",
+        "Passed to transformers.TrainingArguments (learning_rate, max_steps, save_steps, ...): keys, types and "
+        "ranges checked at load by every command, the whole built by train/launch/tiny/recipe at load; "
+        "overwrite_output_dir: true deletes the checkpoints in output_dir and starts from the base.",
         item_types=training_args_types,
         item_docs=training_args_docs,
     )
 
     def check(self) -> None:
-        """train.args, at load for every command: known, not derived, typed, in range, and accepted
-        by TrainingArguments built as the stage builds it (on a CPU, one process)."""
-        if not self.args:  # transformers is imported only when there is something to check
-            return
-        check_training_args(self.args)
-        with environment_kept():  # the seed's value changes nothing TrainingArguments accepts
-            training_arguments(self, RunFacts(seed=0))
+        """train.args, at load for every command: known, not derived, typed, in range."""
+        if self.args:  # transformers is imported only when there is something to check
+            check_training_args(self.args)
+
+    def check_accepted(self) -> None:
+        """train.args accepted by TrainingArguments built as the stage builds it (on a CPU, one
+        process): by the commands that train, and `recipe`, at load. Not by every command: the
+        build imports transformers' modeling code (~3.5 s a process on a 2-core host), which
+        `data`, `soup` and `download` never need."""
+        if self.args:
+            with environment_kept():  # the seed's value changes nothing TrainingArguments accepts
+                training_arguments(self, RunFacts(seed=0))
 
     @property
     def overwrite(self) -> bool:

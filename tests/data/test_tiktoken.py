@@ -7,6 +7,8 @@ fixtures.qwen_ranks) behind a slow `PreTrainedTokenizer` loaded with trust_remot
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import unicodedata
 from pathlib import Path
 
@@ -130,10 +132,15 @@ def test_gigatoken_path_serves_a_tokenizer_json_of_the_qwen_ids(tokenizer_dir, t
     assert table.column("special_text").to_pylist() == [0] * len(kept) + [1]
 
 
-def test_gigatoken_tokenizer_is_rebuilt_after_each_cache_window_with_the_same_ids(tokenizer_dir):
-    """GigaToken 0.10 caches every pretoken it sees without a bound: a fresh tokenizer per window."""
+def test_gigatoken_tokenizer_is_rebuilt_after_each_cache_window_with_the_same_ids(tokenizer_dir, monkeypatch):
+    """GigaToken 0.10 caches every pretoken it sees without a bound: a fresh tokenizer per window,
+    the freed caches handed back to the system in between."""
     import pyarrow as pa
 
+    from openseek_cpt.data import giga
+
+    trims = []
+    monkeypatch.setattr(giga, "release_freed_memory", lambda: trims.append(1))
     encoder = Encoder(_tokenizer(tokenizer_dir))
     encoder.choose_path(_texts())
     column = pa.array([t for t in _texts() if t])
@@ -141,12 +148,33 @@ def test_gigatoken_tokenizer_is_rebuilt_after_each_cache_window_with_the_same_id
     encoder.giga.window = len(first_ids)  # the next call starts a new window
     first = encoder.giga.tokenizer
     again, _ = encoder.giga.encode(column)
-    assert encoder.giga.tokenizer is not first and encoder.giga.encoded == len(again)
+    assert encoder.giga.tokenizer is not first and encoder.giga.encoded == len(again) and trims == [1]
     assert np.array_equal(again, first_ids)
     encoder.giga.window = 10 * len(first_ids)
     second = encoder.giga.tokenizer
     encoder.giga.encode(column)
     assert encoder.giga.tokenizer is second  # within the window: the same one, caches kept
+
+
+def test_release_freed_memory_hands_the_c_heaps_free_pages_back_to_the_system():
+    """What GigaToken's dropped caches free stays in glibc's arenas (RSS crept with the corpus) until
+    `release_freed_memory`; `Giga.encode` calls it between dropping a tokenizer and building the next."""
+    from openseek_cpt.data import giga
+
+    if giga._malloc_trim() is None:
+        pytest.skip("not glibc: no malloc_trim")
+    script = """
+from openseek_cpt.data.giga import release_freed_memory
+def rss():
+    return next(int(x.split()[1]) // 1024 for x in open("/proc/self/status") if x.startswith("RssAnon:"))
+chunks = [bytes(4000) for _ in range(50_000)]  # ~200 MB of malloc'd chunks under mmap's threshold
+kept = chunks[::100]  # a few survive, so the heap's top cannot shrink by itself
+del chunks
+before = rss(); release_freed_memory(); print(before, rss())
+"""
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    before, after = map(int, r.stdout.split())
+    assert before - after > 100, (before, after)
 
 
 def test_tiktoken_path_is_chosen_without_gigatoken_and_gives_the_tokenizers_own_ids(

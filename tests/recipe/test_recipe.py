@@ -272,6 +272,40 @@ def test_bad_value_in_any_section_is_a_one_line_error_at_load(i, tmp_path, capsy
     assert expect in lines[0]
 
 
+MISMATCHED_STRATEGIES = ("train.args.save_strategy=epoch", "train.args.load_best_model_at_end=true")
+
+
+def test_training_arguments_are_built_at_load_only_by_the_commands_that_train():
+    """Keys, types and ranges: every command at load. TrainingArguments' own cross-field checks (its
+    build imports transformers' modeling code): train, launch, tiny and recipe at load, not data."""
+    script = f"""
+import sys
+from openseek_cpt.config import load_recipe
+from openseek_cpt.errors import UserError
+recipe = load_recipe({str(TINY_RECIPE)!r}, {list(MISMATCHED_STRATEGIES)!r})
+print("modeling code imported at load:", "transformers.modeling_utils" in sys.modules)
+try:
+    recipe.train.check_accepted()
+except UserError as exc:
+    print("refused:", exc)
+"""
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "modeling code imported at load: False" in r.stdout, r.stdout
+    assert "refused: recipe: train.args: --load_best_model_at_end requires the save and eval" in r.stdout
+
+
+@pytest.mark.parametrize("command", ["train", "recipe"])
+def test_a_command_that_trains_refuses_what_training_arguments_refuses_at_load(command, tmp_path, capsys):
+    from openseek_cpt import cli
+
+    sets = [a for s in MISMATCHED_STRATEGIES for a in ("--set", s)]
+    code = cli.main([command, "--recipe", str(TINY_RECIPE), *sets])
+    err = capsys.readouterr().err
+    assert code == EXIT_USER_ERROR, err
+    assert "--load_best_model_at_end requires the save and eval strategy to match" in err
+
+
 @pytest.mark.parametrize("stage", ["data", "train", "soup"])
 def test_soup_dtype_typo_fails_every_stage_before_any_work(stage, tmp_path):
     """A real subprocess in an empty directory: the recipe error comes before any file is looked at."""
