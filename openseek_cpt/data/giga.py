@@ -11,10 +11,12 @@ of documents from one flat buffer on its own thread pool, with the GIL released.
 with the tokenizer's own on the estimate sample before it uses this path (encoder.choose_path).
 
 GigaToken 0.10 caches every distinct pretoken it has seen, per worker thread, without a bound
-(upstream issue #36: a TB-scale job runs out of memory); `Giga` builds a fresh tokenizer after every
-CACHE_WINDOW_TOKENS, which frees the old caches, so memory follows the window, not the corpus. The
-caches live in the C heap, where glibc keeps what they freed in its per-thread arenas (RSS crept
-~10 MiB a window at 1 B tokens): `malloc_trim` hands it back after each rebuild.
+(upstream issue #36: a TB-scale job runs out of memory); `Giga` builds a fresh tokenizer, which
+frees the old caches, once the process has grown by CACHE_BUDGET_BYTES since the current one was
+built (or after CACHE_WINDOW_TOKENS where that cannot be read): the caches' memory follows a budget,
+not the corpus nor how varied its words are. They live in the C heap, where glibc keeps what they
+freed in its per-thread arenas (RSS crept ~10 MiB a rebuild at 1 B tokens): `malloc_trim` hands it
+back after each rebuild.
 """
 
 from __future__ import annotations
@@ -42,10 +44,12 @@ PROBE = (
     "   spaces   \n\n\n  Ünïcödé 中文字符测试 日本語 한국어 Ελληνικά кириллица 😀👍🏽 ...!!! ?? "
     "<tag attr='v'>  </tag>\u00a0\u2003end. 'S 's 'Ll\n"
 )
-# Tokens encoded by one GigaToken tokenizer before a fresh one replaces it (its caches freed): a
-# rebuild costs ~0.4 CPU-s and re-misses of common pretokens, a few % of encoding this many tokens;
-# at 2**28 the caches of fresh text held ~300 MiB more at their peak (docs/benchmarks.md).
-CACHE_WINDOW_TOKENS = 2**26
+# Growth of the process's anonymous memory, since the tokenizer was built, at which a fresh one
+# replaces it (its caches freed). A rebuild costs ~0.4 CPU-s and re-misses of common pretokens; on
+# fresh text (every word new, the costly case) this budget is spent about every 2**26 tokens.
+CACHE_BUDGET_BYTES = 128 << 20
+# Tokens encoded by one tokenizer at most (the budget's backstop where RSS cannot be read).
+CACHE_WINDOW_TOKENS = 2**28
 
 
 @dataclass
@@ -59,17 +63,24 @@ class Giga:
     about: str
     tokenizer: Any = None  # the first one, when `load` already built it to probe it
     window: int = CACHE_WINDOW_TOKENS
+    budget: int = CACHE_BUDGET_BYTES
 
     def __post_init__(self) -> None:
         self.tokenizer = self.tokenizer or self.build()
         self.encoded = 0  # tokens encoded by this tokenizer
+        self.built_at: int | None = None  # anonymous memory when its first batch came (bytes)
 
     def encode(self, texts: Any) -> tuple[np.ndarray, np.ndarray]:
         """(all ids int32, ids per text int64) of an Arrow string array (no nulls), on all cores."""
-        if self.encoded >= self.window:
+        memory = anonymous_memory()  # measured at the same point of every call: batches alike
+        if self.built_at is None:
+            self.built_at = memory
+        grown = memory - self.built_at if memory is not None and self.built_at is not None else 0
+        if self.encoded >= self.window or grown >= self.budget:
             self.tokenizer = None  # its caches go before the next one's are filled
             release_freed_memory()
             self.tokenizer, self.encoded = self.build(), 0
+            self.built_at = anonymous_memory()
         values, offsets = _flat(self.tokenizer.encode_batch(_awkward_strings(texts)))
         self.encoded += len(values)
         lengths = np.diff(offsets)
@@ -86,6 +97,18 @@ class Giga:
             out[at], body[at] = token, False
         out[body] = values
         return out, out_lengths
+
+
+def anonymous_memory() -> int | None:
+    """This process's resident anonymous memory in bytes (Linux: RssAnon), else None."""
+    try:
+        with open("/proc/self/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 @functools.cache

@@ -156,6 +156,30 @@ def test_gigatoken_tokenizer_is_rebuilt_after_each_cache_window_with_the_same_id
     assert encoder.giga.tokenizer is second  # within the window: the same one, caches kept
 
 
+def test_gigatoken_tokenizer_is_rebuilt_once_the_process_grew_by_its_cache_budget(tokenizer_dir, monkeypatch):
+    """The caches' memory follows a budget, whatever the number of tokens: the growth since the
+    tokenizer was built, measured at the start of each batch, triggers the rebuild."""
+    import pyarrow as pa
+
+    from openseek_cpt.data import giga
+
+    encoder = Encoder(_tokenizer(tokenizer_dir))
+    encoder.choose_path(_texts())
+    column = pa.array([t for t in _texts() if t])
+    g = encoder.giga
+    g.built_at = None  # counted afresh from the next batch (choose_path's encoding set it already)
+    memory = iter([500 << 20, 500 << 20, (500 << 20) + g.budget - 1, (500 << 20) + g.budget, 400 << 20])
+    monkeypatch.setattr(giga, "anonymous_memory", lambda: next(memory))
+    first = g.tokenizer
+    ids, _ = g.encode(column)  # 500 MiB: where this tokenizer's growth is counted from
+    g.encode(column)  # grown by 0
+    g.encode(column)  # by one byte less than the budget: kept
+    assert g.tokenizer is first
+    again, _ = g.encode(column)  # by the budget: a fresh tokenizer, counted from 400 MiB
+    assert g.tokenizer is not first and g.built_at == 400 << 20 and g.encoded == len(again)
+    assert np.array_equal(again, ids)
+
+
 def test_release_freed_memory_hands_the_c_heaps_free_pages_back_to_the_system():
     """What GigaToken's dropped caches free stays in glibc's arenas (RSS crept with the corpus) until
     `release_freed_memory`; `Giga.encode` calls it between dropping a tokenizer and building the next."""
